@@ -1,0 +1,74 @@
+# finetune-operator: every entry point a developer or CI needs.
+#   make demo   - local control plane + operator + a real training, end to end
+#   make test   - every tier (lint, unit, integration, e2e); installs what it needs
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PYTEST      := $(PY) -m pytest
+CLUSTER_DIR := .cluster
+KUBECTL     := $(CLUSTER_DIR)/bin/kubectl
+export KUBECONFIG ?= $(CURDIR)/$(CLUSTER_DIR)/kubeconfig
+export PYTHONUNBUFFERED := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: help setup deps-debian control-plane lint crds test test-unit test-integration test-e2e \
+        bench demo cluster-up cluster-down clean
+
+help:
+	@echo "make demo | test | setup | lint | crds | bench | cluster-up | cluster-down"
+
+## setup: Python packages into .venv (uv), from pyproject.toml and uv.lock
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml $(wildcard uv.lock)
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
+	uv sync --python 3.11 --extra operator --extra trainer-cpu --group dev
+	@touch $@
+
+## deps-debian: promtool and prometheus (Debian's package), when running as root
+deps-debian:
+	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus >/dev/null)); \
+	  else echo "deps-debian: install Debian's 'prometheus' package (promtool, prometheus)" >&2; exit 1; fi; \
+	fi
+
+## control-plane: build (once per machine, cached) kube-apiserver, kube-controller-manager, kubectl, etcd
+control-plane:
+	hack/build-control-plane.sh >/dev/null
+
+lint: setup
+	$(VENV)/bin/ruff check operator trainer tests hack
+	$(VENV)/bin/mypy operator/finetune_operator trainer/finetune_trainer
+
+crds: setup
+	$(PY) -m finetune_operator.crd --output crds/finetune.dev_finetunejobs.yaml
+
+test-unit: setup
+	$(PYTEST) -q tests/unit
+
+test-integration: setup control-plane
+	$(PYTEST) -q tests/integration
+
+test-e2e: setup control-plane deps-debian
+	$(PYTEST) -q tests/e2e
+
+test: setup deps-debian control-plane lint test-unit test-integration test-e2e
+
+bench: setup control-plane
+	$(PY) hack/bench.py $(BENCH_ARGS)
+
+cluster-up: setup control-plane
+	$(PY) hack/cluster.py up
+
+cluster-down:
+	@if [ -x $(PY) ]; then $(PY) hack/cluster.py down; fi
+
+demo: setup control-plane
+	$(PY) hack/demo.py
+
+clean: cluster-down
+	rm -rf $(CLUSTER_DIR) build dist

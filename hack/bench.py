@@ -1,0 +1,32 @@
+"""`make bench`: runs every benchmark section and prints its figures.
+
+Sections live beside this file as bench_<name>.py, each with a `main(argv)`; pass section
+names to run only some (`make bench BENCH_ARGS="trainer"`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+SECTIONS = ("trainer", "operator", "progress")
+
+
+def main(argv: list[str]) -> int:
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here))
+    chosen = [a for a in argv if not a.startswith("-")] or list(SECTIONS)
+    rc = 0
+    for name in chosen:
+        if not (here / f"bench_{name}.py").exists():
+            print(f"== bench {name}: not present", flush=True)
+            continue
+        print(f"== bench {name}", flush=True)
+        module = importlib.import_module(f"bench_{name}")
+        rc = max(rc, int(module.main([a for a in argv if a.startswith("-")]) or 0))
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

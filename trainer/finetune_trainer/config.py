@@ -1,0 +1,288 @@
+"""What to train: typed models of the part of a FineTuneJob spec the trainer reads.
+
+These pydantic models are the single source of truth for the spec's training fields: the
+trainer validates its config file with them, and the operator renders the CRD's OpenAPI
+schema from them (descriptions, defaults, ranges, enums and CEL rules all come from here).
+
+Importing this module must stay cheap: it never imports TensorFlow or Keras.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "AugmentationSpec",
+    "ConfigError",
+    "DataSpec",
+    "EarlyStoppingSpec",
+    "FineTunePhaseSpec",
+    "HeadPhaseSpec",
+    "HeadSpec",
+    "ModelSpec",
+    "OutputSpec",
+    "ReduceLROnPlateauSpec",
+    "TrainerSpec",
+    "TrainingSpec",
+    "format_validation_error",
+    "load_config",
+    "parse_config",
+]
+
+API_GROUP = "finetune.dev"
+API_VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+
+# Keys of a FineTuneJob spec that only the operator reads; a local run ignores them.
+OPERATOR_ONLY_KEYS = frozenset({"runtime", "suspend"})
+
+LearningRate = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: camelCase names as users type them, unknown keys refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+
+class HeadSpec(SpecModel):
+    """The new classification head put on top of the pretrained base."""
+
+    units: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [256],
+        description="Sizes of the Dense(relu) layers after GlobalAveragePooling2D, in order.",
+    )
+    dropout: float = Field(
+        default=0.5,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout rate before the softmax layer (0 <= dropout < 1).",
+    )
+
+
+class ModelSpec(SpecModel):
+    """The pretrained base model and the head trained on top of it."""
+
+    base: str = Field(
+        default="VGG16",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z][A-Za-z0-9_]*$",
+        description=(
+            "Name of a keras.applications model class: VGG16, ResNet50, MobileNetV2, "
+            "EfficientNetB0, ... An unknown name fails the job with reason InvalidSpec."
+        ),
+    )
+    weights: str = Field(
+        default="imagenet",
+        min_length=1,
+        description=(
+            "Pretrained weights of the base: 'imagenet', 'none' (random initialisation) or the "
+            "path of a weights file for the base without its top (include_top=False)."
+        ),
+    )
+    input_shape: tuple[
+        Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]
+    ] = Field(
+        default=(224, 224, 3),
+        description="Input image shape [height, width, channels]; images are resized to it.",
+    )
+    base_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for the base model's constructor (e.g. alpha for MobileNet).",
+    )
+    head: HeadSpec = Field(default_factory=HeadSpec, description="The classification head.")
+
+
+class AugmentationSpec(SpecModel):
+    """Random augmentation of the training split (never of validation)."""
+
+    enabled: bool = Field(default=True, description="Whether to augment the training images.")
+    rotation: float = Field(default=20.0, ge=0.0, le=180.0, description="Maximum rotation, in degrees.")
+    zoom: float = Field(default=0.2, ge=0.0, lt=1.0, description="Maximum zoom in or out, as a fraction.")
+    width_shift: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="Maximum horizontal shift, as a fraction of the width."
+    )
+    height_shift: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="Maximum vertical shift, as a fraction of the height."
+    )
+    horizontal_flip: bool = Field(default=True, description="Whether to flip images left-right at random.")
+
+
+class DataSpec(SpecModel):
+    """Where the images are: one sub-folder per class (the flow_from_directory layout)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.validation) != has(self.validationSplit)",
+                    "message": "exactly one of data.validation and data.validationSplit must be set",
+                }
+            ]
+        }
+    )
+
+    train: str = Field(min_length=1, description="Folder of training images, one sub-folder per class.")
+    validation: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Folder of validation images with the same class sub-folders. Exclusive with validationSplit.",
+    )
+    validation_split: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of the training images held out for validation. Exclusive with validation.",
+    )
+    augmentation: AugmentationSpec = Field(
+        default_factory=AugmentationSpec,
+        description="Augmentation of the training split; omitted means the defaults, enabled.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_validation_source(self) -> DataSpec:
+        if (self.validation is None) == (self.validation_split is None):
+            raise ValueError("exactly one of data.validation and data.validationSplit must be set")
+        return self
+
+
+class HeadPhaseSpec(SpecModel):
+    """Phase 1: the base frozen, only the new head trains."""
+
+    epochs: int = Field(default=20, ge=0, description="Maximum epochs of phase 1 (early stopping may end it sooner).")
+    learning_rate: LearningRate = Field(default=1.0e-3, description="Adam learning rate of phase 1 (0 < lr < 1).")
+
+
+class FineTunePhaseSpec(SpecModel):
+    """Phase 2: the last layers of the base unfrozen and trained at a low learning rate."""
+
+    epochs: int = Field(default=10, ge=0, description="Maximum epochs of phase 2 (early stopping may end it sooner).")
+    learning_rate: LearningRate = Field(default=1.0e-5, description="Adam learning rate of phase 2 (0 < lr < 1).")
+    unfreeze_last: int = Field(
+        default=4,
+        ge=0,
+        description="How many of the base's last layers become trainable (BatchNorm excepted); 0 skips phase 2.",
+    )
+
+
+class EarlyStoppingSpec(SpecModel):
+    """Early stopping on val_loss, in each phase."""
+
+    patience: int = Field(default=5, ge=0, description="Epochs without val_loss improvement before a phase stops.")
+    restore_best_weights: bool = Field(
+        default=True, description="Whether to restore the weights of the best epoch when a phase stops early."
+    )
+
+
+class ReduceLROnPlateauSpec(SpecModel):
+    """Learning-rate reduction when the monitored metric stops improving."""
+
+    monitor: Literal["val_loss", "val_accuracy", "loss", "accuracy"] = Field(
+        default="val_loss", description="Metric to watch."
+    )
+    factor: float = Field(default=0.3, gt=0.0, lt=1.0, description="Factor the learning rate is multiplied by.")
+    patience: int = Field(default=3, ge=0, description="Epochs without improvement before the rate is reduced.")
+
+
+class TrainingSpec(SpecModel):
+    """Hyper-parameters of the two phases."""
+
+    batch_size: int = Field(default=32, ge=1, description="Images per batch.")
+    head: HeadPhaseSpec = Field(default_factory=HeadPhaseSpec, description="Phase 1: the head alone.")
+    fine_tune: FineTunePhaseSpec = Field(
+        default_factory=FineTunePhaseSpec, description="Phase 2: the last layers of the base unfrozen."
+    )
+    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec, description="Early stopping.")
+    reduce_lr_on_plateau: ReduceLROnPlateauSpec = Field(
+        default_factory=ReduceLROnPlateauSpec,
+        alias="reduceLROnPlateau",
+        description="Learning-rate reduction on plateau.",
+    )
+    mixed_precision: Literal["auto", "off", "mixed_float16", "mixed_bfloat16"] = Field(
+        default="auto",
+        description="Keras mixed-precision policy; auto means mixed_float16 on a GPU and off on a CPU.",
+    )
+    seed: int = Field(default=1234, ge=0, description="Random seed for shuffling, splitting and initialisation.")
+
+    @property
+    def total_epochs(self) -> int:
+        """Planned epochs of both phases (phase 2 counts only when it runs)."""
+        return self.head.epochs + (self.fine_tune.epochs if self.fine_tune.unfreeze_last > 0 else 0)
+
+
+class OutputSpec(SpecModel):
+    """Where the trainer writes the model, metrics, checkpoints and logs."""
+
+    path: str = Field(min_length=1, description="Output folder: model.keras, saved_model/, metrics.json, ...")
+
+
+class TrainerSpec(SpecModel):
+    """The part of a FineTuneJob spec that says what to train; a local run reads only this."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The base model and the new head.")
+    data: DataSpec = Field(description="The images to train and validate on.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Hyper-parameters of the two phases.")
+    output: OutputSpec = Field(description="Where the trained model and its metrics go.")
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid (exit code 2)."""
+
+
+def format_validation_error(error: ValidationError, *, prefix: str = "spec") -> str:
+    """One line naming each bad field by its path as users type it, e.g. spec.training.head.epochs."""
+    parts: list[str] = []
+    for item in error.errors():
+        path = ".".join([prefix, *(str(p) for p in item["loc"])]) if item["loc"] else prefix
+        parts.append(f"{path}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def _spec_of(document: Any, *, source: str) -> dict[str, Any]:
+    """The spec mapping of a whole FineTuneJob resource or of a bare spec."""
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: expected a FineTuneJob manifest or its spec, got {type(document).__name__}")
+    if "spec" in document and ("kind" in document or "apiVersion" in document or "metadata" in document):
+        kind = document.get("kind", KIND)
+        if kind != KIND:
+            raise ConfigError(f"{source}: kind is {kind!r}, expected {KIND!r}")
+        spec = document["spec"]
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{source}: spec must be a mapping")
+        return spec
+    return document
+
+
+def parse_config(document: Any, *, source: str = "config") -> TrainerSpec:
+    """Validates a parsed manifest (whole resource or bare spec); operator-only keys are ignored."""
+    spec = {k: v for k, v in _spec_of(document, source=source).items() if k not in OPERATOR_ONLY_KEYS}
+    try:
+        return TrainerSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid config: {format_validation_error(exc)}") from exc
+
+
+def load_config(*, path: str | Path) -> TrainerSpec:
+    """Reads and validates a FineTuneJob manifest file, YAML or JSON."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read config: {exc.strerror or exc}") from exc
+    try:
+        document = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{file}: not valid YAML or JSON: {str(exc).splitlines()[0]}") from exc
+    return parse_config(document, source=str(file))

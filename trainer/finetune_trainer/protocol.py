@@ -1,0 +1,89 @@
+"""The wire contract between a trainer pod and the operator's progress endpoint.
+
+Both sides import this module: the trainer builds `ProgressReport`s and POSTs them as JSON
+(camelCase keys) to `{FINETUNE_PROGRESS_URL}` with the header
+`Authorization: Bearer {FINETUNE_PROGRESS_TOKEN}`; the operator validates the body with the
+same model. The token is random, per job, kept in a Secret the FineTuneJob owns, and is
+worthless to the Kubernetes API.
+
+No TensorFlow, Keras, Kopf or Kubernetes imports here: it must stay cheap for both sides.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "ENV_JOB_NAME",
+    "ENV_JOB_NAMESPACE",
+    "ENV_JOB_UID",
+    "ENV_METRICS_PORT",
+    "ENV_PROGRESS_TOKEN",
+    "ENV_PROGRESS_URL",
+    "MAX_REPORT_BYTES",
+    "PROGRESS_PATH",
+    "STAGES",
+    "TERMINATION_MESSAGE_MAX_BYTES",
+    "ProgressReport",
+    "Stage",
+    "TerminationSummary",
+]
+
+# Environment the operator gives each trainer container.
+ENV_PROGRESS_URL = "FINETUNE_PROGRESS_URL"  # e.g. http://finetune-operator.finetune-system.svc:8081/v1/progress
+ENV_PROGRESS_TOKEN = "FINETUNE_PROGRESS_TOKEN"  # from the job's Secret (secretKeyRef), key "token"
+ENV_JOB_NAMESPACE = "FINETUNE_JOB_NAMESPACE"
+ENV_JOB_NAME = "FINETUNE_JOB_NAME"
+ENV_JOB_UID = "FINETUNE_JOB_UID"
+ENV_METRICS_PORT = "FINETUNE_METRICS_PORT"  # the trainer's own /metrics; 0 or unset: not served
+
+PROGRESS_PATH = "/v1/progress"
+MAX_REPORT_BYTES = 64 * 1024
+TERMINATION_MESSAGE_MAX_BYTES = 4096
+
+Stage = Literal["head", "fine-tune"]
+STAGES: tuple[Stage, ...] = ("head", "fine-tune")
+
+Event = Literal["stage-start", "epoch-end", "heartbeat", "stage-end", "final"]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class ProgressReport(_Wire):
+    """One progress report from a trainer to the operator."""
+
+    namespace: str = Field(min_length=1, max_length=253, description="The FineTuneJob's namespace.")
+    name: str = Field(min_length=1, max_length=253, description="The FineTuneJob's name.")
+    uid: str = Field(default="", max_length=64, description="The FineTuneJob's uid, when known.")
+    event: Event = Field(description="What happened: a stage started or ended, an epoch ended, a heartbeat, the end.")
+    stage: Stage = Field(description="The training phase: head (phase 1) or fine-tune (phase 2).")
+    epoch: Annotated[int, Field(ge=0)] = Field(description="Epochs completed within the stage.")
+    stage_epochs: Annotated[int, Field(ge=0)] = Field(description="Planned epochs of this stage.")
+    epochs_done: Annotated[int, Field(ge=0)] = Field(
+        description="Planned epochs done over both stages; an early-stopped stage counts in full."
+    )
+    total_epochs: Annotated[int, Field(ge=0)] = Field(description="Planned epochs of both stages.")
+    metrics: dict[Annotated[str, Field(max_length=64)], float] = Field(
+        default_factory=dict, max_length=32, description="Latest epoch metrics: loss, accuracy, val_loss, val_accuracy."
+    )
+    best_val_accuracy: float | None = Field(default=None, description="Best val_accuracy so far, both stages.")
+    images_per_second: float | None = Field(default=None, ge=0.0, description="Training throughput of the last epoch.")
+    epoch_seconds: float | None = Field(default=None, ge=0.0, description="Wall seconds of the last epoch.")
+    timestamp: float = Field(description="Unix time the report was made, in seconds.")
+    result: Literal["succeeded", "failed"] | None = Field(default=None, description="Set on the final report.")
+    message: str = Field(default="", max_length=1024, description="A short human-readable note.")
+
+
+class TerminationSummary(_Wire):
+    """What the trainer writes to the termination-message path on exit (at most 4 KiB of JSON)."""
+
+    exit_code: int
+    reason: str = Field(description="Succeeded, InvalidSpec, DataError, Diverged or Error.")
+    message: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+    model_path: str | None = None
