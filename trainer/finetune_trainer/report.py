@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -31,10 +32,8 @@ def write_termination_message(*, summary: TerminationSummary, path: str | None =
         room = max(0, len(summary.message) - (len(data.encode()) - TERMINATION_MESSAGE_MAX_BYTES) - 16)
         data = summary.model_copy(update={"message": summary.message[:room] + "..."}).model_dump_json(by_alias=True)
     data = data.encode()[:TERMINATION_MESSAGE_MAX_BYTES].decode(errors="ignore")
-    try:
+    with contextlib.suppress(OSError):
         Path(target).write_text(data, encoding="utf-8")
-    except OSError:
-        pass
 
 
 def build_observers(*, progress_url: str | None) -> list[TrainingObserver]:
