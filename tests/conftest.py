@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["fixtures.cluster"]
+
 _TIERS = ("unit", "integration", "e2e")
 
 

@@ -1,0 +1,686 @@
+"""The local control plane: `hack/cluster.py up|down|status`.
+
+`up` builds (once, cached: hack/build-control-plane.sh) and starts etcd, kube-apiserver,
+kube-controller-manager and the pod runner (hack/podrunner.py), all on loopback, with
+certificates, a service-account signing key and an audit policy generated under `.cluster/`:
+
+    .cluster/kubeconfig         admin (client certificate, group system:masters)
+    .cluster/bin/kubectl        the kubectl built with the control plane
+    .cluster/logs/              one log per component, one per pod container
+    .cluster/audit.log          the apiserver's audit log (Metadata level)
+    .cluster/volumes/<ns>/<pvc> what a PersistentVolumeClaim mounts in a pod
+    .cluster/pids/              one pid file per process started here
+
+`up` returns once /readyz answers, the ServiceAccount controller has made `default/default`
+and node `local-node` is Ready; on a healthy cluster it returns at once. `down` stops every
+process it started, by pid (SIGTERM, then SIGKILL). Ports are fixed but overridable:
+FTO_APISERVER_PORT (6443), FTO_ETCD_PORT (2379), FTO_ETCD_PEER_PORT (2380),
+FTO_KCM_PORT (10257). `up --simulate-pods SECONDS` starts the pod runner in simulated mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_NAME = "local-node"
+SERVICE_CIDR = "10.0.0.0/24"
+ISSUER = "https://kubernetes.default.svc.cluster.local"
+# Order matters: started in this order, stopped in reverse.
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "podrunner")
+
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: Metadata
+"""
+
+
+class ClusterError(RuntimeError):
+    """The control plane could not be started, checked or stopped; the message says why."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Loopback ports of the control plane (environment overrides the defaults)."""
+
+    apiserver: int
+    etcd: int
+    etcd_peer: int
+    kcm: int
+
+    @classmethod
+    def from_env(cls) -> Ports:
+        return cls(
+            apiserver=int(os.environ.get("FTO_APISERVER_PORT", "6443")),
+            etcd=int(os.environ.get("FTO_ETCD_PORT", "2379")),
+            etcd_peer=int(os.environ.get("FTO_ETCD_PEER_PORT", "2380")),
+            kcm=int(os.environ.get("FTO_KCM_PORT", "10257")),
+        )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything lives under the cluster folder."""
+
+    dir: Path
+
+    @property
+    def pki(self) -> Path:
+        return self.dir / "pki"
+
+    @property
+    def pids(self) -> Path:
+        return self.dir / "pids"
+
+    @property
+    def logs(self) -> Path:
+        return self.dir / "logs"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.dir / "kubeconfig"
+
+    @property
+    def kubectl(self) -> Path:
+        return self.dir / "bin" / "kubectl"
+
+    def pidfile(self, name: str) -> Path:
+        return self.pids / f"{name}.pid"
+
+    def component_kubeconfig(self, name: str) -> Path:
+        return self.dir / f"{name}.kubeconfig"
+
+
+# --- certificates -------------------------------------------------------------------------
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def ensure_pki(*, pki: Path) -> None:
+    """Creates (once) the CA, the apiserver serving cert, client certs and the SA key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    if (pki / "complete").exists():
+        return
+    pki.mkdir(parents=True, exist_ok=True)
+    os.chmod(pki, 0o700)
+
+    def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        os.chmod(path, 0o600)
+
+    def name(cn: str, org: str | None = None) -> x509.Name:
+        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+        if org:
+            attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+        return x509.Name(attrs)
+
+    start = _now() - datetime.timedelta(hours=1)
+    end = start + datetime.timedelta(days=3650)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = name("finetune-local-ca")
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    write_key(pki / "ca.key", ca_key)
+    (pki / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(
+        stem: str, *, cn: str, org: str | None, server: bool, sans: list[x509.GeneralName] | None = None
+    ) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn, org))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH] if server else [ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        write_key(pki / f"{stem}.key", key)
+        (pki / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    service_ip = next(ipaddress.ip_network(SERVICE_CIDR).hosts())
+    issue(
+        "apiserver",
+        cn="kube-apiserver",
+        org=None,
+        server=True,
+        sans=[
+            x509.DNSName("localhost"),
+            x509.DNSName("kubernetes"),
+            x509.DNSName("kubernetes.default"),
+            x509.DNSName("kubernetes.default.svc"),
+            x509.DNSName("kubernetes.default.svc.cluster.local"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(service_ip),
+        ],
+    )
+    issue("admin", cn="kubernetes-admin", org="system:masters", server=False)
+    issue("kube-controller-manager", cn="system:kube-controller-manager", org=None, server=False)
+    issue("podrunner", cn="system:pod-runner", org="system:masters", server=False)
+    sa_key = ec.generate_private_key(ec.SECP256R1())
+    write_key(pki / "sa.key", sa_key)
+    (pki / "sa.pub").write_bytes(
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    (pki / "complete").write_text("ok\n")
+
+
+def build_kubeconfig(*, server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, user: str) -> str:
+    """A kubeconfig (JSON, which is YAML) with embedded client certificate credentials."""
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}],
+        "users": [{"name": user, "user": {"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)}}],
+        "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
+        "current-context": "local",
+        "preferences": {},
+    }
+    return json.dumps(config, indent=2) + "\n"
+
+
+def write_kubeconfigs(*, layout: Layout, server: str) -> None:
+    ca = (layout.pki / "ca.crt").read_bytes()
+    for stem, path in (
+        ("admin", layout.kubeconfig),
+        ("kube-controller-manager", layout.component_kubeconfig("kube-controller-manager")),
+        ("podrunner", layout.component_kubeconfig("podrunner")),
+    ):
+        text = build_kubeconfig(
+            server=server,
+            ca_pem=ca,
+            cert_pem=(layout.pki / f"{stem}.crt").read_bytes(),
+            key_pem=(layout.pki / f"{stem}.key").read_bytes(),
+            user=stem,
+        )
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o600)
+        tmp.replace(path)
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, *, needle: str) -> bool:
+    """True when `pid` runs and its command line mentions `needle` (guards against pid reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    return needle.encode() in cmdline
+
+
+def component_alive(*, layout: Layout, name: str) -> int | None:
+    pid = read_pid(layout.pidfile(name))
+    needle = "podrunner.py" if name == "podrunner" else name
+    if pid is not None and pid_alive(pid, needle=needle):
+        return pid
+    return None
+
+
+def port_owner(port: int) -> str:
+    """Best effort: which process listens on 127.0.0.1:`port`."""
+    try:
+        import psutil
+
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                proc = psutil.Process(conn.pid)
+                return f"pid {conn.pid} ({' '.join(proc.cmdline())[:120]})"
+    except Exception:  # psutil may be missing or denied; the port number alone still helps
+        pass
+    return "another process"
+
+
+def check_port_free(port: int, *, what: str, env_var: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise ClusterError(
+                f"port 127.0.0.1:{port} (for {what}) is taken by {port_owner(port)}; "
+                f"stop it or choose another port with {env_var}=<port>"
+            ) from None
+
+
+def start_process(
+    *, layout: Layout, name: str, argv: list[str], env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    layout.pids.mkdir(parents=True, exist_ok=True)
+    with open(layout.logs / f"{name}.log", "ab") as log:
+        log.write(f"\n==== {_now().isoformat()} start: {' '.join(argv)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            env=env,
+            cwd=ROOT,
+        )
+    layout.pidfile(name).write_text(f"{proc.pid}\n")
+    return proc
+
+
+def stop_pid(pid: int, *, needle: str, grace_s: float) -> None:
+    if not pid_alive(pid, needle=needle):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        _reap(pid)
+        if not pid_alive(pid, needle=needle):
+            return
+        time.sleep(0.05)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+# --- health --------------------------------------------------------------------------------
+
+
+def admin_ssl_context(*, layout: Layout) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(layout.pki / "ca.crt"))
+    ctx.load_cert_chain(str(layout.pki / "admin.crt"), str(layout.pki / "admin.key"))
+    return ctx
+
+
+def api_get(*, layout: Layout, ports: Ports, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    url = f"https://127.0.0.1:{ports.apiserver}{path}"
+    try:
+        with urllib.request.urlopen(url, context=admin_ssl_context(layout=layout), timeout=timeout) as resp:
+            return int(resp.status), bytes(resp.read())
+    except urllib.error.HTTPError as err:
+        return int(err.code), err.read()
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return 0, b""
+
+
+def kcm_healthy(*, ports: Ports) -> bool:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # kube-controller-manager's self-signed loopback cert
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{ports.kcm}/healthz", context=ctx, timeout=2) as resp:
+            return int(resp.status) == 200
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return False
+
+
+def node_ready(*, layout: Layout, ports: Ports) -> bool:
+    code, body = api_get(layout=layout, ports=ports, path=f"/api/v1/nodes/{NODE_NAME}")
+    if code != 200:
+        return False
+    conditions = json.loads(body).get("status", {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float, what: str, layout: Layout, log: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    tail = ""
+    try:
+        lines = (layout.logs / f"{log}.log").read_text(errors="replace").splitlines()
+        tail = "\n".join(lines[-25:])
+    except OSError:
+        pass
+    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}; last lines of {log}.log:\n{tail}")
+
+
+def healthy(*, layout: Layout, ports: Ports) -> bool:
+    """Every component runs and answers; the cheap check `up` makes first."""
+    if not all(component_alive(layout=layout, name=n) for n in COMPONENTS):
+        return False
+    if not layout.kubeconfig.exists() or not layout.kubectl.exists():
+        return False
+    code, _ = api_get(layout=layout, ports=ports, path="/readyz")
+    return code == 200 and kcm_healthy(ports=ports) and node_ready(layout=layout, ports=ports)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def build_binaries() -> Path:
+    script = ROOT / "hack" / "build-control-plane.sh"
+    proc = subprocess.run([str(script)], stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        raise ClusterError(f"{script} failed (exit {proc.returncode}); see its messages above")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def component_argv(*, name: str, bin_dir: Path, layout: Layout, ports: Ports, simulate: float | None) -> list[str]:
+    pki = layout.pki
+    if name == "etcd":
+        return [
+            str(bin_dir / "etcd"),
+            "--name=local",
+            f"--data-dir={layout.dir / 'etcd'}",
+            f"--listen-client-urls=http://127.0.0.1:{ports.etcd}",
+            f"--advertise-client-urls=http://127.0.0.1:{ports.etcd}",
+            f"--listen-peer-urls=http://127.0.0.1:{ports.etcd_peer}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{ports.etcd_peer}",
+            f"--initial-cluster=local=http://127.0.0.1:{ports.etcd_peer}",
+            "--listen-metrics-urls=",
+            "--unsafe-no-fsync=true",  # a throwaway test cluster: speed over durability
+            "--log-level=warn",
+        ]
+    if name == "kube-apiserver":
+        return [
+            str(bin_dir / "kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{ports.etcd}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={ports.apiserver}",
+            f"--cert-dir={pki / 'apiserver-generated'}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--service-account-issuer={ISSUER}",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--allow-privileged=true",  # so PodSecurity admission, not validation, refuses privileged pods
+            f"--audit-policy-file={layout.dir / 'audit-policy.yaml'}",
+            f"--audit-log-path={layout.dir / 'audit.log'}",
+            "--audit-log-maxsize=200",
+            "--audit-log-maxbackup=1",
+            "--endpoint-reconciler-type=none",
+            "--profiling=false",
+            "--v=1",
+        ]
+    if name == "kube-controller-manager":
+        kubeconfig = str(layout.component_kubeconfig("kube-controller-manager"))
+        return [
+            str(bin_dir / "kube-controller-manager"),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={ports.kcm}",
+            f"--cert-dir={pki / 'kcm-generated'}",
+            "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+            f"--cluster-signing-key-file={pki / 'ca.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--leader-elect=false",
+            "--controllers=*",
+            "--profiling=false",
+            "--v=1",
+        ]
+    if name == "podrunner":
+        argv = [
+            sys.executable,
+            str(ROOT / "hack" / "podrunner.py"),
+            f"--kubeconfig={layout.component_kubeconfig('podrunner')}",
+            f"--cluster-dir={layout.dir}",
+            f"--node-name={NODE_NAME}",
+        ]
+        if simulate is not None:
+            argv.append(f"--simulate={simulate}")
+        return argv
+    raise ValueError(name)
+
+
+def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float = 120.0) -> float:
+    """Starts what is not running; returns the seconds it took."""
+    started = time.monotonic()
+    mode_file = layout.dir / "podrunner-mode"
+    wanted_mode = "real" if simulate is None else f"simulate={simulate}"
+    current_mode = mode_file.read_text().strip() if mode_file.exists() else "real"
+    if healthy(layout=layout, ports=ports) and current_mode == wanted_mode:
+        return time.monotonic() - started
+    bin_dir = build_binaries()
+    for sub in ("bin", "logs", "volumes", "pids", "pods"):
+        (layout.dir / sub).mkdir(parents=True, exist_ok=True)
+    ensure_pki(pki=layout.pki)
+    (layout.dir / "audit-policy.yaml").write_text(AUDIT_POLICY)
+    server = f"https://127.0.0.1:{ports.apiserver}"
+    write_kubeconfigs(layout=layout, server=server)
+    if layout.kubectl.is_symlink() or layout.kubectl.exists():
+        layout.kubectl.unlink()
+    layout.kubectl.symlink_to(bin_dir / "kubectl")
+
+    if component_alive(layout=layout, name="podrunner") and current_mode != wanted_mode:
+        stop_component(layout=layout, name="podrunner")
+    own_ports = {
+        "etcd": [(ports.etcd, "etcd", "FTO_ETCD_PORT"), (ports.etcd_peer, "etcd peer", "FTO_ETCD_PEER_PORT")],
+        "kube-apiserver": [(ports.apiserver, "kube-apiserver", "FTO_APISERVER_PORT")],
+        "kube-controller-manager": [(ports.kcm, "kube-controller-manager", "FTO_KCM_PORT")],
+        "podrunner": [],
+    }
+    for name in COMPONENTS:
+        if component_alive(layout=layout, name=name):
+            continue
+        for port, what, env_var in own_ports[name]:
+            check_port_free(port, what=what, env_var=env_var)
+        env = None
+        if name == "podrunner":
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            mode_file.write_text(wanted_mode + "\n")
+        proc = start_process(
+            layout=layout,
+            name=name,
+            argv=component_argv(name=name, bin_dir=bin_dir, layout=layout, ports=ports, simulate=simulate),
+            env=env,
+        )
+        remaining = max(10.0, timeout - (time.monotonic() - started))
+
+        def alive_or_fail(
+            check: Callable[[], bool], name: str = name, proc: subprocess.Popen[bytes] = proc
+        ) -> Callable[[], bool]:
+            def probe() -> bool:
+                if proc.poll() is not None:
+                    raise ClusterError(
+                        f"{name} exited during start-up; see {layout.logs / (name + '.log')}"
+                    )
+                return check()
+
+            return probe
+
+        if name == "etcd":
+            wait_until(
+                alive_or_fail(lambda: _tcp_open(ports.etcd)), timeout=remaining,
+                what="etcd", layout=layout, log=name,
+            )
+        elif name == "kube-apiserver":
+            wait_until(
+                alive_or_fail(lambda: api_get(layout=layout, ports=ports, path="/readyz")[0] == 200),
+                timeout=remaining, what="kube-apiserver /readyz", layout=layout, log=name,
+            )
+        elif name == "kube-controller-manager":
+            wait_until(
+                alive_or_fail(
+                    lambda: kcm_healthy(ports=ports)
+                    and api_get(layout=layout, ports=ports, path="/api/v1/namespaces/default/serviceaccounts/default")[0]
+                    == 200
+                ),
+                timeout=remaining, what="the ServiceAccount controller (default/default)", layout=layout, log=name,
+            )
+        else:
+            wait_until(
+                alive_or_fail(lambda: node_ready(layout=layout, ports=ports)),
+                timeout=remaining, what=f"node {NODE_NAME} Ready", layout=layout, log=name,
+            )
+    return time.monotonic() - started
+
+
+def _tcp_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def stop_component(*, layout: Layout, name: str) -> None:
+    pid = read_pid(layout.pidfile(name))
+    if pid is not None:
+        needle = "podrunner.py" if name == "podrunner" else name
+        stop_pid(pid, needle=needle, grace_s=25.0 if name == "podrunner" else 10.0)
+    layout.pidfile(name).unlink(missing_ok=True)
+
+
+def down(*, layout: Layout) -> None:
+    """Stops every process `up` started (and any pod process the pod runner left), by pid."""
+    for name in reversed(COMPONENTS):
+        stop_component(layout=layout, name=name)
+    pod_pids = layout.pids / "pods"
+    if pod_pids.is_dir():
+        for path in pod_pids.glob("*.pid"):
+            pid = read_pid(path)
+            if pid is not None and Path(f"/proc/{pid}").exists():
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            path.unlink(missing_ok=True)
+
+
+def status(*, layout: Layout, ports: Ports) -> int:
+    ok = True
+    for name in COMPONENTS:
+        pid = component_alive(layout=layout, name=name)
+        ok = ok and pid is not None
+        print(f"{name:26} {'running, pid ' + str(pid) if pid else 'stopped'}")
+    if ok:
+        code, _ = api_get(layout=layout, ports=ports, path="/readyz")
+        print(f"{'apiserver /readyz':26} {code}")
+        print(f"{'node ' + NODE_NAME + ' Ready':26} {node_ready(layout=layout, ports=ports)}")
+        ok = code == 200
+    print(f"{'kubeconfig':26} {layout.kubeconfig}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hack/cluster.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--dir", type=Path, default=Path(os.environ.get("FTO_CLUSTER_DIR", ROOT / ".cluster")))
+    parser.add_argument(
+        "--simulate-pods", type=float, default=None, metavar="SECONDS",
+        help="pod runner in simulated mode: pods succeed after SECONDS without running anything",
+    )
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds `up` may take")
+    args = parser.parse_args(argv)
+    layout = Layout(dir=args.dir.resolve())
+    ports = Ports.from_env()
+    try:
+        if args.command == "up":
+            seconds = up(layout=layout, ports=ports, simulate=args.simulate_pods, timeout=args.timeout)
+            print(f"cluster up in {seconds:.1f}s; KUBECONFIG={layout.kubeconfig} kubectl={layout.kubectl}")
+            return 0
+        if args.command == "down":
+            down(layout=layout)
+            print("cluster down")
+            return 0
+        return status(layout=layout, ports=ports)
+    except ClusterError as err:
+        print(f"cluster.py: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

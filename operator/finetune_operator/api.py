@@ -1,0 +1,211 @@
+"""Typed models of the FineTuneJob resource: the single source of truth for its spec and status.
+
+The training part of the spec is the trainer's own `finetune_trainer.config.TrainerSpec`
+(reused, never duplicated); this module adds what only Kubernetes needs (`runtime`,
+`suspend`) and the status the operator and its progress hub write. `crd.py` renders the
+CRD's OpenAPI schema from these models, so descriptions, defaults, ranges and enums live here.
+
+Kubernetes-native sub-objects (resources, volumes, env, affinity, ...) are kept free-form:
+the API server validates them again when the operator creates the Job, and the schema of a
+PodSpec would add thousands of lines to the CRD for no gain in the user's error messages.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from finetune_trainer import config
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "API_GROUP",
+    "API_VERSION",
+    "CONDITION_TYPES",
+    "KIND",
+    "PHASES",
+    "PLURAL",
+    "Condition",
+    "FineTuneJobSpec",
+    "FineTuneJobStatus",
+    "RuntimeSpec",
+]
+
+API_GROUP = config.API_GROUP
+API_VERSION = config.API_VERSION
+KIND = config.KIND
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ("ftj",)
+CATEGORIES = ("finetune",)
+
+Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+PHASES: tuple[Phase, ...] = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
+ConditionType = Literal["Ready", "Running", "Complete", "Failed", "Suspended"]
+CONDITION_TYPES: tuple[ConditionType, ...] = ("Ready", "Running", "Complete", "Failed", "Suspended")
+
+# Free-form Kubernetes objects: the schema keeps them as they are (x-kubernetes-preserve-unknown-fields).
+FreeObject = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
+FreeObjectList = Annotated[
+    list[FreeObject],
+    Field(max_length=64),
+]
+
+
+class RuntimeSpec(config.SpecModel):
+    """How the job runs on Kubernetes; a local `finetune-train` run ignores all of it."""
+
+    image: str = Field(
+        default="",
+        max_length=512,
+        description="Trainer container image; empty means the operator's default (--trainer-image).",
+    )
+    gpus: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="nvidia.com/gpu per worker, merged into resources.limits; 0 trains on the CPU.",
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Number of workers; values above 1 (multi-worker training) are not supported yet and fail the job.",
+    )
+    resources: FreeObject = Field(
+        default_factory=dict,
+        description="Container resources (requests and limits, as in a Pod); the GPU limit is merged in.",
+    )
+    volumes: FreeObjectList = Field(
+        default_factory=list,
+        description="Pod volumes, as in a PodSpec (e.g. PVCs holding the data and the models).",
+    )
+    volume_mounts: FreeObjectList = Field(
+        default_factory=list,
+        description="Volume mounts of the trainer container, as in a Container.",
+    )
+    env: FreeObjectList = Field(
+        default_factory=list,
+        description="Extra environment variables of the trainer container, as in a Container.",
+    )
+    node_selector: dict[Annotated[str, Field(max_length=317)], Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Node labels the pod must match, as in a PodSpec.",
+    )
+    tolerations: FreeObjectList = Field(
+        default_factory=list,
+        description="Pod tolerations, as in a PodSpec (e.g. for tainted GPU nodes).",
+    )
+    affinity: FreeObject = Field(
+        default_factory=dict,
+        description="Pod affinity and anti-affinity, as in a PodSpec.",
+    )
+    priority_class_name: str = Field(
+        default="",
+        max_length=253,
+        description="PriorityClass of the pod; empty means the cluster default.",
+    )
+    backoff_limit: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description=(
+            "Retries of retryable failures (unexpected errors, lost nodes, OOM); invalid spec, data "
+            "errors and divergence never retry, and preemption never counts."
+        ),
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description="Wall-clock limit of the whole job in seconds; past it the job fails with DeadlineExceeded.",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds after the job finishes before its batch Job and pods are deleted.",
+    )
+
+
+class FineTuneJobSpec(config.TrainerSpec):
+    """What to train (the trainer's spec), how to run it on Kubernetes, and whether it is suspended."""
+
+    runtime: RuntimeSpec = Field(
+        default_factory=RuntimeSpec,
+        description="Kubernetes-only settings: image, GPUs, volumes, scheduling, retries, deadlines.",
+    )
+    suspend: bool = Field(
+        default=False,
+        description="true suspends the job (its pod is deleted, training resumes from checkpoints on false).",
+    )
+
+
+class _StatusModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Condition(_StatusModel):
+    """A condition in the metav1.Condition shape."""
+
+    type: ConditionType = Field(description="Ready, Running, Complete, Failed or Suspended.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The metadata.generation the condition was set from."
+    )
+    last_transition_time: str = Field(
+        json_schema_extra={"format": "date-time"}, description="When the status last changed."
+    )
+    reason: str = Field(
+        max_length=1024,
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="A CamelCase reason for the last transition.",
+    )
+    message: str = Field(default="", max_length=32768, description="A human-readable explanation.")
+
+
+class FineTuneJobStatus(_StatusModel):
+    """What the job is doing: phase, conditions, progress of the training and where the model is."""
+
+    observed_generation: int | None = Field(
+        default=None, description="The metadata.generation this status describes."
+    )
+    phase: Phase | None = Field(default=None, description="Pending, Running, Suspended, Succeeded or Failed.")
+    reason: str | None = Field(
+        default=None,
+        description="Why the job is in its phase, CamelCase (e.g. DataError, BackoffLimitExceeded on Failed).",
+    )
+    stage: Literal["head", "fine-tune"] | None = Field(
+        default=None, description="The training phase now running: head (phase 1) or fine-tune (phase 2)."
+    )
+    epoch: int | None = Field(default=None, ge=0, description="Epochs completed within the current stage.")
+    epochs: str | None = Field(
+        default=None,
+        description="Epoch within the stage over the stage's planned epochs, e.g. 4/10 (the EPOCH column).",
+    )
+    total_epochs: int | None = Field(default=None, ge=0, description="Planned epochs of both stages.")
+    progress: int | None = Field(
+        default=None, ge=0, le=100, description="Percent of the planned epochs done; early stopping jumps it."
+    )
+    eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds until training ends.")
+    metrics: dict[str, float] | None = Field(
+        default=None, description="Latest epoch metrics: loss, accuracy, val_loss, val_accuracy."
+    )
+    best_val_accuracy: float | None = Field(default=None, description="Best validation accuracy so far.")
+    images_per_second: float | None = Field(default=None, ge=0, description="Training throughput of the last epoch.")
+    attempts: int | None = Field(default=None, ge=0, description="Pods started so far (retries and resumes).")
+    start_time: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}, description="When the first pod started."
+    )
+    completion_time: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}, description="When the job succeeded or failed."
+    )
+    last_progress_time: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}, description="When the last progress report arrived."
+    )
+    model_path: str | None = Field(default=None, description="The saved model (model.keras) once trained.")
+    message: str | None = Field(default=None, description="A human-readable summary of the state.")
+    conditions: list[Condition] | None = Field(
+        default=None,
+        description="Ready, Running, Complete, Failed and Suspended, in the metav1.Condition shape.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )

@@ -1,0 +1,505 @@
+"""Kopf registrations: watch FineTuneJobs, their Jobs and pods; reconcile each job level-based.
+
+Thin on purpose: builders make the manifests, `status` decides the status, `progress` folds
+the trainer's reports. What lives here is the I/O and its ordering:
+
+- Kopf indexes keep a compact view of every FineTuneJob, owned Job and trainer pod in
+  memory. Kopf calls no handler before every index has its initial listing, so after a
+  restart an existing Job is seen (and adopted) before anything could create a second one.
+- Every event only enqueues its FineTuneJob's key; one worker per key reconciles it (a key
+  enqueued while it runs is reconciled once more afterwards). A failed reconcile is retried
+  with backoff; a spec only the operator can reject becomes Failed/InvalidSpec, once.
+- Writes are few: the Secret, ConfigMap and Job at creation, a status patch only when the
+  operator-owned fields change, a Job patch on suspend/resume. No Kopf handler state is
+  written (on.event handlers keep none); Kopf's storages are still set to annotations under
+  `finetune.dev` so that nothing of Kopf's ever lands in `status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import logging
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from finetune_trainer import config as trainer_config
+from pydantic import ValidationError
+
+from finetune_operator import api, builders, kube, metrics, models, status
+from finetune_operator import settings as config_mod
+
+__all__ = ["STATE", "Operator", "configure"]
+
+logger = logging.getLogger("finetune_operator")
+
+MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
+GROUP, VERSION, PLURAL = api.API_GROUP, api.API_VERSION, api.PLURAL
+MAX_NAME_LENGTH = 52  # Job names become pod labels (63) and pod names get a 6-char suffix and more.
+RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class FtjView:
+    """What the reconciler needs of a FineTuneJob."""
+
+    uid: str
+    generation: int
+    created: str | None
+    labels: Mapping[str, str]
+    spec: Mapping[str, Any]
+    status: Mapping[str, Any]
+    deleting: bool
+
+
+def ftj_view(body: Mapping[str, Any]) -> FtjView:
+    meta = body.get("metadata") or {}
+    return FtjView(
+        uid=str(meta.get("uid", "")),
+        generation=int(meta.get("generation") or 1),
+        created=meta.get("creationTimestamp"),
+        labels=dict(meta.get("labels") or {}),
+        spec=dict(body.get("spec") or {}),
+        status=dict(body.get("status") or {}),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def _controller_uid(body: Mapping[str, Any]) -> str:
+    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid", ""))
+    return ""
+
+
+def operator_refusal(*, name: str, spec: Mapping[str, Any]) -> tuple[api.FineTuneJobSpec | None, str | None]:
+    """The parsed spec, or why the operator refuses it (what admission could not know)."""
+    if len(name) > MAX_NAME_LENGTH:
+        return None, f"metadata.name: at most {MAX_NAME_LENGTH} characters (it names the Job and its pods)"
+    try:
+        parsed = api.FineTuneJobSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        return None, trainer_config.format_validation_error(exc)
+    if parsed.model.base not in models.KERAS_APPLICATIONS:
+        return None, (
+            f"spec.model.base: unknown keras.applications model {parsed.model.base!r} "
+            f"(known: {', '.join(sorted(models.KERAS_APPLICATIONS)[:6])}, ...)"
+        )
+    if parsed.runtime.workers > 1:
+        return None, "spec.runtime.workers: multi-worker training is not supported yet; use 1"
+    return parsed, None
+
+
+class Operator:
+    """The operator's in-memory state and its reconcile loop."""
+
+    def __init__(self) -> None:
+        self.config = config_mod.OperatorConfig()
+        self.client = kube.KubeClient()
+        self.hub: Any = None  # progress.ProgressHub, once started
+        self.ftjs: Any = None  # the Kopf indexes, captured from the first handler call
+        self.jobs: Any = None
+        self.pods: Any = None
+        self._running: set[Key] = set()
+        self._dirty: set[Key] = set()
+        self._failures: dict[Key, int] = {}
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
+        self._counted: dict[str, frozenset[str]] = {}  # FineTuneJob uid -> pods counted in attempts
+        self._written: dict[str, dict[str, Any]] = {}  # FineTuneJob uid -> owned status fields last written
+        self._registered: set[str] = set()  # FineTuneJob uids registered with the hub
+        self._finished: set[str] = set()
+        self._limit = asyncio.Semaphore(64)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._host = socket.gethostname()
+
+    # ----- queueing -----
+
+    def capture(self, kwargs: Mapping[str, Any]) -> None:
+        self.ftjs, self.jobs, self.pods = kwargs["ftj_index"], kwargs["job_index"], kwargs["pod_index"]
+
+    def enqueue(self, key: Key, *, delay: float = 0.0) -> None:
+        loop = asyncio.get_running_loop()
+        if delay > 0:
+            old = self._timers.pop(key, None)
+            if old is not None and old.when() <= loop.time() + delay:
+                self._timers[key] = old
+                return
+            if old is not None:
+                old.cancel()
+            self._timers[key] = loop.call_later(delay, self._fire, key)
+            return
+        if key in self._running:
+            self._dirty.add(key)
+            return
+        self._running.add(key)
+        self._spawn(self._worker(key))
+
+    def _fire(self, key: Key) -> None:
+        self._timers.pop(key, None)
+        self.enqueue(key)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _worker(self, key: Key) -> None:
+        try:
+            while True:
+                self._dirty.discard(key)
+                try:
+                    async with self._limit:
+                        await self.reconcile(key)
+                    self._failures.pop(key, None)
+                except Exception as exc:
+                    count = self._failures.get(key, 0)
+                    self._failures[key] = count + 1
+                    delay = RETRY_DELAYS[min(count, len(RETRY_DELAYS) - 1)]
+                    metrics.reconcile_error(handler="reconcile")
+                    logger.error("reconcile %s/%s failed (retry in %.0fs): %s", *key, delay, exc)
+                    self.enqueue(key, delay=delay)
+                if key not in self._dirty:
+                    break
+        finally:
+            self._running.discard(key)
+
+    # ----- reading the indexes -----
+
+    def _ftj(self, key: Key) -> FtjView | None:
+        if self.ftjs is None or key not in self.ftjs:
+            return None
+        views = list(self.ftjs[key])
+        return views[0] if views else None
+
+    def _job(self, key: Key, owner_uid: str) -> status.JobView | None:
+        if self.jobs is None or key not in self.jobs:
+            return None
+        return next((view for uid, view in self.jobs[key] if uid == owner_uid), None)
+
+    def _pods(self, key: Key, job_uid: str) -> list[status.PodView]:
+        if self.pods is None or key not in self.pods:
+            return []
+        return [view for uid, view in self.pods[key] if uid == job_uid]
+
+    # ----- the reconcile -----
+
+    async def reconcile(self, key: Key) -> None:
+        namespace, name = key
+        ftj = self._ftj(key)
+        if ftj is None or ftj.deleting:
+            return
+        owner = builders.Owner(namespace=namespace, name=name, uid=ftj.uid, labels=ftj.labels)
+        previous = {**ftj.status, **self._written.get(ftj.uid, {})}
+        now = datetime.datetime.now(datetime.UTC)
+        terminal = previous.get("phase") in status.TERMINAL and previous.get("observedGeneration") == ftj.generation
+        if terminal:
+            self._finish(key, ftj.uid)
+            return
+
+        job = self._job(key, ftj.uid)
+        parsed, refusal = operator_refusal(name=name, spec=ftj.spec)
+        if refusal is not None and job is None:
+            outcome = status.invalid_spec(generation=ftj.generation, message=refusal, previous=previous, now=now)
+            await self._apply(key, ftj, outcome, previous)
+            return
+        assert parsed is not None or job is not None
+        token: str | None = None
+        if job is None and parsed is not None:
+            job_or_refusal = await self._create(owner, ftj, parsed)
+            if isinstance(job_or_refusal, str):
+                outcome = status.invalid_spec(
+                    generation=ftj.generation, message=job_or_refusal, previous=previous, now=now
+                )
+                await self._apply(key, ftj, outcome, previous)
+                return
+            job, token = job_or_refusal
+        assert job is not None
+
+        if ftj.uid not in self._registered and self.hub is not None:
+            if token is None:
+                token = await self._read_token(owner)
+            total = parsed.training.total_epochs if parsed is not None else 0
+            self.hub.register(namespace=namespace, name=name, uid=ftj.uid, token=token, total_epochs=total)
+            self._registered.add(ftj.uid)
+
+        suspend = bool(ftj.spec.get("suspend"))
+        kueue = builders.KUEUE_QUEUE_LABEL in ftj.labels
+        finished = "Complete" in job.conditions or "Failed" in job.conditions
+        if not finished and job.suspend != suspend and (suspend or not kueue):
+            await self._patch_job(owner, suspend=suspend)
+
+        pods = self._pods(key, job.uid)
+        outcome = status.derive(
+            generation=ftj.generation,
+            suspend=suspend,
+            output_path=str((ftj.spec.get("output") or {}).get("path", "")),
+            previous=previous,
+            job=job,
+            pods=pods,
+            counted_pods=self._counted.get(ftj.uid),
+            now=now,
+            pending_timeout_s=self.config.pending_timeout_s,
+        )
+        self._counted[ftj.uid] = outcome.counted_pods
+        if outcome.stop_job:
+            await self._patch_job(owner, suspend=True)
+        await self._apply(key, ftj, outcome, previous)
+        for _ in range(outcome.retried):
+            metrics.job_retried(namespace=namespace)
+        # A pod that waits may become stuck without any further event: look again at the deadline.
+        if self.config.pending_timeout_s > 0 and outcome.status.get("phase") in ("Pending", "Running"):
+            waiting = [p for p in pods if p.phase == "Pending" and not p.started and not p.deleted]
+            if waiting:
+                self.enqueue(key, delay=self.config.pending_timeout_s + 1.0)
+
+    async def _apply(self, key: Key, ftj: FtjView, outcome: status.Outcome, previous: Mapping[str, Any]) -> None:
+        namespace, name = key
+        patch = status.diff(desired=outcome.status, current=previous)
+        if patch:
+            await self.patch_status(namespace=namespace, name=name, status=patch, source="reconcile")
+            self._written.setdefault(ftj.uid, {}).update(patch)
+        phase = outcome.status.get("phase")
+        if phase != previous.get("phase"):
+            metrics.set_phase(namespace=namespace, name=name, phase=phase)
+            if phase in status.TERMINAL:
+                duration = None
+                created = status.parse_time(ftj.created)
+                if created is not None:
+                    duration = (datetime.datetime.now(datetime.UTC) - created).total_seconds()
+                metrics.job_finished(
+                    namespace=namespace,
+                    name=name,
+                    phase=str(phase),
+                    reason=None if phase == "Succeeded" else outcome.status.get("reason"),
+                    duration_s=duration,
+                )
+        for event in outcome.events:
+            self.post_event(key, ftj.uid, event)
+        if phase in status.TERMINAL:
+            self._finish(key, ftj.uid)
+
+    def _finish(self, key: Key, uid: str) -> None:
+        if uid in self._finished:
+            return
+        self._finished.add(uid)
+        if self.hub is not None:
+            self.hub.finish(namespace=key[0], name=key[1])
+
+    def forget(self, key: Key, uid: str) -> None:
+        """The FineTuneJob is gone: drop its memory, its hub state and its metric series."""
+        for table in (self._counted, self._written):
+            table.pop(uid, None)
+        self._registered.discard(uid)
+        self._finished.discard(uid)
+        self._failures.pop(key, None)
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        if self.hub is not None:
+            self.hub.forget(namespace=key[0], name=key[1])
+        metrics.set_phase(namespace=key[0], name=key[1], phase=None)
+        metrics.forget_job(namespace=key[0], name=key[1])
+
+    # ----- API writes -----
+
+    async def _create(
+        self, owner: builders.Owner, ftj: FtjView, parsed: api.FineTuneJobSpec
+    ) -> tuple[status.JobView, str] | str:
+        """Creates (or adopts) the Secret, ConfigMap and Job; returns the Job and the token, or a refusal."""
+        ns = owner.namespace
+        token = secrets.token_urlsafe(32)
+        try:
+            await self.client.create(f"/api/v1/namespaces/{ns}/secrets", builders.build_secret(owner=owner, token=token))
+        except kube.ApiError as exc:
+            if exc.status != 409:
+                raise
+            token = await self._read_token(owner)
+        try:
+            await self.client.create(
+                f"/api/v1/namespaces/{ns}/configmaps", builders.build_config_map(owner=owner, spec=ftj.spec)
+            )
+        except kube.ApiError as exc:
+            if exc.status != 409:
+                raise
+        manifest = builders.build_job(
+            owner=owner,
+            spec=parsed,
+            default_image=self.config.trainer_image,
+            progress_url=self.config.progress_url,
+            trainer_command=self.config.trainer_command,
+            run_as_user=self.config.run_as_user,
+        )
+        path = f"/apis/batch/v1/namespaces/{ns}/jobs"
+        try:
+            body = await self.client.create(path, manifest)
+        except kube.ApiError as exc:
+            if exc.status == 409:
+                body = await self.client.get(f"{path}/{owner.name}")
+                if _controller_uid(body) != owner.uid:
+                    return f"a batch Job named {owner.name} already exists and is not owned by this FineTuneJob"
+                logger.info("adopted the existing Job %s/%s", ns, owner.name)
+                return status.job_view(body), token
+            if exc.status in (400, 422):
+                return f"the batch Job was refused: {exc.message}"
+            raise
+        metrics.job_created(namespace=ns)
+        self.post_event(
+            (ns, owner.name), owner.uid, status.Event("Normal", "JobCreated", f"created batch Job {owner.name}")
+        )
+        return status.job_view(body), token
+
+    async def _read_token(self, owner: builders.Owner) -> str:
+        body = await self.client.get(f"/api/v1/namespaces/{owner.namespace}/secrets/{builders.secret_name(owner.name)}")
+        return base64.b64decode(str((body.get("data") or {}).get("token", ""))).decode()
+
+    async def _patch_job(self, owner: builders.Owner, *, suspend: bool) -> None:
+        await self.client.merge_patch(
+            f"/apis/batch/v1/namespaces/{owner.namespace}/jobs/{owner.name}", {"spec": {"suspend": suspend}}
+        )
+
+    async def patch_status(
+        self, *, namespace: str, name: str, status: dict[str, Any], source: str = "progress"
+    ) -> None:
+        """JSON merge patch of a FineTuneJob's status subresource (the progress hub calls it too)."""
+        await self.client.merge_patch(
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status", {"status": status}
+        )
+        metrics.status_write(source=source)
+
+    def post_event(self, key: Key, uid: str, event: status.Event) -> None:
+        """Posts a core/v1 Event on the FineTuneJob, in the background (an event never blocks a reconcile)."""
+        namespace, name = key
+        stamp = status.rfc3339(datetime.datetime.now(datetime.UTC))
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{name}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": api.KIND,
+                "name": name,
+                "namespace": namespace,
+                "uid": uid,
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message[:1024],
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+            "source": {"component": "finetune-operator"},
+            "reportingComponent": "finetune.dev/operator",
+            "reportingInstance": self._host,
+        }
+
+        async def send() -> None:
+            try:
+                await self.client.create(f"/api/v1/namespaces/{namespace}/events", body)
+            except Exception as exc:
+                logger.warning("could not post event %s on %s/%s: %s", event.reason, namespace, name, exc)
+
+        self._spawn(send())
+
+
+STATE = Operator()
+
+
+def configure(*, config: config_mod.OperatorConfig) -> Operator:
+    """Sets the configuration before `kopf.run` (from `__main__`)."""
+    STATE.config = config
+    return STATE
+
+
+# ----- Kopf registrations -----
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    info = kopf.login_via_client(**kwargs)
+    if info is not None:
+        STATE.client.connect(info=info)
+    return info
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=config_mod.PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=config_mod.PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{config_mod.PREFIX}/finalizer"
+    settings.posting.enabled = False  # the operator posts its own, meaningful events
+    settings.scanning.disabled = True  # no CRD/namespace watching: needs no RBAC for them
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+    if STATE.config.peering:
+        settings.peering.name = STATE.config.peering
+        settings.peering.mandatory = True
+        settings.peering.clusterwide = not STATE.config.namespaces
+    from finetune_operator import progress
+
+    hub = progress.ProgressHub(patch_status=STATE.patch_status)
+    port = await hub.start(host=STATE.config.progress_host, port=STATE.config.progress_port)
+    STATE.hub = hub
+    metrics_port = metrics.start_metrics_server(host=STATE.config.metrics_host, port=STATE.config.metrics_port)
+    logger.info(
+        "finetune-operator: progress endpoint on port %s (advertised %s), metrics on port %s",
+        port,
+        STATE.config.progress_url or "-",
+        metrics_port,
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    if STATE.hub is not None:
+        await STATE.hub.stop()
+    await STATE.client.close()
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+async def ftj_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, FtjView]:
+    return {(namespace or "", name): ftj_view(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels=MANAGED)
+async def job_index(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[Key, tuple[str, status.JobView]]:
+    return {(namespace or "", name): (_controller_uid(body), status.job_view(body))}
+
+
+@kopf.index("", "v1", "pods", labels={**MANAGED, builders.JOB_NAME_LABEL: kopf.PRESENT})
+async def pod_index(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, tuple[str, status.PodView]]:
+    return {(namespace or "", labels[builders.JOB_NAME_LABEL]): (_controller_uid(body), status.pod_view(body))}
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def ftj_event(event: kopf.RawEvent, namespace: str | None, name: str, uid: str, **kwargs: Any) -> None:
+    STATE.capture(kwargs)
+    if event.get("type") == "DELETED":
+        STATE.forget((namespace or "", name), uid)
+        return
+    STATE.enqueue((namespace or "", name))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={**MANAGED, builders.JOB_NAME_LABEL: kopf.PRESENT})
+async def job_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    STATE.capture(kwargs)
+    STATE.enqueue((namespace or "", labels[builders.JOB_NAME_LABEL]))
+
+
+@kopf.on.event("", "v1", "pods", labels={**MANAGED, builders.JOB_NAME_LABEL: kopf.PRESENT})
+async def pod_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    STATE.capture(kwargs)
+    STATE.enqueue((namespace or "", labels[builders.JOB_NAME_LABEL]))

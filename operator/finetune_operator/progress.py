@@ -1,0 +1,472 @@
+"""The progress endpoint: trainer reports in, coalesced status writes out.
+
+`ProgressHub` is an aiohttp server inside the operator's own event loop, on a port of its
+own, that takes `POST /v1/progress` (`protocol.PROGRESS_PATH`) from trainer pods.
+
+Every report passes, in order:
+
+1. size: a body over `max_body_bytes` is refused with 413, by its Content-Length before
+   reading and again while reading (chunked bodies have no length);
+2. a bearer token must be present (401);
+3. the body must be a valid `protocol.ProgressReport` (400, with pydantic's errors);
+4. the job the body names must be registered (404, `unknown_job`), the token must be that
+   job's (compared with `hmac.compare_digest`; 401), and a token that belongs to another job
+   is refused with 403, so a credential for job A can never write job B;
+5. reports for a finished job are dropped (410);
+6. a per-job token bucket (`rate_per_s`, `burst`) answers 429 with Retry-After;
+7. reports made more than `max_report_age_s` ago (or that far in the future) are expired,
+   and a report older than the job's latest accepted one is stale: both 400 / 409.
+
+Every outcome is counted in `finetune_progress_reports_total{result}`; a refused report
+changes nothing else.
+
+An accepted report updates the job's Prometheus series at once and becomes the job's
+pending status. The status is written at once when the job's status was last written at
+least `min_write_interval_s` ago, or when the report changes the stage or is the final one;
+otherwise one timer per job writes the latest pending status when the window closes
+(latest report wins). Writes of one job are serialised, so they land in order. The hub never
+talks to Kubernetes itself: the operator injects `patch_status` (a JSON merge patch of the
+status subresource); a failing write is logged, counted in
+`finetune_reconcile_errors_total{handler="progress"}` and retried at the next window a few
+times, and never reaches the HTTP client.
+
+All methods are meant to be called from the operator's event loop (Kopf's async handlers);
+a call from another thread is handed to the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from finetune_trainer import protocol
+from pydantic import ValidationError
+
+from finetune_operator import metrics
+
+__all__ = ["PatchStatus", "ProgressHub", "build_status"]
+
+logger = logging.getLogger(__name__)
+
+PatchStatus = Callable[..., Awaitable[None]]
+"""`async def patch_status(*, namespace: str, name: str, status: dict[str, Any]) -> None`."""
+
+_RECENT_EPOCHS = 5  # epoch durations the ETA averages over
+_MAX_WRITE_RETRIES = 5  # consecutive failed writes of one job before its pending status is dropped
+_FINISH_STRIPPED = ("progress", "etaSeconds", "message")  # the operator's final status owns these
+
+
+@dataclass
+class _Job:
+    namespace: str
+    name: str
+    uid: str
+    token: bytes
+    total_epochs: int
+    tokens: float
+    refilled_at: float
+    finished: bool = False
+    stage: str | None = None
+    last_timestamp: float = -math.inf
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT_EPOCHS))
+    best_val_accuracy: float | None = None
+    last_write_at: float | None = None
+    pending: dict[str, Any] | None = None
+    failures: int = 0
+    timer: asyncio.TimerHandle | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    result: str
+    status: int
+    message: str
+    detail: Any = None
+    headers: dict[str, str] | None = None
+
+
+class ProgressHub:
+    """The operator's progress endpoint and the per-job state behind it."""
+
+    def __init__(
+        self,
+        *,
+        patch_status: PatchStatus,
+        min_write_interval_s: float = 5.0,
+        max_body_bytes: int = protocol.MAX_REPORT_BYTES,
+        rate_per_s: float = 2.0,
+        burst: int = 10,
+        max_report_age_s: float = 600.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._patch_status = patch_status
+        self._interval = float(min_write_interval_s)
+        self._max_body = int(max_body_bytes)
+        self._rate = float(rate_per_s)
+        self._burst = int(burst)
+        self._max_age = float(max_report_age_s)
+        self._wall = wall_clock
+        self._jobs: dict[tuple[str, str], _Job] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._runner: web.AppRunner | None = None
+        self.writes = 0  # status writes done (successful), for benchmarks and tests
+
+    # ---- job lifecycle (called by the operator's handlers) ----
+
+    def register(self, *, namespace: str, name: str, uid: str, token: str, total_epochs: int) -> None:
+        """Accept reports for this job from now on (on create, adopt and resume).
+
+        Registering again updates the token and the plan; a new uid (the job was deleted and
+        made again under the same name) starts from a clean state.
+        """
+        self._in_loop(lambda: self._register(namespace, name, uid, token, total_epochs))
+
+    def finish(self, *, namespace: str, name: str) -> None:
+        """The job reached Succeeded or Failed: flush its pending write, drop later reports.
+
+        The flushed write leaves out `progress`, `etaSeconds` and `message`, which the
+        operator's final status owns; call this before writing that status.
+        """
+        self._in_loop(lambda: self._finish(namespace, name))
+
+    def forget(self, *, namespace: str, name: str) -> None:
+        """The FineTuneJob was deleted: drop its state, pending write and metric series."""
+        self._in_loop(lambda: self._forget(namespace, name))
+
+    def is_registered(self, *, namespace: str, name: str) -> bool:
+        """Whether reports for this job are taken (registered and not forgotten)."""
+        return (namespace, name) in self._jobs
+
+    # ---- server ----
+
+    async def start(self, *, host: str, port: int) -> int:
+        """Serve the endpoint from the running event loop; return the bound port (0 picks one)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        app = web.Application()
+        app.router.add_post(protocol.PROGRESS_PATH, self._handle)
+        app.router.add_get("/healthz", self._healthz)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._runner = runner
+        bound = runner.addresses[0]
+        logger.info("progress endpoint listening on %s:%s%s", host, bound[1], protocol.PROGRESS_PATH)
+        return int(bound[1])
+
+    async def stop(self) -> None:
+        """Write what is pending (best effort, a few seconds), then stop serving."""
+        for job in list(self._jobs.values()):
+            if job.pending is not None:
+                self._spawn(self._flush(job))
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5.0)
+        for job in self._jobs.values():
+            _cancel(job)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ---- request handling ----
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        del request
+        return web.Response(text="ok\n")
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        outcome = await self._accept(request)
+        if isinstance(outcome, _Refusal):
+            metrics.progress_report(result=outcome.result)
+            logger.debug("progress report refused (%s): %s", outcome.result, outcome.message)
+            body: dict[str, Any] = {"error": outcome.message}
+            if outcome.detail is not None:
+                body["detail"] = outcome.detail
+            return web.json_response(body, status=outcome.status, headers=outcome.headers)
+        metrics.progress_report(result="accepted")
+        return web.json_response({"accepted": True}, status=202)
+
+    async def _accept(self, request: web.Request) -> _Refusal | None:
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            return _Refusal("too_large", 413, f"body over {self._max_body} bytes")
+        token = _bearer(request.headers.get("Authorization", ""))
+        if token is None:
+            return _Refusal(
+                "unauthorized", 401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+        body = bytearray()
+        while chunk := await request.content.read(65536):
+            body += chunk
+            if len(body) > self._max_body:
+                return _Refusal("too_large", 413, f"body over {self._max_body} bytes")
+        try:
+            report = protocol.ProgressReport.model_validate_json(bytes(body))
+        except ValidationError as exc:
+            detail = json.loads(exc.json(include_url=False, include_input=False))
+            return _Refusal("invalid", 400, "invalid progress report", detail=detail)
+
+        job = self._jobs.get((report.namespace, report.name))
+        if job is None:
+            if self._token_owner(token) is not None:
+                return _Refusal("forbidden", 403, "token is not valid for this job")
+            return _Refusal("unknown_job", 404, "no such job")
+        if not hmac.compare_digest(token, job.token):
+            if self._token_owner(token) is not None:
+                return _Refusal("forbidden", 403, "token is not valid for this job")
+            return _Refusal("unauthorized", 401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+        if report.uid and job.uid and report.uid != job.uid:
+            return _Refusal("forbidden", 403, "report is for another incarnation of this job")
+        if job.finished:
+            return _Refusal("finished", 410, "job has finished")
+        retry_after = self._take_token(job)
+        if retry_after is not None:
+            return _Refusal(
+                "rate_limited",
+                429,
+                "too many reports",
+                headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
+            )
+        now = self._wall()
+        if abs(now - report.timestamp) > self._max_age:
+            return _Refusal("invalid", 400, "report expired (timestamp too far from now)")
+        if report.timestamp < job.last_timestamp:
+            return _Refusal("invalid", 409, "stale report (older than the latest accepted one)")
+
+        self._fold(job, report, now)
+        return None
+
+    def _token_owner(self, token: bytes) -> _Job | None:
+        """The registered job this token belongs to, checking every job (no early exit)."""
+        owner = None
+        for job in list(self._jobs.values()):
+            if hmac.compare_digest(token, job.token):
+                owner = job
+        return owner
+
+    def _take_token(self, job: _Job) -> float | None:
+        now = time.monotonic()
+        job.tokens = min(float(self._burst), job.tokens + (now - job.refilled_at) * self._rate)
+        job.refilled_at = now
+        if job.tokens >= 1.0:
+            job.tokens -= 1.0
+            return None
+        return (1.0 - job.tokens) / self._rate if self._rate > 0 else 60.0
+
+    # ---- folding a report into state, metrics and the pending write ----
+
+    def _fold(self, job: _Job, report: protocol.ProgressReport, now: float) -> None:
+        job.last_timestamp = report.timestamp
+        if report.event == "epoch-end" and report.epoch_seconds is not None and report.epoch_seconds > 0:
+            job.durations.append(report.epoch_seconds)
+        val_acc = report.metrics.get("val_accuracy")
+        for candidate in (report.best_val_accuracy, val_acc):
+            if candidate is not None and math.isfinite(candidate):
+                best = job.best_val_accuracy
+                job.best_val_accuracy = candidate if best is None else max(best, candidate)
+        stage_changed = job.stage is not None and report.stage != job.stage
+        job.stage = report.stage
+
+        status = build_status(
+            report=report,
+            total_epochs=job.total_epochs,
+            recent_epoch_seconds=list(job.durations),
+            best_val_accuracy=job.best_val_accuracy,
+            now=now,
+        )
+        total = int(status["totalEpochs"])
+        done = min(report.epochs_done, total) if total else 0
+        metrics.observe_progress(
+            namespace=job.namespace,
+            name=job.name,
+            stage=report.stage,
+            epoch=report.epoch,
+            progress_ratio=(done / total) if total else 0.0,
+            metrics=report.metrics,
+            images_per_second=report.images_per_second,
+            eta_seconds=status.get("etaSeconds"),
+            timestamp=now,
+        )
+        job.pending = status
+        self._schedule(job, urgent=stage_changed or report.event == "final")
+
+    def _schedule(self, job: _Job, *, urgent: bool) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if urgent or job.last_write_at is None or now - job.last_write_at >= self._interval:
+            _cancel(job)
+            self._spawn(self._flush(job))
+        elif job.timer is None:
+            delay = job.last_write_at + self._interval - now
+            job.timer = loop.call_later(delay, self._on_timer, job)
+
+    def _on_timer(self, job: _Job) -> None:
+        job.timer = None
+        self._spawn(self._flush(job))
+
+    async def _flush(self, job: _Job) -> None:
+        async with job.lock:
+            status = job.pending
+            job.pending = None
+            if status is None or self._jobs.get((job.namespace, job.name)) is not job:
+                return
+            _cancel(job)
+            if job.finished:
+                status = {k: v for k, v in status.items() if k not in _FINISH_STRIPPED}
+            loop = asyncio.get_running_loop()
+            job.last_write_at = loop.time()
+            try:
+                await self._patch_status(namespace=job.namespace, name=job.name, status=status)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                job.failures += 1
+                metrics.reconcile_error(handler="progress")
+                logger.warning(
+                    "status write for %s/%s failed (%d in a row)",
+                    job.namespace,
+                    job.name,
+                    job.failures,
+                    exc_info=True,
+                )
+                if job.pending is None and job.failures < _MAX_WRITE_RETRIES:
+                    job.pending = status
+                    if job.timer is None:
+                        job.timer = loop.call_later(self._interval, self._on_timer, job)
+                return
+            job.failures = 0
+            self.writes += 1
+            metrics.status_write(source="progress")
+
+    # ---- lifecycle internals (always on the loop) ----
+
+    def _register(self, namespace: str, name: str, uid: str, token: str, total_epochs: int) -> None:
+        key = (namespace, name)
+        job = self._jobs.get(key)
+        if job is not None and job.uid and uid and job.uid != uid:
+            self._forget(namespace, name)
+            job = None
+        if job is None:
+            self._jobs[key] = _Job(
+                namespace=namespace,
+                name=name,
+                uid=uid,
+                token=token.encode(),
+                total_epochs=int(total_epochs),
+                tokens=float(self._burst),
+                refilled_at=time.monotonic(),
+            )
+            return
+        job.uid = uid or job.uid
+        job.token = token.encode()
+        job.total_epochs = int(total_epochs)
+
+    def _finish(self, namespace: str, name: str) -> None:
+        job = self._jobs.get((namespace, name))
+        if job is None or job.finished:
+            return
+        job.finished = True
+        if job.pending is not None:
+            _cancel(job)
+            self._spawn(self._flush(job))
+
+    def _forget(self, namespace: str, name: str) -> None:
+        job = self._jobs.pop((namespace, name), None)
+        if job is not None:
+            _cancel(job)
+            job.pending = None
+        metrics.forget_job(namespace=namespace, name=name)
+
+    def _in_loop(self, fn: Callable[[], None]) -> None:
+        if self._loop is None or self._loop_thread == threading.get_ident() or self._loop.is_closed():
+            fn()
+        else:
+            self._loop.call_soon_threadsafe(fn)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def build_status(
+    *,
+    report: protocol.ProgressReport,
+    total_epochs: int,
+    recent_epoch_seconds: list[float],
+    best_val_accuracy: float | None,
+    now: float,
+) -> dict[str, Any]:
+    """The progress fields of `status` for one report (pure).
+
+    `total_epochs` is the job's plan from its spec (the report's own figure when 0);
+    `progress` is the integer percent of planned epochs done, `etaSeconds` the remaining
+    planned epochs times the mean of the recent epoch durations (absent until one is known).
+    """
+    total = total_epochs if total_epochs > 0 else report.total_epochs
+    done = min(report.epochs_done, total) if total else 0
+    progress = (100 * done) // total if total else 0
+    eta: int | None = None
+    if report.event == "final" and report.result == "succeeded":
+        progress, eta = 100, 0
+    elif total and done >= total:
+        eta = 0
+    elif recent_epoch_seconds:
+        mean = sum(recent_epoch_seconds) / len(recent_epoch_seconds)
+        eta = math.ceil((total - done) * mean)
+    stage_index = protocol.STAGES.index(report.stage) + 1
+    status: dict[str, Any] = {
+        "stage": report.stage,
+        "epoch": report.epoch,
+        "epochs": f"{report.epoch}/{report.stage_epochs}",
+        "totalEpochs": total,
+        "progress": progress,
+        "metrics": {k: _short(v) for k, v in report.metrics.items() if math.isfinite(v)},
+        "lastProgressTime": _rfc3339(now),
+        "message": f"phase {stage_index}/{len(protocol.STAGES)}, epoch {report.epoch}/{report.stage_epochs}",
+    }
+    if eta is not None:
+        status["etaSeconds"] = eta
+    if best_val_accuracy is not None:
+        status["bestValAccuracy"] = _short(best_val_accuracy)
+    if report.images_per_second is not None:
+        status["imagesPerSecond"] = round(report.images_per_second, 1)
+    return status
+
+
+def _bearer(header: str) -> bytes | None:
+    scheme, _, credential = header.strip().partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential:
+        return None
+    return credential.encode()
+
+
+def _cancel(job: _Job) -> None:
+    if job.timer is not None:
+        job.timer.cancel()
+        job.timer = None
+
+
+def _short(value: float) -> float:
+    return float(f"{value:.4g}")
+
+
+def _rfc3339(unix: float) -> str:
+    return datetime.fromtimestamp(unix, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,424 @@
+"""Pure status logic: the state of a FineTuneJob's batch Job and pods -> its status and events.
+
+`job_view` and `pod_view` shrink Kubernetes bodies to the few fields the logic reads (the
+operator keeps only these in memory); `derive` computes the operator-owned status fields
+(phase, reason, conditions, attempts, times, model path, message) and the events a
+transition deserves. The progress fields (stage, epoch, ...) belong to the progress hub.
+No I/O, no clock: `now` is passed in.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_trainer import protocol
+from pydantic import ValidationError
+
+from finetune_operator import api
+
+__all__ = [
+    "Event",
+    "JobView",
+    "Outcome",
+    "PodView",
+    "derive",
+    "diff",
+    "invalid_spec",
+    "job_view",
+    "parse_time",
+    "pod_view",
+    "rfc3339",
+]
+
+EXIT_REASONS = {2: "InvalidSpec", 3: "DataError", 4: "Diverged"}
+IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+TERMINAL = frozenset({"Succeeded", "Failed"})
+OWNED_FIELDS = (
+    "observedGeneration",
+    "phase",
+    "reason",
+    "attempts",
+    "startTime",
+    "completionTime",
+    "modelPath",
+    "message",
+    "conditions",
+)
+
+
+def rfc3339(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: Any) -> datetime.datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What the status logic needs of a batch/v1 Job."""
+
+    uid: str
+    suspend: bool
+    active: int = 0
+    ready: int = 0
+    failed: int = 0
+    succeeded: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
+    # condition type -> (reason, message, lastTransitionTime), only for conditions with status True
+    conditions: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the status logic needs of a trainer pod."""
+
+    uid: str
+    name: str
+    phase: str
+    created: str | None = None
+    start_time: str | None = None  # set once the kubelet (pod runner) has accepted the pod
+    running_since: str | None = None  # the trainer container's state.running.startedAt
+    finished_at: str | None = None
+    exit_code: int | None = None
+    termination_message: str = ""
+    waiting_reason: str | None = None
+    waiting_message: str = ""
+    unschedulable_message: str | None = None
+    deleted: bool = False
+
+    @property
+    def started(self) -> bool:
+        """Whether the trainer ever ran in this pod (it counts as an attempt)."""
+        return self.running_since is not None or self.exit_code is not None
+
+
+def job_view(body: Mapping[str, Any]) -> JobView:
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    conditions = {
+        str(c.get("type")): (str(c.get("reason") or ""), str(c.get("message") or ""), str(c.get("lastTransitionTime") or ""))
+        for c in status.get("conditions") or []
+        if c.get("status") == "True"
+    }
+    return JobView(
+        uid=str(body.get("metadata", {}).get("uid", "")),
+        suspend=bool(spec.get("suspend")),
+        active=int(status.get("active") or 0),
+        ready=int(status.get("ready") or 0),
+        failed=int(status.get("failed") or 0),
+        succeeded=int(status.get("succeeded") or 0),
+        start_time=status.get("startTime"),
+        completion_time=status.get("completionTime"),
+        conditions=conditions,
+    )
+
+
+def pod_view(body: Mapping[str, Any]) -> PodView:
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    running_since = finished_at = None
+    exit_code: int | None = None
+    message = ""
+    waiting_reason: str | None = None
+    waiting_message = ""
+    for cs in status.get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        last = (cs.get("lastState") or {}).get("terminated") or {}
+        if "running" in state:
+            running_since = (state["running"] or {}).get("startedAt") or status.get("startTime") or ""
+        if "terminated" in state or last:
+            term = state.get("terminated") or last
+            exit_code = int(term.get("exitCode", 0))
+            message = str(term.get("message") or "")
+            finished_at = term.get("finishedAt")
+            running_since = running_since or term.get("startedAt") or finished_at or ""
+        if "waiting" in state:
+            waiting_reason = (state["waiting"] or {}).get("reason")
+            waiting_message = str((state["waiting"] or {}).get("message") or "")
+    unschedulable = None
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+            unschedulable = str(cond.get("message") or "no node fits the pod")
+    return PodView(
+        uid=str(meta.get("uid", "")),
+        name=str(meta.get("name", "")),
+        phase=str(status.get("phase") or "Pending"),
+        created=meta.get("creationTimestamp"),
+        start_time=status.get("startTime"),
+        running_since=running_since,
+        finished_at=finished_at,
+        exit_code=exit_code,
+        termination_message=message,
+        waiting_reason=waiting_reason,
+        waiting_message=waiting_message,
+        unschedulable_message=unschedulable,
+        deleted=bool(meta.get("deletionTimestamp")),
+    )
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes event to post on the FineTuneJob."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of `derive`: the operator-owned status fields, events, and bookkeeping."""
+
+    status: dict[str, Any]
+    events: tuple[Event, ...]
+    counted_pods: frozenset[str]
+    retried: int = 0  # new attempts that are retries (for the retried counter)
+    stop_job: bool = False  # the operator failed the job itself (stuck Pending): suspend its Job
+
+
+def _summary(pod: PodView | None) -> protocol.TerminationSummary | None:
+    """The trainer's JSON termination summary, when the pod's message is one."""
+    if pod is None or not pod.termination_message.strip().startswith("{"):
+        return None
+    try:
+        return protocol.TerminationSummary.model_validate(json.loads(pod.termination_message))
+    except (ValueError, ValidationError):
+        return None
+
+
+def _last_finished(pods: Sequence[PodView]) -> PodView | None:
+    done = [p for p in pods if p.exit_code is not None]
+    return max(done, key=lambda p: (p.finished_at or "", p.created or "")) if done else None
+
+
+def _short(text: str, limit: int = 1024) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _failure(job: JobView, pods: Sequence[PodView]) -> tuple[str, str]:
+    """(reason, message) of a failed Job, the trainer's own words first."""
+    reason, message, _ = job.conditions.get("Failed") or job.conditions.get("FailureTarget") or ("Failed", "", "")
+    last = _last_finished(pods)
+    summary = _summary(last)
+    if reason == "PodFailurePolicy":
+        if summary is not None and summary.reason not in ("", "Error", "Succeeded"):
+            return summary.reason, _short(summary.message)
+        code = last.exit_code if last is not None else None
+        named = EXIT_REASONS.get(code or -1, "Failed")
+        detail = summary.message if summary else (last.termination_message if last else message)
+        return named, _short(detail or f"trainer exited with code {code}")
+    if reason == "BackoffLimitExceeded":
+        detail = summary.message if summary else (last.termination_message if last else "")
+        tail = f"; last attempt: {_short(detail, 512)}" if detail.strip() else ""
+        exit_note = f" (exit code {last.exit_code})" if last is not None else ""
+        return reason, f"retried {job.failed} times, backoff limit reached{exit_note}{tail}"
+    if reason == "DeadlineExceeded":
+        return reason, message or "the job ran past runtime.activeDeadlineSeconds"
+    return reason or "Failed", message or "the batch Job failed"
+
+
+def _stuck(pods: Sequence[PodView], *, now: datetime.datetime, timeout_s: float) -> tuple[str, str] | None:
+    """(reason, message) when a pod has waited on its image or on scheduling for too long."""
+    if timeout_s <= 0:
+        return None
+    for pod in pods:
+        if pod.phase != "Pending" or pod.deleted or pod.started:
+            continue
+        created = parse_time(pod.created)
+        if created is None or (now - created).total_seconds() < timeout_s:
+            continue
+        if pod.waiting_reason in IMAGE_PULL_REASONS:
+            return "ImagePullError", _short(f"pod {pod.name}: {pod.waiting_reason}: {pod.waiting_message}")
+        if pod.unschedulable_message is not None:
+            return "Unschedulable", _short(f"pod {pod.name}: {pod.unschedulable_message}")
+    return None
+
+
+def _conditions(
+    *, phase: str, reason: str, message: str, generation: int, previous: Sequence[Mapping[str, Any]], now: str
+) -> list[dict[str, Any]]:
+    truth = {
+        "Ready": phase == "Succeeded",
+        "Running": phase == "Running",
+        "Complete": phase == "Succeeded",
+        "Failed": phase == "Failed",
+        "Suspended": phase == "Suspended",
+    }
+    before = {str(c.get("type")): c for c in previous}
+    out = []
+    for kind in api.CONDITION_TYPES:
+        status = "True" if truth[kind] else "False"
+        if truth[kind]:
+            cond_reason, cond_message = reason, message
+        elif kind == "Ready":
+            cond_reason, cond_message = reason, message or phase
+        else:
+            cond_reason, cond_message = f"Not{kind}", ""
+        old = before.get(kind)
+        since = old.get("lastTransitionTime") if old is not None and old.get("status") == status else None
+        out.append(
+            {
+                "type": kind,
+                "status": status,
+                "observedGeneration": generation,
+                "lastTransitionTime": since or now,
+                "reason": cond_reason,
+                "message": cond_message,
+            }
+        )
+    return out
+
+
+def invalid_spec(*, generation: int, message: str, previous: Mapping[str, Any], now: datetime.datetime) -> Outcome:
+    """The status of a job the operator itself refuses (e.g. an unknown model.base): Failed/InvalidSpec."""
+    stamp = rfc3339(now)
+    status = {
+        "observedGeneration": generation,
+        "phase": "Failed",
+        "reason": "InvalidSpec",
+        "message": message,
+        "completionTime": previous.get("completionTime") or stamp,
+        "conditions": _conditions(
+            phase="Failed",
+            reason="InvalidSpec",
+            message=message,
+            generation=generation,
+            previous=previous.get("conditions") or [],
+            now=stamp,
+        ),
+    }
+    events = () if previous.get("phase") == "Failed" else (Event("Warning", "Failed", f"InvalidSpec: {message}"),)
+    return Outcome(status=status, events=events, counted_pods=frozenset())
+
+
+def derive(
+    *,
+    generation: int,
+    suspend: bool,
+    output_path: str,
+    previous: Mapping[str, Any],
+    job: JobView | None,
+    pods: Sequence[PodView],
+    counted_pods: frozenset[str] | None,
+    now: datetime.datetime,
+    pending_timeout_s: float,
+) -> Outcome:
+    """The operator-owned status of a FineTuneJob from its Job and pods.
+
+    `previous` is the FineTuneJob's current status. Succeeded and Failed are final: once
+    written they never change. `counted_pods` are the pods already counted in `attempts`
+    (None after an operator restart: the pods visible now are taken as counted).
+    """
+    prev_phase = previous.get("phase")
+    stamp = rfc3339(now)
+    live = [p for p in pods if not p.deleted or p.exit_code is not None]
+    started = {p.uid for p in live if p.started}
+    attempts = int(previous.get("attempts") or 0)
+    if counted_pods is None:
+        counted = frozenset(started)
+        attempts = max(attempts, len(started))
+        new_pods = 0
+    else:
+        new_pods = len(started - counted_pods)
+        counted = counted_pods | started
+        attempts += new_pods
+    if prev_phase in TERMINAL and previous.get("observedGeneration") == generation:
+        return Outcome(status=dict(previous), events=(), counted_pods=counted)
+
+    model_path: str | None = None
+    completion: str | None = None
+    stop_job = False
+    if job is None:
+        phase, reason, message = "Pending", "Creating", "creating the batch Job"
+    elif "Complete" in job.conditions or "SuccessCriteriaMet" in job.conditions:
+        phase, reason = "Succeeded", "Succeeded"
+        summary = _summary(_last_finished(pods))
+        model_path = (summary.model_path if summary else None) or f"{output_path.rstrip('/')}/model.keras"
+        message = f"model saved to {model_path}"
+        completion = job.completion_time or stamp
+    elif "Failed" in job.conditions:
+        phase = "Failed"
+        reason, message = _failure(job, pods)
+        completion = job.conditions["Failed"][2] or job.completion_time or stamp
+    elif suspend or job.suspend or "Suspended" in job.conditions:
+        if suspend:
+            phase, reason, message = "Suspended", "Suspended", "suspended by spec.suspend"
+        else:
+            phase, reason, message = "Pending", "Queued", "the batch Job is suspended (e.g. waiting for admission by Kueue)"
+    else:
+        stuck = _stuck(live, now=now, timeout_s=pending_timeout_s)
+        running = [p for p in live if p.phase == "Running" and p.running_since is not None and not p.deleted]
+        if stuck is not None:
+            phase, (reason, message) = "Failed", stuck
+            completion = stamp
+            stop_job = True
+        elif running:
+            phase, reason = "Running", "Training"
+            message = f"attempt {attempts}: pod {running[0].name} running"
+        elif prev_phase == "Running" and attempts > 0:
+            phase, reason, message = "Running", "Retrying", f"attempt {attempts} failed; waiting for the next pod"
+        else:
+            phase, reason, message = "Pending", "Waiting", "waiting for the trainer pod to start"
+
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "phase": phase,
+        "reason": reason,
+        "attempts": attempts,
+        "message": message,
+    }
+    start = previous.get("startTime") or (job.start_time if job is not None and attempts else None)
+    if start:
+        status["startTime"] = start
+    if completion:
+        status["completionTime"] = completion
+    if model_path:
+        status["modelPath"] = model_path
+        status["progress"] = 100
+        status["etaSeconds"] = 0
+    status["conditions"] = _conditions(
+        phase=phase,
+        reason=reason,
+        message=message,
+        generation=generation,
+        previous=previous.get("conditions") or [],
+        now=stamp,
+    )
+
+    events: list[Event] = []
+    retried = 0
+    if phase != prev_phase:
+        if phase == "Running" and prev_phase == "Suspended":
+            events.append(Event("Normal", "Resumed", message))
+        elif phase == "Running" and reason == "Training":
+            events.append(Event("Normal", "Started", message))
+        elif phase == "Suspended":
+            events.append(Event("Normal", "Suspended", message))
+        elif phase == "Pending" and prev_phase == "Suspended":
+            events.append(Event("Normal", "Resumed", "resumed; waiting for the trainer pod"))
+        elif phase == "Succeeded":
+            events.append(Event("Normal", "Succeeded", message))
+        elif phase == "Failed":
+            events.append(Event("Warning", "Failed", f"{reason}: {message}"))
+    if counted_pods is not None and new_pods and attempts > 1 and prev_phase in ("Running", "Pending") and job is not None and job.failed:
+        retried = new_pods
+        if phase == "Running":
+            events.append(Event("Normal", "Retrying", f"attempt {attempts} started after {job.failed} failed"))
+    return Outcome(status=status, events=tuple(events), counted_pods=counted, retried=retried, stop_job=stop_job)
+
+
+def diff(*, desired: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch that makes `current` show `desired` (only changed keys)."""
+    return {k: v for k, v in desired.items() if current.get(k) != v}

@@ -1,0 +1,44 @@
+"""A stand-in for `finetune-train` in the operator's integration tests (no TensorFlow).
+
+The operator runs it through `--trainer-command`; the FineTuneJob's `runtime.env` says what
+it does: FAKE_SLEEP seconds of "training", then FAKE_EXIT (0 by default) with a JSON
+termination summary like the trainer's (FAKE_REASON, FAKE_MESSAGE). It checks that its
+config file is the FineTuneJob manifest the operator mounted, exiting 2 if not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "--config":
+        print(f"usage: fake_trainer --config FILE (got {argv})", file=sys.stderr)
+        return 2
+    text = Path(argv[1]).read_text(encoding="utf-8")
+    if "kind: FineTuneJob" not in text or "spec:" not in text:
+        print("config is not a FineTuneJob manifest", file=sys.stderr)
+        return 2
+    time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+    code = int(os.environ.get("FAKE_EXIT", "0"))
+    reason = os.environ.get("FAKE_REASON", "Succeeded" if code == 0 else "Error")
+    message = os.environ.get("FAKE_MESSAGE", "done" if code == 0 else f"failed with {code}")
+    summary = {"exitCode": code, "reason": reason, "message": message, "metrics": {}, "modelPath": None}
+    if code == 0:
+        summary["modelPath"] = "/models/fake/model.keras"
+    target = Path(os.environ.get("FINETUNE_TERMINATION_LOG", "/dev/termination-log"))
+    if target.parent.exists():
+        try:
+            target.write_text(json.dumps(summary), encoding="utf-8")
+        except OSError:
+            pass
+    print(message, file=sys.stderr if code else sys.stdout)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,120 @@
+"""`finetune-train --config FILE [--output DIR] [--progress-url URL]`: one training run.
+
+Exit codes (API.md): 0 trained and saved, 2 invalid configuration, 3 data error, 4 diverged,
+anything else an unexpected error the Job may retry. Every exit prints a one-line reason on
+stderr and writes a JSON `TerminationSummary` to the termination-message path.
+TensorFlow is imported only once the config is valid, so a bad config fails in a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from finetune_trainer import errors, report
+from finetune_trainer.config import ConfigError, TrainerSpec, load_config
+from finetune_trainer.observer import TrainingObserver
+from finetune_trainer.protocol import ENV_PROGRESS_URL, TerminationSummary
+
+__all__ = ["main", "parse_args"]
+
+log = logging.getLogger("finetune_trainer")
+
+EXIT_TERMINATED = 143  # SIGTERM: the pod is going away; retryable, resumes from checkpoints/
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived."""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line of finetune-train."""
+    parser = argparse.ArgumentParser(
+        prog="finetune-train", description="Two-phase Keras fine-tuning from a FineTuneJob manifest."
+    )
+    parser.add_argument("--config", required=True, help="FineTuneJob manifest (YAML or JSON; whole resource or spec)")
+    parser.add_argument("--output", help="output folder (overrides spec.output.path)")
+    parser.add_argument("--progress-url", help=f"progress endpoint (overrides ${ENV_PROGRESS_URL})")
+    return parser.parse_args(argv)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated("terminated by SIGTERM")
+
+
+def _build_observers(progress_url: str | None) -> list[TrainingObserver]:
+    try:
+        return list(report.build_observers(progress_url=progress_url))
+    except Exception:
+        log.warning("progress reporting and /metrics are off: building the observers failed", exc_info=True)
+        return []
+
+
+def _finish(*, code: int, reason: str, message: str, metrics: dict[str, float] | None = None,
+            model_path: str | None = None) -> int:
+    summary = TerminationSummary(
+        exit_code=code, reason=reason, message=message, metrics=metrics or {}, model_path=model_path
+    )
+    try:
+        report.write_termination_message(summary=summary)
+    except Exception:
+        log.warning("could not write the termination message", exc_info=True)
+    if code != errors.EXIT_OK:
+        print(f"finetune-train: {reason}: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs finetune-train; returns the exit code."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        spec: TrainerSpec = load_config(path=args.config)
+    except ConfigError as exc:
+        return _finish(code=errors.EXIT_INVALID_SPEC, reason=errors.InvalidSpecError.reason, message=str(exc))
+    output = args.output or spec.output.path
+    if args.output:
+        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"path": str(Path(args.output))})})
+
+    previous: Any = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (tests calling main in a thread)
+        previous = None
+    try:
+        observers = _build_observers(args.progress_url or os.environ.get(ENV_PROGRESS_URL) or None)
+        from finetune_trainer import train  # heavy: TensorFlow
+
+        result = train.run(spec=spec, output_dir=output, observers=observers)
+    except errors.TrainerError as exc:
+        return _finish(code=exc.exit_code, reason=exc.reason, message=str(exc))
+    except _Terminated as exc:
+        return _finish(code=EXIT_TERMINATED, reason="Error", message=str(exc))
+    except Exception as exc:
+        traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return _finish(code=errors.EXIT_ERROR, reason="Error", message=f"{type(exc).__name__}: {first}"[:1000])
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return _finish(
+        code=errors.EXIT_OK,
+        reason="Succeeded",
+        message=f"trained and saved to {result.model_path}",
+        metrics=result.metrics,
+        model_path=str(result.model_path),
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,628 @@
+"""The two training phases, their callbacks, resume after a lost pod, and the outputs.
+
+Phase 1 ("head") trains the new head on the frozen base; phase 2 ("fine-tune") unfreezes the
+base's last layers (BatchNorm excepted), recompiles at a low learning rate and trains on.
+Each phase uses EarlyStopping, ReduceLROnPlateau, a NaN guard (TerminateOnNaN, turned into
+exit 4), Keras' BackupAndRestore under `checkpoints/<stage>/`, TensorBoard and an adapter
+that feeds the `TrainingObserver`s and writes `history.csv` as it goes.
+
+Resume: `checkpoints/state.json` records the spec's fingerprint, the finished stages (their
+final weights beside it) and the history so far; a rerun skips finished stages and
+BackupAndRestore continues the unfinished one at the epoch it had reached.
+
+Fast path: without augmentation the frozen base sees the same images every epoch, so phase 1
+runs the base once to extract pooled features and fits the head's own layers on them (the
+same layers, so the full model holds the trained head afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finetune_trainer import data as data_lib
+from finetune_trainer import model as model_lib
+from finetune_trainer.config import TrainerSpec
+from finetune_trainer.errors import DivergedError, InvalidSpecError
+from finetune_trainer.observer import TrainingObserver
+from finetune_trainer.protocol import Stage
+
+__all__ = ["HISTORY_FIELDS", "RunResult", "resolve_policy", "run"]
+
+log = logging.getLogger(__name__)
+
+HISTORY_FIELDS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
+STATE_VERSION = 1
+_SLOW_OBSERVER_S = 1.0
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a successful run produced."""
+
+    output_dir: Path
+    model_path: Path
+    metrics: dict[str, float]  # final metrics (for the termination message)
+    summary: dict[str, Any]  # the content of metrics.json
+
+
+def resolve_policy(setting: str) -> str:
+    """The Keras dtype policy for spec.training.mixedPrecision: auto is mixed_float16 on a GPU only."""
+    if setting == "off":
+        return "float32"
+    if setting == "auto":
+        import tensorflow as tf
+
+        return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    return setting
+
+
+class _Observers:
+    """Fans each hook out to every observer; an observer that raises or dawdles never stops training."""
+
+    def __init__(self, observers: Sequence[TrainingObserver]) -> None:
+        self._observers = list(observers)
+        self._complained: set[tuple[int, str]] = set()
+
+    def call(self, hook: str, **kwargs: Any) -> None:
+        for index, observer in enumerate(self._observers):
+            started = time.monotonic()
+            try:
+                getattr(observer, hook)(**kwargs)
+            except Exception:
+                if (index, hook) not in self._complained:
+                    self._complained.add((index, hook))
+                    log.warning("observer %s.%s failed (ignored)", type(observer).__name__, hook, exc_info=True)
+            elapsed = time.monotonic() - started
+            if elapsed > _SLOW_OBSERVER_S and (index, "slow") not in self._complained:
+                self._complained.add((index, "slow"))
+                log.warning("observer %s.%s took %.1fs", type(observer).__name__, hook, elapsed)
+
+
+@dataclass
+class _State:
+    """The resume state in checkpoints/state.json."""
+
+    path: Path
+    fingerprint: str
+    completed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, *, path: Path, fingerprint: str) -> tuple[_State, bool]:
+        """The saved state when it belongs to this spec (and True), else a fresh one."""
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return cls(path=path, fingerprint=fingerprint), False
+        if saved.get("version") != STATE_VERSION or saved.get("fingerprint") != fingerprint:
+            return cls(path=path, fingerprint=fingerprint), False
+        return cls(
+            path=path,
+            fingerprint=fingerprint,
+            completed=dict(saved.get("completed", {})),
+            history=list(saved.get("history", [])),
+        ), True
+
+    def save(self) -> None:
+        _write_json(
+            self.path,
+            {
+                "version": STATE_VERSION,
+                "fingerprint": self.fingerprint,
+                "completed": self.completed,
+                "history": self.history,
+            },
+        )
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_history(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+    os.replace(tmp, path)
+
+
+def _fingerprint(spec: TrainerSpec) -> str:
+    body = spec.model_dump(mode="json", exclude={"output"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+@dataclass
+class _Run:
+    """Everything the phases share."""
+
+    spec: TrainerSpec
+    out: Path
+    observers: _Observers
+    state: _State
+    verbose: int | str
+    total_epochs: int
+    n_train: int
+    best_val_accuracy: float | None = None
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.state.history.append(row)
+        acc = _finite(row.get("val_accuracy"))
+        if acc is not None and (self.best_val_accuracy is None or acc > self.best_val_accuracy):
+            self.best_val_accuracy = acc
+        self.state.save()
+        _write_history(self.out / "history.csv", self.state.history)
+
+    def trim(self, *, stage: str, keep_epochs: int) -> None:
+        """Drops rows of `stage` beyond the epoch a restored backup starts from."""
+        before = len(self.state.history)
+        self.state.history = [
+            r for r in self.state.history if r["stage"] != stage or int(r["epoch"]) <= keep_epochs
+        ]
+        if len(self.state.history) != before:
+            self.state.save()
+            _write_history(self.out / "history.csv", self.state.history)
+
+
+def _make_stage_callback(run: _Run, *, stage: Stage, stage_epochs: int, epochs_before: int, steps: int) -> Any:
+    import keras
+
+    class StageCallback(keras.callbacks.Callback):  # type: ignore[misc]
+        """Feeds the observers, keeps history.csv, times epochs."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.first_epoch: int | None = None
+            self.epoch = 0
+            self.epoch_started = 0.0
+            self.last_batch = 0.0
+            self.train_seconds = 0.0
+            self.epochs_this_run = 0
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            if self.first_epoch is None:
+                self.first_epoch = epoch
+                run.trim(stage=stage, keep_epochs=epoch)
+            self.epoch = epoch
+            self.epoch_started = self.last_batch = time.monotonic()
+
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            now = time.monotonic()
+            run.observers.call(
+                "on_batch_end",
+                stage=stage,
+                epoch=self.epoch + 1,
+                batch=batch + 1,
+                batches=steps,
+                batch_seconds=now - self.last_batch,
+            )
+            self.last_batch = now
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            logs = dict(logs or {})
+            seconds = time.monotonic() - self.epoch_started
+            train_seconds = max(self.last_batch - self.epoch_started, 1e-9)
+            self.train_seconds += train_seconds
+            self.epochs_this_run += 1
+            lr = _finite(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            metrics = {k: v for k in ("loss", "accuracy", "val_loss", "val_accuracy") if (v := _finite(logs.get(k))) is not None}
+            if lr is not None:
+                metrics["learning_rate"] = lr
+            run.record({"stage": stage, "epoch": epoch + 1, **metrics, "seconds": round(seconds, 4)})
+            run.observers.call(
+                "on_epoch_end",
+                stage=stage,
+                epoch=epoch + 1,
+                stage_epochs=stage_epochs,
+                epochs_done=min(epochs_before + epoch + 1, run.total_epochs),
+                total_epochs=run.total_epochs,
+                metrics=metrics,
+                best_val_accuracy=run.best_val_accuracy,
+                images_per_second=run.n_train / train_seconds,
+                epoch_seconds=seconds,
+            )
+
+    return StageCallback()
+
+
+def _make_nan_guard() -> Any:
+    import keras
+
+    class NaNGuard(keras.callbacks.TerminateOnNaN):  # type: ignore[misc]
+        """TerminateOnNaN that remembers where the loss went bad."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.epoch = 0
+            self.diverged: tuple[int, int, float] | None = None
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            self.epoch = epoch
+
+        def on_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            loss = (logs or {}).get("loss")
+            if loss is not None and self.diverged is None and not math.isfinite(float(loss)):
+                self.diverged = (self.epoch + 1, batch + 1, float(loss))
+                self.model.stop_training = True
+
+    return NaNGuard()
+
+
+def _compile(model: Any, *, learning_rate: float) -> None:
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def _fit_stage(
+    run: _Run,
+    *,
+    stage: Stage,
+    model: Any,
+    learning_rate: float,
+    epochs: int,
+    epochs_before: int,
+    train: Any,
+    validation: Any,
+    steps: int,
+    fit_kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """One phase: compile, fit with the stage's callbacks, check for divergence; returns its summary."""
+    import keras
+
+    spec = run.spec.training
+    backup_dir = run.out / "checkpoints" / stage
+    early = keras.callbacks.EarlyStopping(
+        monitor="val_loss",
+        patience=spec.early_stopping.patience,
+        restore_best_weights=spec.early_stopping.restore_best_weights,
+        verbose=1,
+    )
+    reduce = keras.callbacks.ReduceLROnPlateau(
+        monitor=spec.reduce_lr_on_plateau.monitor,
+        factor=spec.reduce_lr_on_plateau.factor,
+        patience=spec.reduce_lr_on_plateau.patience,
+        verbose=1,
+    )
+    nan_guard = _make_nan_guard()
+    progress = _make_stage_callback(run, stage=stage, stage_epochs=epochs, epochs_before=epochs_before, steps=steps)
+    callbacks = [
+        nan_guard,
+        early,
+        reduce,
+        progress,
+        keras.callbacks.BackupAndRestore(backup_dir=str(backup_dir), delete_checkpoint=False),
+        keras.callbacks.TensorBoard(
+            log_dir=str(run.out / "tensorboard" / stage), write_graph=False, profile_batch=0
+        ),
+    ]
+    _compile(model, learning_rate=learning_rate)
+    run.observers.call(
+        "on_stage_start", stage=stage, stage_epochs=epochs, epochs_done=epochs_before, total_epochs=run.total_epochs
+    )
+    started = time.monotonic()
+    model.fit(
+        train,
+        validation_data=validation,
+        epochs=epochs,
+        callbacks=callbacks,
+        verbose=run.verbose,
+        **fit_kwargs,
+    )
+    duration = time.monotonic() - started
+    if nan_guard.diverged is not None:
+        shutil.rmtree(backup_dir, ignore_errors=True)  # never resume from NaN weights
+        epoch, batch, loss = nan_guard.diverged
+        raise DivergedError(
+            f"training diverged: loss became {loss} in stage {stage}, epoch {epoch}, batch {batch} "
+            f"(learning rate {learning_rate:g}); lower spec.training.{'head' if stage == 'head' else 'fineTune'}.learningRate"
+        )
+    rows = [r for r in run.state.history if r["stage"] == stage]
+    val_accs = [a for r in rows if (a := _finite(r.get("val_accuracy"))) is not None]
+    val_losses = [v for r in rows if (v := _finite(r.get("val_loss"))) is not None]
+    epochs_run = len(rows)
+    first = progress.first_epoch or 0
+    return {
+        "epochsPlanned": epochs,
+        "epochsRun": epochs_run,
+        "stoppedEarly": epochs_run < epochs,
+        "learningRate": learning_rate,
+        "finalLearningRate": _finite(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
+        "bestValAccuracy": max(val_accs) if val_accs else None,
+        "bestValLoss": min(val_losses) if val_losses else None,
+        "durationSeconds": round(duration, 3),
+        "trainSeconds": round(progress.train_seconds, 3),
+        "imagesPerSecond": round(run.n_train * progress.epochs_this_run / progress.train_seconds, 2)
+        if progress.train_seconds > 0
+        else None,
+        "resumedFromEpoch": first,
+    }
+
+
+def _finish_stage(run: _Run, *, stage: Stage, network: model_lib.Network, summary: dict[str, Any]) -> None:
+    """Marks a stage done: its final weights and summary saved, its backup dropped."""
+    checkpoints = run.out / "checkpoints"
+    weights = network.model.get_weights()
+    tmp = checkpoints / f"{stage}-final.tmp.npz"
+    np.savez(tmp, *weights)
+    os.replace(tmp, checkpoints / f"{stage}-final.npz")
+    run.state.completed[stage] = summary
+    run.state.save()
+    shutil.rmtree(checkpoints / stage, ignore_errors=True)
+    run.observers.call(
+        "on_stage_end",
+        stage=stage,
+        epochs_run=int(summary["epochsRun"]),
+        stopped_early=bool(summary["stoppedEarly"]),
+        epochs_done=_epochs_through(run.spec, stage),
+        total_epochs=run.total_epochs,
+    )
+
+
+def _epochs_through(spec: TrainerSpec, stage: Stage) -> int:
+    head = spec.training.head.epochs
+    return head if stage == "head" else spec.training.total_epochs
+
+
+def _restore_stage(*, out: Path, stage: Stage, network: model_lib.Network) -> None:
+    with np.load(out / "checkpoints" / f"{stage}-final.npz") as saved:
+        network.model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
+
+
+def _prepare_output(out: Path) -> None:
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "tensorboard").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidSpecError(f"spec.output.path: cannot create {out}: {exc.strerror or exc}") from exc
+
+
+def run(
+    *,
+    spec: TrainerSpec,
+    output_dir: str | Path | None = None,
+    observers: Sequence[TrainingObserver] = (),
+    verbose: int | str | None = None,
+) -> RunResult:
+    """Trains both phases as `spec` says and writes every output; raises TrainerError subclasses."""
+    hooks = _Observers(observers)
+    try:
+        result = _run(spec=spec, output_dir=output_dir, hooks=hooks, verbose=verbose)
+    except BaseException as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hooks.call("on_finish", result="failed", metrics={}, message=message[:1000])
+        raise
+    hooks.call("on_finish", result="succeeded", metrics=result.metrics, message=f"model saved to {result.model_path}")
+    return result
+
+
+def _run(
+    *, spec: TrainerSpec, output_dir: str | Path | None, hooks: _Observers, verbose: int | str | None
+) -> RunResult:
+    import keras
+
+    started = time.monotonic()
+    out = Path(output_dir if output_dir is not None else spec.output.path)
+    training = spec.training
+    model_lib.application(name=spec.model.base)  # an unknown base fails before any data is read
+    policy = resolve_policy(training.mixed_precision)
+    keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy(policy)
+    keras.utils.set_random_seed(training.seed)
+    _prepare_output(out)
+
+    image_size = (spec.model.input_shape[0], spec.model.input_shape[1])
+    splits = data_lib.load_splits(data=spec.data, image_size=image_size, seed=training.seed)
+    log.info(
+        "classes %s: %d training and %d validation images (%d skipped, %s)",
+        list(splits.class_names),
+        len(splits.train),
+        len(splits.validation),
+        len(splits.skipped),
+        "in memory" if splits.in_memory else "streamed",
+    )
+    network = model_lib.build_network(spec=spec.model, num_classes=len(splits.class_names))
+
+    fingerprint = _fingerprint(spec)
+    state, resumed = _State.load(path=out / "checkpoints" / "state.json", fingerprint=fingerprint)
+    if not resumed:
+        for stale in ("head", "fine-tune", "head-final.npz", "fine-tune-final.npz"):
+            target = out / "checkpoints" / stale
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+        state.save()
+    else:
+        log.info("resuming: stages already done: %s", ", ".join(state.completed) or "none")
+
+    run_ctx = _Run(
+        spec=spec,
+        out=out,
+        observers=hooks,
+        state=state,
+        verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2),
+        total_epochs=training.total_epochs,
+        n_train=len(splits.train),
+    )
+    for row in state.history:
+        acc = _finite(row.get("val_accuracy"))
+        if acc is not None and (run_ctx.best_val_accuracy is None or acc > run_ctx.best_val_accuracy):
+            run_ctx.best_val_accuracy = acc
+    _write_history(out / "history.csv", state.history)
+
+    batch = training.batch_size
+    augmentation = data_lib.build_augmentation(spec=spec.data.augmentation, seed=training.seed)
+    steps = max(1, -(-len(splits.train) // batch))
+
+    def val_ds() -> Any:
+        return data_lib.make_dataset(images=splits.validation, batch_size=batch, shuffle=False, seed=training.seed)
+
+    def train_ds() -> Any:
+        return data_lib.make_dataset(
+            images=splits.train, batch_size=batch, shuffle=True, seed=training.seed, augmentation=augmentation
+        )
+
+    stages: dict[str, dict[str, Any]] = {}
+    # Phase 1: the head on the frozen base.
+    if "head" in state.completed:
+        _restore_stage(out=out, stage="head", network=network)
+        stages["head"] = {**state.completed["head"], "completedInEarlierRun": True}
+    elif training.head.epochs > 0:
+        model_lib.freeze_base(network.base)
+        if augmentation is None:
+            extract_started = time.monotonic()
+            plain_train = data_lib.make_dataset(images=splits.train, batch_size=batch, shuffle=False, seed=0)
+            x_train = np.asarray(network.features.predict(plain_train, verbose=0), dtype=np.float32)
+            x_val = np.asarray(network.features.predict(val_ds(), verbose=0), dtype=np.float32)
+            extraction = time.monotonic() - extract_started
+            log.info("fast path: extracted %d-dim features of %d images in %.1fs", x_train.shape[1],
+                     len(x_train) + len(x_val), extraction)
+            summary = _fit_stage(
+                run_ctx,
+                stage="head",
+                model=network.head,
+                learning_rate=training.head.learning_rate,
+                epochs=training.head.epochs,
+                epochs_before=0,
+                train=x_train,
+                validation=(x_val, splits.validation.labels),
+                steps=steps,
+                fit_kwargs={"y": splits.train.labels, "batch_size": batch, "shuffle": True},
+            )
+            summary["durationSeconds"] = round(summary["durationSeconds"] + extraction, 3)
+            summary["extractionSeconds"] = round(extraction, 3)
+            summary["fastPath"] = True
+        else:
+            summary = _fit_stage(
+                run_ctx,
+                stage="head",
+                model=network.model,
+                learning_rate=training.head.learning_rate,
+                epochs=training.head.epochs,
+                epochs_before=0,
+                train=train_ds(),
+                validation=val_ds(),
+                steps=steps,
+                fit_kwargs={"shuffle": False},  # the pipeline shuffles
+            )
+            summary["fastPath"] = False
+        summary["trainableLayers"] = [layer.name for layer in network.head.layers if layer.trainable and layer.weights]
+        _finish_stage(run_ctx, stage="head", network=network, summary=summary)
+        stages["head"] = summary
+
+    # Phase 2: the last layers of the base, at a low learning rate.
+    fine = training.fine_tune
+    if fine.unfreeze_last > 0 and fine.epochs > 0:
+        if "fine-tune" in state.completed:
+            _restore_stage(out=out, stage="fine-tune", network=network)
+            stages["fine-tune"] = {**state.completed["fine-tune"], "completedInEarlierRun": True}
+        else:
+            unfrozen = model_lib.unfreeze_last(network.base, count=fine.unfreeze_last)
+            log.info("fine-tune: unfroze %s", ", ".join(unfrozen) or "no layers with weights")
+            summary = _fit_stage(
+                run_ctx,
+                stage="fine-tune",
+                model=network.model,
+                learning_rate=fine.learning_rate,
+                epochs=fine.epochs,
+                epochs_before=training.head.epochs,
+                train=train_ds(),
+                validation=val_ds(),
+                steps=steps,
+                fit_kwargs={"shuffle": False},  # the pipeline shuffles
+            )
+            summary["fastPath"] = False
+            summary["trainableLayers"] = unfrozen
+            _finish_stage(run_ctx, stage="fine-tune", network=network, summary=summary)
+            stages["fine-tune"] = summary
+
+    return _save_outputs(
+        run_ctx, network=network, splits=splits, stages=stages, val=val_ds(), policy=policy, started=started
+    )
+
+
+def _save_outputs(
+    run: _Run,
+    *,
+    network: model_lib.Network,
+    splits: data_lib.Splits,
+    stages: dict[str, dict[str, Any]],
+    val: Any,
+    policy: str,
+    started: float,
+) -> RunResult:
+    """model.keras, saved_model/, classes.json, metrics.json (history.csv is already written)."""
+    out = run.out
+    model = network.model
+    if not model.compiled:
+        _compile(model, learning_rate=run.spec.training.head.learning_rate)
+    evaluation = model.evaluate(val, verbose=0, return_dict=True)
+    model_path = out / "model.keras"
+    tmp_model = out / "model.tmp.keras"
+    model.save(tmp_model)
+    os.replace(tmp_model, model_path)
+    export_dir = out / "saved_model"
+    shutil.rmtree(export_dir, ignore_errors=True)
+    with contextlib.redirect_stdout(sys.stderr):
+        model.export(str(export_dir), verbose=False)
+    _write_json(out / "classes.json", list(splits.class_names))
+
+    last = run.state.history[-1] if run.state.history else {}
+    final: dict[str, float] = {
+        k: v for k in ("loss", "accuracy") if (v := _finite(last.get(k))) is not None
+    }
+    final["val_loss"] = float(evaluation["loss"])
+    final["val_accuracy"] = float(evaluation["accuracy"])
+    best = run.best_val_accuracy
+    metrics_json: dict[str, Any] = {
+        "classes": list(splits.class_names),
+        "final": final,
+        "best": {"val_accuracy": best},
+        "stages": stages,
+        "epochsRun": {stage: s["epochsRun"] for stage, s in stages.items()},
+        "images": {"train": len(splits.train), "validation": len(splits.validation)},
+        "skippedFiles": len(splits.skipped),
+        "skipped": [{"path": p, "error": why} for p, why in splits.skipped[:50]],
+        "mixedPrecision": policy,
+        "durationSeconds": round(time.monotonic() - started, 3),
+        "modelPath": str(model_path),
+    }
+    _write_json(out / "metrics.json", metrics_json)
+    summary_metrics = dict(final)
+    if best is not None:
+        summary_metrics["best_val_accuracy"] = best
+    log.info("saved %s (val_accuracy %.4f)", model_path, final["val_accuracy"])
+    return RunResult(output_dir=out, model_path=model_path, metrics=summary_metrics, summary=metrics_json)
+
