@@ -5,6 +5,8 @@
 # The operator image has the `operator` extra only (Kopf, kubernetes, aiohttp,
 # prometheus_client): no TensorFlow. The trainer image starts from TensorFlow's GPU image
 # (CUDA and cuDNN matched to that TensorFlow) and adds the `trainer` extra.
+#
+# checkov:skip=CKV_DOCKER_2:No HEALTHCHECK: Kubernetes ignores it; deploy/base probes the operator (liveness /healthz on 8082, readiness /healthz on 8081) and the trainer is a batch process with nothing to probe.
 
 # ---- build: the wheel and the locked requirement lists ---------------------------------
 FROM python:3.11.14-slim-bookworm AS build

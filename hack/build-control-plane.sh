@@ -17,6 +17,13 @@ BINS=(kube-apiserver kube-controller-manager kubectl etcd)
 have_all() { for b in "${BINS[@]}"; do [ -x "$OUT/$b" ] || return 1; done; }
 if have_all; then echo "$OUT"; exit 0; fi
 
+# One build at a time per machine (make targets and test sessions may start it together);
+# whoever waited finds the binaries there.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/$KEY.lock"
+if command -v flock >/dev/null 2>&1; then flock 9; fi
+if have_all; then echo "$OUT"; exit 0; fi
+
 if ! command -v go >/dev/null 2>&1; then
   echo "build-control-plane: the 'go' command is missing; install Go >= 1.24 to build the local control plane" >&2
   exit 1

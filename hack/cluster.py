@@ -15,14 +15,18 @@ certificates, a service-account signing key and an audit policy generated under 
 and node `local-node` is Ready; on a healthy cluster it returns at once. `down` stops every
 process it started, by pid (SIGTERM, then SIGKILL). Ports are fixed but overridable:
 FTO_APISERVER_PORT (6443), FTO_ETCD_PORT (2379), FTO_ETCD_PEER_PORT (2380),
-FTO_KCM_PORT (10257). `up --simulate-pods SECONDS` starts the pod runner in simulated mode.
+FTO_KCM_PORT (10257), FTO_KUBELET_PORT (10250: the pod runner's `kubectl logs` endpoint).
+`up --simulate-pods SECONDS` starts the pod runner in simulated mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
+import fcntl
+import functools
 import ipaddress
 import json
 import os
@@ -34,7 +38,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +70,7 @@ class Ports:
     etcd: int
     etcd_peer: int
     kcm: int
+    kubelet: int
 
     @classmethod
     def from_env(cls) -> Ports:
@@ -74,6 +79,7 @@ class Ports:
             etcd=int(os.environ.get("FTO_ETCD_PORT", "2379")),
             etcd_peer=int(os.environ.get("FTO_ETCD_PEER_PORT", "2380")),
             kcm=int(os.environ.get("FTO_KCM_PORT", "10257")),
+            kubelet=int(os.environ.get("FTO_KUBELET_PORT", "10250")),
         )
 
 
@@ -118,14 +124,12 @@ def _now() -> datetime.datetime:
 
 
 def ensure_pki(*, pki: Path) -> None:
-    """Creates (once) the CA, the apiserver serving cert, client certs and the SA key."""
+    """Creates what is missing of: the CA, serving and client certificates, the SA key."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    if (pki / "complete").exists():
-        return
     pki.mkdir(parents=True, exist_ok=True)
     os.chmod(pki, 0o700)
 
@@ -147,33 +151,39 @@ def ensure_pki(*, pki: Path) -> None:
 
     start = _now() - datetime.timedelta(hours=1)
     end = start + datetime.timedelta(days=3650)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = name("finetune-local-ca")
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
+    if not (pki / "ca.crt").exists():
+        new_ca = ec.generate_private_key(ec.SECP256R1())
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(new_ca.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                    encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(new_ca, hashes.SHA256())
         )
-        .sign(ca_key, hashes.SHA256())
-    )
-    write_key(pki / "ca.key", ca_key)
-    (pki / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        write_key(pki / "ca.key", new_ca)
+        (pki / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    loaded = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+    assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+    ca_key = loaded
 
     def issue(
         stem: str, *, cn: str, org: str | None, server: bool, sans: list[x509.GeneralName] | None = None
     ) -> None:
+        if (pki / f"{stem}.crt").exists():
+            return
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder()
@@ -197,33 +207,39 @@ def ensure_pki(*, pki: Path) -> None:
         write_key(pki / f"{stem}.key", key)
         (pki / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
-    service_ip = next(ipaddress.ip_network(SERVICE_CIDR).hosts())
+    loopback: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
+    ]
+    service_ip = next(ipaddress.IPv4Network(SERVICE_CIDR).hosts())
     issue(
         "apiserver",
         cn="kube-apiserver",
         org=None,
         server=True,
         sans=[
-            x509.DNSName("localhost"),
+            *loopback,
             x509.DNSName("kubernetes"),
             x509.DNSName("kubernetes.default"),
             x509.DNSName("kubernetes.default.svc"),
             x509.DNSName("kubernetes.default.svc.cluster.local"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
             x509.IPAddress(service_ip),
         ],
     )
     issue("admin", cn="kubernetes-admin", org="system:masters", server=False)
     issue("kube-controller-manager", cn="system:kube-controller-manager", org=None, server=False)
     issue("podrunner", cn="system:pod-runner", org="system:masters", server=False)
-    sa_key = ec.generate_private_key(ec.SECP256R1())
-    write_key(pki / "sa.key", sa_key)
-    (pki / "sa.pub").write_bytes(
-        sa_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    # The pod runner's kubelet-style log endpoint, and the apiserver's client cert for it.
+    issue("kubelet", cn=f"system:node:{NODE_NAME}", org="system:nodes", server=True, sans=loopback)
+    issue("apiserver-kubelet-client", cn="kube-apiserver-kubelet-client", org="system:masters", server=False)
+    if not (pki / "sa.key").exists():
+        sa_key = ec.generate_private_key(ec.SECP256R1())
+        write_key(pki / "sa.key", sa_key)
+        (pki / "sa.pub").write_bytes(
+            sa_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
         )
-    )
-    (pki / "complete").write_text("ok\n")
 
 
 def build_kubeconfig(*, server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, user: str) -> str:
@@ -288,7 +304,7 @@ def pid_alive(pid: int, *, needle: str) -> bool:
 
 def component_alive(*, layout: Layout, name: str) -> int | None:
     pid = read_pid(layout.pidfile(name))
-    needle = "podrunner.py" if name == "podrunner" else name
+    needle = {"podrunner": "podrunner.py", "session-reaper": "reap-when-unused"}.get(name, name)
     if pid is not None and pid_alive(pid, needle=needle):
         return pid
     return None
@@ -297,7 +313,7 @@ def component_alive(*, layout: Layout, name: str) -> int | None:
 def port_owner(port: int) -> str:
     """Best effort: which process listens on 127.0.0.1:`port`."""
     try:
-        import psutil
+        import psutil  # type: ignore[import-untyped]
 
         for conn in psutil.net_connections(kind="tcp"):
             if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
@@ -355,10 +371,8 @@ def stop_pid(pid: int, *, needle: str, grace_s: float) -> None:
         if not pid_alive(pid, needle=needle):
             return
         time.sleep(0.05)
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -367,10 +381,8 @@ def stop_pid(pid: int, *, needle: str, grace_s: float) -> None:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 # --- health --------------------------------------------------------------------------------
@@ -404,12 +416,19 @@ def kcm_healthy(*, ports: Ports) -> bool:
         return False
 
 
-def node_ready(*, layout: Layout, ports: Ports) -> bool:
+def node_ready(*, layout: Layout, ports: Ports, since: datetime.datetime | None = None) -> bool:
+    """Node local-node is Ready (with a heartbeat not older than `since`, when given)."""
     code, body = api_get(layout=layout, ports=ports, path=f"/api/v1/nodes/{NODE_NAME}")
     if code != 200:
         return False
     conditions = json.loads(body).get("status", {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    for c in conditions:
+        if c.get("type") == "Ready" and c.get("status") == "True":
+            if since is None:
+                return True
+            beat = datetime.datetime.fromisoformat(c.get("lastHeartbeatTime", "1970-01-01T00:00:00Z"))
+            return beat >= since.replace(microsecond=0)
+    return False
 
 
 def wait_until(check: Callable[[], bool], *, timeout: float, what: str, layout: Layout, log: str) -> None:
@@ -487,6 +506,11 @@ def component_argv(*, name: str, bin_dir: Path, layout: Layout, ports: Ports, si
             "--audit-log-maxsize=200",
             "--audit-log-maxbackup=1",
             "--endpoint-reconciler-type=none",
+            # `kubectl logs` reaches the pod runner's log endpoint at the node's InternalIP.
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+            f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+            "--kubelet-preferred-address-types=InternalIP",
             "--profiling=false",
             "--v=1",
         ]
@@ -507,6 +531,10 @@ def component_argv(*, name: str, bin_dir: Path, layout: Layout, ports: Ports, si
             f"--cluster-signing-key-file={pki / 'ca.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--leader-elect=false",
+            # The default 20 QPS throttles the Job controller long before the apiserver is busy.
+            "--kube-api-qps=300",
+            "--kube-api-burst=600",
+            "--concurrent-job-syncs=10",
             "--controllers=*",
             "--profiling=false",
             "--v=1",
@@ -518,6 +546,8 @@ def component_argv(*, name: str, bin_dir: Path, layout: Layout, ports: Ports, si
             f"--kubeconfig={layout.component_kubeconfig('podrunner')}",
             f"--cluster-dir={layout.dir}",
             f"--node-name={NODE_NAME}",
+            f"--kubelet-port={ports.kubelet}",
+            f"--tls-dir={pki}",
         ]
         if simulate is not None:
             argv.append(f"--simulate={simulate}")
@@ -550,7 +580,7 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
         "etcd": [(ports.etcd, "etcd", "FTO_ETCD_PORT"), (ports.etcd_peer, "etcd peer", "FTO_ETCD_PEER_PORT")],
         "kube-apiserver": [(ports.apiserver, "kube-apiserver", "FTO_APISERVER_PORT")],
         "kube-controller-manager": [(ports.kcm, "kube-controller-manager", "FTO_KCM_PORT")],
-        "podrunner": [],
+        "podrunner": [(ports.kubelet, "the pod runner's log endpoint", "FTO_KUBELET_PORT")],
     }
     for name in COMPONENTS:
         if component_alive(layout=layout, name=name):
@@ -602,9 +632,19 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
             )
         else:
             wait_until(
-                alive_or_fail(lambda: node_ready(layout=layout, ports=ports)),
+                alive_or_fail(functools.partial(node_ready, layout=layout, ports=ports, since=_now())),
                 timeout=remaining, what=f"node {NODE_NAME} Ready", layout=layout, log=name,
             )
+    # Everything runs; a component that runs but does not answer (hung, or started by an
+    # older version with other flags) shows up here instead of as a mysterious test failure.
+    deadline = time.monotonic() + 30.0
+    while not healthy(layout=layout, ports=ports):
+        if time.monotonic() > deadline:
+            raise ClusterError(
+                f"every component runs but the cluster is not healthy; see {layout.logs} "
+                "(`hack/cluster.py down` then `up` restarts it)"
+            )
+        time.sleep(0.2)
     return time.monotonic() - started
 
 
@@ -619,7 +659,7 @@ def _tcp_open(port: int) -> bool:
 def stop_component(*, layout: Layout, name: str) -> None:
     pid = read_pid(layout.pidfile(name))
     if pid is not None:
-        needle = "podrunner.py" if name == "podrunner" else name
+        needle = {"podrunner": "podrunner.py", "session-reaper": "reap-when-unused"}.get(name, name)
         stop_pid(pid, needle=needle, grace_s=25.0 if name == "podrunner" else 10.0)
     layout.pidfile(name).unlink(missing_ok=True)
 
@@ -633,11 +673,76 @@ def down(*, layout: Layout) -> None:
         for path in pod_pids.glob("*.pid"):
             pid = read_pid(path)
             if pid is not None and Path(f"/proc/{pid}").exists():
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
             path.unlink(missing_ok=True)
+
+
+# --- sharing between test sessions ----------------------------------------------------------
+# pytest sessions (tests/fixtures/cluster.py) register under .cluster/sessions/<pid>.pid; a
+# cluster they started from nothing carries the marker `started-by-tests` and is stopped by
+# the last session to leave, or by the reaper below if sessions die without leaving.
+
+STARTED_BY_TESTS = "started-by-tests"
+
+
+@contextlib.contextmanager
+def sessions_lock(*, layout: Layout) -> Iterator[Path]:
+    """Serialises test sessions deciding to start, reuse or stop the cluster."""
+    sessions = layout.dir / "sessions"
+    sessions.mkdir(parents=True, exist_ok=True)
+    with open(sessions / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield sessions
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def live_sessions(sessions: Path) -> list[int]:
+    """Registered sessions whose process still runs; forgets the others."""
+    live = []
+    for entry in sessions.glob("*.pid"):
+        try:
+            pid = int(entry.stem)
+            alive = b"python" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (ValueError, OSError):
+            alive = False
+        if alive:
+            live.append(pid)
+        else:
+            entry.unlink(missing_ok=True)
+    return live
+
+
+def stop_if_unused(*, layout: Layout) -> bool:
+    """Stops a cluster that test sessions started once none is left; True if it is (now) down."""
+    with sessions_lock(layout=layout) as sessions:
+        marker = sessions / STARTED_BY_TESTS
+        if not marker.exists():
+            return True
+        if live_sessions(sessions):
+            return False
+        down(layout=layout)
+        marker.unlink(missing_ok=True)
+        return True
+
+
+def reap_when_unused(*, layout: Layout, poll_s: float = 2.0) -> int:
+    """Runs (detached) beside a cluster that tests started; stops it once every session is gone."""
+    while not stop_if_unused(layout=layout):
+        time.sleep(poll_s)
+    return 0
+
+
+def start_reaper(*, layout: Layout) -> None:
+    if component_alive(layout=layout, name="session-reaper"):
+        return
+    start_process(
+        layout=layout,
+        name="session-reaper",
+        argv=[sys.executable, str(Path(__file__).resolve()), "reap-when-unused", f"--dir={layout.dir}"],
+    )
 
 
 def status(*, layout: Layout, ports: Ports) -> int:
@@ -657,7 +762,7 @@ def status(*, layout: Layout, ports: Ports) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hack/cluster.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("command", choices=["up", "down", "status", "reap-when-unused"])
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("FTO_CLUSTER_DIR", ROOT / ".cluster")))
     parser.add_argument(
         "--simulate-pods", type=float, default=None, metavar="SECONDS",
@@ -676,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
             down(layout=layout)
             print("cluster down")
             return 0
+        if args.command == "reap-when-unused":
+            return reap_when_unused(layout=layout)
         return status(layout=layout, ports=ports)
     except ClusterError as err:
         print(f"cluster.py: {err}", file=sys.stderr)

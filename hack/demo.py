@@ -9,12 +9,15 @@ What it does, in order:
 3. mints a token for ServiceAccount finetune-system/finetune-operator (TokenRequest) and runs
    `finetune-operator` with a kubeconfig holding only that token, so the operator has
    exactly deploy/'s RBAC;
-4. generates a small three-class image data set into the `quickstart-data` volume and
-   applies examples/quickstart.yaml in namespace finetune-demo (PodSecurity `restricted`);
+4. applies examples/quickstart-storage.yaml (two PersistentVolumeClaims), generates a small
+   three-class image data set into the `quickstart-data` volume, and applies
+   examples/quickstart.yaml in namespace finetune-demo (PodSecurity `restricted`);
 5. prints the job like `kubectl get ftj -w` until it is Succeeded or Failed, then the final
    `kubectl get ftj` line, where the model and its metrics are, and the operator's metrics;
-6. stops the operator and, if it started it, the control plane.
+6. stops the operator and, if it started it, the control plane (a control plane that was
+   already up stays up; only the demo's namespace is deleted).
 
+`hack/demo.py make-data DIR` writes only the data set (for a local `finetune-train` run).
 DEMO_KEEP=1 skips step 6 and prints the KUBECONFIG and the operator's metrics URL instead.
 DEMO_TIMEOUT (seconds, default 900) bounds the wait for the job. FTO_CLUSTER_DIR (default
 .cluster) is where the control plane keeps its state, as for hack/cluster.py.
@@ -48,6 +51,7 @@ JOB = "quickstart"
 OPERATOR_NAMESPACE = "finetune-system"
 OPERATOR_ACCOUNT = "finetune-operator"
 EXAMPLE = ROOT / "examples" / "quickstart.yaml"
+STORAGE = ROOT / "examples" / "quickstart-storage.yaml"
 # What the demo installs from deploy/base: the API and the operator's identity and rights.
 INSTALL_KINDS = frozenset(
     {
@@ -202,6 +206,28 @@ def start_operator(*, kubeconfig: Path, ports: dict[str, int], log: Path) -> sub
     raise DemoError(f"finetune-operator did not answer {health} within 90 s:\n{tail(log)}")
 
 
+def operator_pidfile() -> Path:
+    return CLUSTER_DIR / "pids" / "demo-operator.pid"
+
+
+def stop_kept_operator() -> None:
+    """Stops the operator an earlier `DEMO_KEEP=1` run left, so that only one handles the demo."""
+    pidfile = operator_pidfile()
+    try:
+        pid = int(pidfile.read_text(encoding="utf-8").strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        pidfile.unlink(missing_ok=True)
+        return
+    if b"finetune-operator" in cmdline:
+        say(f"stopping the operator an earlier DEMO_KEEP=1 run left (pid {pid})")
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.2)
+    pidfile.unlink(missing_ok=True)
+
+
 def stop_operator(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is not None:
         return
@@ -220,7 +246,7 @@ def tail(path: Path, *, lines: int = 30) -> str:
         return f"(no {path})"
 
 
-def make_dataset(*, root: Path, train: int = 40, val: int = 12, size: int = 64, seed: int = 7) -> int:
+def make_dataset(*, root: Path, train: int = 40, val: int = 12, size: int = 32, seed: int = 7) -> int:
     """Class-per-folder PNGs: noisy images of one dominant colour per class, easy to learn."""
     import numpy as np
     from PIL import Image
@@ -264,16 +290,15 @@ def volume_dir(claim: str) -> Path:
 
 def apply_example() -> dict[str, Any]:
     """Applies the PVCs, fills the data volume, then applies the FineTuneJob; returns the job."""
-    documents = [d for d in yaml.safe_load_all(EXAMPLE.read_text(encoding="utf-8")) if d]
-    claims = [d for d in documents if d["kind"] == "PersistentVolumeClaim"]
-    jobs = [d for d in documents if d["kind"] == "FineTuneJob"]
+    claims = [d for d in yaml.safe_load_all(STORAGE.read_text(encoding="utf-8")) if d]
+    jobs = [d for d in yaml.safe_load_all(EXAMPLE.read_text(encoding="utf-8")) if d]
     kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=yaml.safe_dump_all(claims))
     data = volume_dir("quickstart-data")
     shutil.rmtree(data, ignore_errors=True)
     count = make_dataset(root=data)
     shutil.rmtree(volume_dir("quickstart-models") / JOB, ignore_errors=True)
     volume_dir("quickstart-models").mkdir(parents=True, exist_ok=True)
-    say(f"generated {count} images ({len(CLASSES)} classes, 64x64) in {data}")
+    say(f"generated {count} images ({len(CLASSES)} classes, 32x32) in {data}")
     kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=yaml.safe_dump_all(jobs))
     say(f"applied {EXAMPLE.relative_to(ROOT)}: FineTuneJob {NAMESPACE}/{JOB}")
     return dict(jobs[0])
@@ -373,7 +398,8 @@ def main() -> int:
         if not was_up:
             say("starting the local control plane (hack/cluster.py up)")
             if cluster("up") != 0:
-                raise DemoError("hack/cluster.py up failed (its logs are in .cluster/logs/)")
+                raise DemoError(f"hack/cluster.py up failed (its logs are in {CLUSTER_DIR / 'logs'})")
+        stop_kept_operator()
         install_api_and_rbac()
         operator_kubeconfig = CLUSTER_DIR / "operator.kubeconfig"
         service_account_kubeconfig(path=operator_kubeconfig)
@@ -396,6 +422,8 @@ def main() -> int:
         if keep and operator is not None and operator.poll() is None:
             print(flush=True)
             say("DEMO_KEEP=1: left running")
+            operator_pidfile().parent.mkdir(parents=True, exist_ok=True)
+            operator_pidfile().write_text(f"{operator.pid}\n", encoding="utf-8")
             print(f"    export KUBECONFIG={ADMIN_KUBECONFIG}", flush=True)
             print(f"    operator metrics: http://127.0.0.1:{ports['metrics']}/metrics", flush=True)
             print(
@@ -403,7 +431,7 @@ def main() -> int:
                 flush=True,
             )
             print(f"    kubectl get ftj -n {NAMESPACE}", flush=True)
-            print(f"    stop: kill {operator.pid}; make cluster-down", flush=True)
+            print(f"    stop: kill {operator.pid} && make cluster-down", flush=True)
         else:
             if operator is not None:
                 stop_operator(operator)
@@ -416,4 +444,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["make-data"] and len(sys.argv) == 3:
+        # `hack/demo.py make-data DIR`: only the data set, e.g. for a local `finetune-train` run.
+        print(f"{make_dataset(root=Path(sys.argv[2]))} images in {sys.argv[2]}/{{train,val}}/<class>/")
+        sys.exit(0)
+    if sys.argv[1:]:
+        sys.exit("usage: hack/demo.py [make-data DIR]")
     sys.exit(main())

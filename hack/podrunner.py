@@ -29,6 +29,7 @@ import argparse
 import base64
 import contextlib
 import datetime
+import functools
 import heapq
 import json
 import logging
@@ -77,7 +78,7 @@ def now_micro() -> str:
 def parse_quantity(value: str | int | float) -> Decimal:
     from kubernetes.utils.quantity import parse_quantity as parse
 
-    return Decimal(parse(value))
+    return Decimal(parse(value))  # type: ignore[no-untyped-call]
 
 
 def expand_vars(text: str, env: dict[str, str]) -> str:
@@ -191,7 +192,7 @@ def node_body(*, name: str, labels: dict[str, str]) -> Obj:
     return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}, "spec": {}}
 
 
-def node_status(*, capacity: dict[str, str], heartbeat: str, started: str) -> Obj:
+def node_status(*, capacity: dict[str, str], heartbeat: str, started: str, kubelet_port: int) -> Obj:
     def cond(type_: str, status: str, reason: str, message: str) -> Obj:
         return {
             "type": type_,
@@ -212,7 +213,7 @@ def node_status(*, capacity: dict[str, str], heartbeat: str, started: str) -> Ob
             cond("Ready", "True", "KubeletReady", "local pod runner is posting ready status"),
         ],
         "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": "local-node"}],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
         "nodeInfo": {
             "machineID": "local",
             "systemUUID": "local",
@@ -246,7 +247,7 @@ class Api:
         from kubernetes import client, config
 
         cfg = client.Configuration()
-        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
         cfg.connection_pool_maxsize = 32
         self.host = cfg.host.rstrip("/")
         self._pool = client.rest.RESTClientObject(cfg).pool_manager
@@ -315,7 +316,7 @@ class Writers:
     """A few writer threads; work for one pod always goes to the same thread, so in order."""
 
     def __init__(self, *, count: int) -> None:
-        self._queues: list[queue.Queue[Callable[[], None] | None]] = [queue.Queue() for _ in range(count)]
+        self._queues: list[queue.Queue[Callable[[], object] | None]] = [queue.Queue() for _ in range(count)]
         self._threads = [
             threading.Thread(target=self._run, args=(q,), name=f"writer-{i}", daemon=True)
             for i, q in enumerate(self._queues)
@@ -323,7 +324,7 @@ class Writers:
         for t in self._threads:
             t.start()
 
-    def submit(self, key: str, fn: Callable[[], None]) -> None:
+    def submit(self, key: str, fn: Callable[[], object]) -> None:
         self._queues[hash(key) % len(self._queues)].put(fn)
 
     def stop(self, *, timeout: float) -> None:
@@ -334,7 +335,7 @@ class Writers:
             t.join(max(0.0, deadline - time.monotonic()))
 
     @staticmethod
-    def _run(q: queue.Queue[Callable[[], None] | None]) -> None:
+    def _run(q: queue.Queue[Callable[[], object] | None]) -> None:
         while True:
             fn = q.get()
             if fn is None:
@@ -344,7 +345,7 @@ class Writers:
                     fn()
                     break
                 except ApiError as err:
-                    if err.status in (404, 409, 422) or attempt == 5 or err.status < 500 and err.status != 429:
+                    if err.status in (404, 409, 422) or attempt == 5 or (err.status < 500 and err.status != 429):
                         log.warning("%s", err)
                         break
                 except Exception as err:  # connection trouble: retry with backoff
@@ -352,6 +353,75 @@ class Writers:
                         log.warning("giving up: %s", err)
                         break
                 time.sleep(0.2 * 2**attempt)
+
+
+class LogServer:
+    """The slice of the kubelet API that `kubectl logs` needs: /containerLogs/<ns>/<pod>/<container>.
+
+    HTTPS on loopback with the node's serving certificate; only clients with a certificate
+    from the cluster CA (the apiserver) are served. `follow` streams until the container ends.
+    """
+
+    def __init__(self, *, logs_dir: Path, tls_dir: Path, port: int, live: set[Path]) -> None:
+        import http.server
+        import ssl
+
+        logs, live_logs = logs_dir, live
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def do_GET(self) -> None:
+                url = urllib.parse.urlparse(self.path)
+                parts = url.path.strip("/").split("/")
+                if len(parts) != 4 or parts[0] != "containerLogs":
+                    self.send_error(404, "only /containerLogs/<namespace>/<pod>/<container> is served")
+                    return
+                query = urllib.parse.parse_qs(url.query)
+                path = logs / f"{parts[1]}_{parts[2]}_{parts[3]}.log"
+                if not path.exists():
+                    self.send_error(404, f"no log for container {parts[3]} of pod {parts[1]}/{parts[2]}")
+                    return
+                data = path.read_bytes()
+                if "tailLines" in query:
+                    lines = data.splitlines(keepends=True)
+                    data = b"".join(lines[-int(query["tailLines"][0]) :]) if int(query["tailLines"][0]) else b""
+                if "limitBytes" in query:
+                    data = data[: int(query["limitBytes"][0])]
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.end_headers()
+                self.wfile.write(data)
+                if query.get("follow", ["false"])[0] != "true":
+                    return
+                offset = path.stat().st_size
+                try:
+                    while True:
+                        self.wfile.flush()
+                        with open(path, "rb") as f:
+                            f.seek(offset)
+                            chunk = f.read()
+                        offset += len(chunk)
+                        if chunk:
+                            self.wfile.write(chunk)
+                        elif path not in live_logs:
+                            return
+                        else:
+                            time.sleep(0.2)
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(tls_dir / "kubelet.crt"), str(tls_dir / "kubelet.key"))
+        ctx.load_verify_locations(str(tls_dir / "ca.crt"))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+
+    def start(self) -> None:
+        threading.Thread(target=self.server.serve_forever, name="log-server", daemon=True).start()
 
 
 # --- per-pod state ---------------------------------------------------------------------------
@@ -375,6 +445,7 @@ class ContainerRun:
     waiting: tuple[str, str] | None = None  # (reason, message)
     restart_at: float | None = None
     last_terminated: Obj | None = None
+    container_id: str | None = None
 
 
 @dataclass
@@ -422,12 +493,17 @@ class PodRunner:
         node_name: str,
         capacity: dict[str, str],
         simulate: float | None,
+        kubelet_port: int,
+        bind: bool = True,
     ) -> None:
         self.api = api
+        self.kubelet_port = kubelet_port
+        self.live_logs: set[Path] = set()
         self.dir = cluster_dir
         self.node = node_name
         self.capacity = capacity
         self.simulate = simulate
+        self.bind = bind
         self.labels = {
             "kubernetes.io/hostname": node_name,
             "kubernetes.io/os": "linux",
@@ -462,7 +538,9 @@ class PodRunner:
         self.heartbeat()
 
     def heartbeat(self) -> None:
-        status = node_status(capacity=self.capacity, heartbeat=now_rfc3339(), started=self.started)
+        status = node_status(
+            capacity=self.capacity, heartbeat=now_rfc3339(), started=self.started, kubelet_port=self.kubelet_port
+        )
         self.api.request("PATCH", f"/api/v1/nodes/{self.node}/status", body={"status": status}, content_type=STRATEGIC)
         path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.node}"
         spec = {"holderIdentity": self.node, "leaseDurationSeconds": 40, "renewTime": now_micro()}
@@ -532,7 +610,15 @@ class PodRunner:
     # -- main loop --
 
     def run(self) -> None:
-        self.register_node()
+        for attempt in range(60):
+            try:
+                self.register_node()
+                break
+            except Exception as err:  # the API server may still be starting
+                if attempt == 59:
+                    raise
+                log.warning("registering node %s: %s", self.node, err)
+                self.stop.wait(1.0)
         threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(target=self.watch_loop, name="watch", daemon=True).start()
         log.info("node %s registered; %s mode", self.node, "simulated" if self.simulate is not None else "real")
@@ -565,7 +651,7 @@ class PodRunner:
         if not node:
             if meta.get("deletionTimestamp") or is_terminal(pod):
                 return
-            if spec.get("schedulerName", "default-scheduler") != "default-scheduler":
+            if not self.bind or spec.get("schedulerName", "default-scheduler") != "default-scheduler":
                 return
             self.schedule(pod)
             return
@@ -716,7 +802,7 @@ class PodRunner:
             )
             status["containerStatuses"] = statuses
             ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
-            self.writers.submit(uid, lambda ns=ns, name=name, status=status: self._patch_status(ns, name, status))
+            self.writers.submit(uid, functools.partial(self._patch_status, ns, name, status))
 
     # -- real mode: preparing --
 
@@ -776,7 +862,7 @@ class PodRunner:
     def resource_value(self, pod: Obj, ref: Obj, default_container: str) -> str:
         cname = ref.get("containerName") or default_container
         resource = ref["resource"]
-        container = next((c for c in pod["spec"]["containers"] if c["name"] == cname), {})
+        container: Obj = next((c for c in pod["spec"]["containers"] if c["name"] == cname), {})
         section, _, res = resource.partition(".")
         res_spec = container.get("resources") or {}
         value = (res_spec.get(section) or {}).get(res) or (res_spec.get("limits") or {}).get(res)
@@ -923,10 +1009,10 @@ class PodRunner:
             return vdir, True
         if "projected" in vol:
             src = vol["projected"]
-            files: dict[str, bytes] = {}
+            projected: dict[str, bytes] = {}
             for s in src.get("sources") or []:
                 if "serviceAccountToken" in s:
-                    files[s["serviceAccountToken"]["path"]] = self.token(pod, s["serviceAccountToken"])
+                    projected[s["serviceAccountToken"]["path"]] = self.token(pod, s["serviceAccountToken"])
                 elif "configMap" in s or "secret" in s:
                     is_secret = "secret" in s
                     ref = s["secret" if is_secret else "configMap"]
@@ -935,12 +1021,12 @@ class PodRunner:
                         if ref.get("optional"):
                             continue
                         raise ConfigError(f'{"secret" if is_secret else "configmap"} "{ref["name"]}" not found')
-                    files.update(self.projected_items(values, ref.get("items")))
+                    projected.update(self.projected_items(values, ref.get("items")))
                 elif "downwardAPI" in s:
-                    files.update(
+                    projected.update(
                         self.downward_files(pod, s["downwardAPI"].get("items") or [], pod["spec"]["containers"][0]["name"])
                     )
-            self.write_files(vdir, files, mode=int(src.get("defaultMode", 0o644)))
+            self.write_files(vdir, projected, mode=int(src.get("defaultMode", 0o644)))
             return vdir, True
         raise ConfigError(f"volume {name}: unsupported volume type")
 
@@ -1018,12 +1104,15 @@ class PodRunner:
                 env={"PATH": env["PATH"]},
             )
         (self.dir / "pids" / "pods" / f"{run.uid}_{c.name}.pid").write_text(f"{c.proc.pid}\n")
+        self.live_logs.add(c.log_path)
+        c.container_id = f"local://{run.uid}/{c.name}/{c.proc.pid}"
         c.started_at = now_rfc3339()
         c.finished_at = c.exit_code = c.reason = c.message = None
         c.waiting = None
         log.info("started %s/%s pid %d", pod_key(run.pod), c.name, c.proc.pid)
 
     def forget_pid(self, run: PodRun, c: ContainerRun) -> None:
+        self.live_logs.discard(c.log_path)
         (self.dir / "pids" / "pods" / f"{run.uid}_{c.name}.pid").unlink(missing_ok=True)
 
     def collect_exit(self, run: PodRun, c: ContainerRun) -> None:
@@ -1221,6 +1310,8 @@ class PodRunner:
         }
         if c.message:
             term["message"] = c.message
+        if c.container_id:
+            term["containerID"] = c.container_id
         return term
 
     def container_status(self, c: ContainerRun, *, uid: str) -> Obj:
@@ -1232,8 +1323,9 @@ class PodRunner:
             "ready": False,
             "started": False,
         }
+        if c.container_id:
+            st["containerID"] = c.container_id
         if c.proc is not None:
-            st["containerID"] = f"local://{c.proc.pid}"
             st["state"] = {"running": {"startedAt": c.started_at}}
             st["ready"] = st["started"] = True
         elif c.waiting is not None:
@@ -1345,6 +1437,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", default="16", help="advertised CPU capacity (pods are not limited)")
     parser.add_argument("--memory", default="64Gi", help="advertised memory capacity")
     parser.add_argument("--max-pods", type=int, default=5000)
+    parser.add_argument("--kubelet-port", type=int, default=10250, help="the `kubectl logs` endpoint (HTTPS)")
+    parser.add_argument(
+        "--no-bind", action="store_true", help="only run pods already bound to this node (a second runner)"
+    )
+    parser.add_argument("--tls-dir", type=Path, default=None, help="ca.crt, kubelet.crt/key for that endpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s %(message)s")
     if os.geteuid() != 0 and args.simulate is None:
@@ -1356,7 +1453,13 @@ def main(argv: list[str] | None = None) -> int:
         node_name=args.node_name,
         capacity=machine_capacity(gpus=args.gpus, cpu=args.cpu, memory=args.memory, pods=args.max_pods),
         simulate=args.simulate,
+        kubelet_port=args.kubelet_port,
+        bind=not args.no_bind,
     )
+    if args.tls_dir is not None:
+        LogServer(
+            logs_dir=runner.dir / "logs", tls_dir=args.tls_dir, port=args.kubelet_port, live=runner.live_logs
+        ).start()
 
     def on_signal(signum: int, _frame: object) -> None:
         runner.stop.set()

@@ -23,6 +23,7 @@ import datetime
 import logging
 import secrets
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +116,8 @@ class Operator:
         self._written: dict[str, dict[str, Any]] = {}  # FineTuneJob uid -> owned status fields last written
         self._registered: set[str] = set()  # FineTuneJob uids registered with the hub
         self._finished: set[str] = set()
+        self._first_seen: dict[str, float] = {}  # FineTuneJob uid -> monotonic time first reconciled
+        self._last_write: dict[str, float] = {}  # FineTuneJob uid -> monotonic time of the last status write
         self._limit = asyncio.Semaphore(64)
         self._tasks: set[asyncio.Task[None]] = set()
         self._host = socket.gethostname()
@@ -247,6 +250,11 @@ class Operator:
             now=now,
             pending_timeout_s=self.config.pending_timeout_s,
         )
+        wait = self._coalesce_wait(ftj.uid, outcome, previous)
+        if wait > 0:
+            # Nothing is stored: the next pass derives the same transition (and its events) again.
+            self.enqueue(key, delay=wait)
+            return
         self._counted[ftj.uid] = outcome.counted_pods
         if outcome.stop_job:
             await self._patch_job(owner, suspend=True)
@@ -259,12 +267,28 @@ class Operator:
             if waiting:
                 self.enqueue(key, delay=self.config.pending_timeout_s + 1.0)
 
+    def _coalesce_wait(self, uid: str, outcome: status.Outcome, previous: Mapping[str, Any]) -> float:
+        """Seconds to hold back a non-final status write, so that quick transitions share one write.
+
+        The window opens when the operator first sees the job and after each write; Succeeded
+        and Failed are always written at once.
+        """
+        window = self.config.status_window_s
+        if window <= 0 or outcome.status.get("phase") in status.TERMINAL:
+            return 0.0
+        if not status.diff(desired=outcome.status, current=previous):
+            return 0.0
+        now = time.monotonic()
+        since = self._last_write.get(uid) or self._first_seen.setdefault(uid, now)
+        return max(0.0, since + window - now)
+
     async def _apply(self, key: Key, ftj: FtjView, outcome: status.Outcome, previous: Mapping[str, Any]) -> None:
         namespace, name = key
         patch = status.diff(desired=outcome.status, current=previous)
         if patch:
             await self.patch_status(namespace=namespace, name=name, status=patch, source="reconcile")
             self._written.setdefault(ftj.uid, {}).update(patch)
+            self._last_write[ftj.uid] = time.monotonic()
         phase = outcome.status.get("phase")
         if phase != previous.get("phase"):
             metrics.set_phase(namespace=namespace, name=name, phase=phase)
@@ -294,7 +318,7 @@ class Operator:
 
     def forget(self, key: Key, uid: str) -> None:
         """The FineTuneJob is gone: drop its memory, its hub state and its metric series."""
-        for table in (self._counted, self._written):
+        for table in (self._counted, self._written, self._first_seen, self._last_write):
             table.pop(uid, None)
         self._registered.discard(uid)
         self._finished.discard(uid)
@@ -315,19 +339,6 @@ class Operator:
         """Creates (or adopts) the Secret, ConfigMap and Job; returns the Job and the token, or a refusal."""
         ns = owner.namespace
         token = secrets.token_urlsafe(32)
-        try:
-            await self.client.create(f"/api/v1/namespaces/{ns}/secrets", builders.build_secret(owner=owner, token=token))
-        except kube.ApiError as exc:
-            if exc.status != 409:
-                raise
-            token = await self._read_token(owner)
-        try:
-            await self.client.create(
-                f"/api/v1/namespaces/{ns}/configmaps", builders.build_config_map(owner=owner, spec=ftj.spec)
-            )
-        except kube.ApiError as exc:
-            if exc.status != 409:
-                raise
         manifest = builders.build_job(
             owner=owner,
             spec=parsed,
@@ -336,6 +347,15 @@ class Operator:
             trainer_command=self.config.trainer_command,
             run_as_user=self.config.run_as_user,
         )
+        # The Secret and ConfigMap go out together; the Job after them, so its pod finds both.
+        secret, _ = await asyncio.gather(
+            self._create_or_exists(f"/api/v1/namespaces/{ns}/secrets", builders.build_secret(owner=owner, token=token)),
+            self._create_or_exists(
+                f"/api/v1/namespaces/{ns}/configmaps", builders.build_config_map(owner=owner, spec=ftj.spec)
+            ),
+        )
+        if not secret:
+            token = await self._read_token(owner)
         path = f"/apis/batch/v1/namespaces/{ns}/jobs"
         try:
             body = await self.client.create(path, manifest)
@@ -354,6 +374,16 @@ class Operator:
             (ns, owner.name), owner.uid, status.Event("Normal", "JobCreated", f"created batch Job {owner.name}")
         )
         return status.job_view(body), token
+
+    async def _create_or_exists(self, path: str, body: Mapping[str, Any]) -> bool:
+        """Creates the object; False when it already exists (made by an earlier run of the operator)."""
+        try:
+            await self.client.create(path, body)
+        except kube.ApiError as exc:
+            if exc.status != 409:
+                raise
+            return False
+        return True
 
     async def _read_token(self, owner: builders.Owner) -> str:
         body = await self.client.get(f"/api/v1/namespaces/{owner.namespace}/secrets/{builders.secret_name(owner.name)}")

@@ -226,6 +226,12 @@ def set_phase(*, namespace: str, name: str, phase: str | None) -> None:
             _phases.pop(key, None)
         else:
             _phases[key] = phase
+        if phase != "Running":
+            # A job that is not training has no current stage: finetune_job_stage == 1 means
+            # "training now" to the dashboard's running-jobs table and the stalled alert.
+            for gauge, labels in _job_series.get(key, set()):
+                if gauge is JOB_STAGE:
+                    gauge.labels(*labels).set(0.0)
         counts: dict[str, int] = dict.fromkeys(PHASES, 0)
         for (ns, _), ph in _phases.items():
             if ns == namespace:

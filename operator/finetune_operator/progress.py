@@ -26,7 +26,8 @@ least `min_write_interval_s` ago, or when the report changes the stage or is the
 otherwise one timer per job writes the latest pending status when the window closes
 (latest report wins). Writes of one job are serialised, so they land in order. The hub never
 talks to Kubernetes itself: the operator injects `patch_status` (a JSON merge patch of the
-status subresource); a failing write is logged, counted in
+status subresource; it also counts `finetune_status_writes_total{source="progress"}`, the
+hub does not, so a write is counted once); a failing write is logged, counted in
 `finetune_reconcile_errors_total{handler="progress"}` and retried at the next window a few
 times, and never reaches the HTTP client.
 
@@ -139,7 +140,7 @@ class ProgressHub:
         """The job reached Succeeded or Failed: flush its pending write, drop later reports.
 
         The flushed write leaves out `progress`, `etaSeconds` and `message`, which the
-        operator's final status owns; call this before writing that status.
+        operator's final status owns, so it cannot undo that status whichever lands first.
         """
         self._in_loop(lambda: self._finish(namespace, name))
 
@@ -170,9 +171,13 @@ class ProgressHub:
         return int(bound[1])
 
     async def stop(self) -> None:
-        """Write what is pending (best effort, a few seconds), then stop serving."""
+        """Stop serving, then write what is pending (best effort, at most a few seconds)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
         for job in list(self._jobs.values()):
             if job.pending is not None:
+                _cancel(job)
                 self._spawn(self._flush(job))
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
@@ -180,9 +185,6 @@ class ProgressHub:
             _cancel(job)
         for task in list(self._tasks):
             task.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     # ---- request handling ----
 
@@ -351,8 +353,7 @@ class ProgressHub:
                         job.timer = loop.call_later(self._interval, self._on_timer, job)
                 return
             job.failures = 0
-            self.writes += 1
-            metrics.status_write(source="progress")
+            self.writes += 1  # finetune_status_writes_total{source="progress"} is counted by patch_status
 
     # ---- lifecycle internals (always on the loop) ----
 

@@ -29,6 +29,7 @@ class OperatorConfig:
     health_port: int = 8082
     pending_timeout_s: float = 600.0
     run_as_user: int = 1000
+    status_window_s: float = 1.0
     peering: str | None = None
     priority: int | None = None
     verbose: bool = False
@@ -67,6 +68,12 @@ def parse_args(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] 
         default=float(env.get("FINETUNE_PENDING_TIMEOUT", "600")),
         help="seconds a pod may wait on its image or on scheduling before the job fails (0: forever)",
     )
+    p.add_argument(
+        "--status-window",
+        type=float,
+        default=float(env.get("FINETUNE_STATUS_WINDOW", "1.0")),
+        help="seconds over which non-final status changes of a job are coalesced into one write (0: none)",
+    )
     p.add_argument("--run-as-user", type=int, default=int(env.get("FINETUNE_RUN_AS_USER", "1000")))
     p.add_argument(
         "--peering",
@@ -91,6 +98,7 @@ def parse_args(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] 
         health_port=args.health_port,
         pending_timeout_s=args.pending_timeout,
         run_as_user=args.run_as_user,
+        status_window_s=args.status_window,
         peering=args.peering,
         priority=args.priority,
         verbose=args.verbose,

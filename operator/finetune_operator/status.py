@@ -368,7 +368,15 @@ def derive(
             phase, reason = "Running", "Training"
             message = f"attempt {attempts}: pod {running[0].name} running"
         elif prev_phase == "Running" and attempts > 0:
-            phase, reason, message = "Running", "Retrying", f"attempt {attempts} failed; waiting for the next pod"
+            last = _last_finished(live)
+            if last is not None and last.exit_code == 0:
+                # The trainer is done; the Job controller has not marked the Job Complete yet.
+                phase = "Running"
+                reason = str(previous.get("reason") or "Training")
+                message = str(previous.get("message") or "finishing")
+            else:
+                phase, reason = "Running", "Retrying"
+                message = f"attempt {attempts} failed; waiting for the next pod"
         else:
             phase, reason, message = "Pending", "Waiting", "waiting for the trainer pod to start"
 

@@ -8,6 +8,7 @@ config file is the FineTuneJob manifest the operator mounted, exiting 2 if not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -32,10 +33,8 @@ def main(argv: list[str]) -> int:
         summary["modelPath"] = "/models/fake/model.keras"
     target = Path(os.environ.get("FINETUNE_TERMINATION_LOG", "/dev/termination-log"))
     if target.parent.exists():
-        try:
+        with contextlib.suppress(OSError):
             target.write_text(json.dumps(summary), encoding="utf-8")
-        except OSError:
-            pass
     print(message, file=sys.stderr if code else sys.stdout)
     return code
 

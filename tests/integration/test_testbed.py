@@ -8,6 +8,10 @@ duties (env, volumes, termination message, graceful deletion).
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,21 +49,42 @@ def job_manifest(*, name: str, code: str, backoff_limit: int = 0, extra_spec: di
 
 
 def job_condition(cluster: Cluster, *, namespace: str, name: str) -> dict[str, Any] | None:
-    """The Job's Complete or Failed condition (True) once it has one."""
-    with cluster.api_client() as api:
-        job = client.BatchV1Api(api).read_namespaced_job_status(name, namespace)
-    for cond in job.status.conditions or []:
-        if cond.type in ("Complete", "Failed") and cond.status == "True":
-            return {"type": cond.type, "reason": cond.reason, "failed": job.status.failed or 0,
-                    "succeeded": job.status.succeeded or 0}
+    """The Job's Complete or Failed condition (True) once it has one, with its counts."""
+    job = cluster.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}") or {}
+    status = job.get("status", {})
+    for cond in status.get("conditions") or []:
+        if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
+            return {"type": cond["type"], "reason": cond.get("reason"), "failed": status.get("failed", 0),
+                    "succeeded": status.get("succeeded", 0)}
     return None
 
 
-def job_pods(cluster: Cluster, *, namespace: str, name: str) -> list[Any]:
-    with cluster.api_client() as api:
-        return list(
-            client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
-        )
+def job_pods(cluster: Cluster, *, namespace: str, name: str) -> list[dict[str, Any]]:
+    pods = cluster.get(f"/api/v1/namespaces/{namespace}/pods?labelSelector=job-name%3D{name}") or {}
+    return list(pods.get("items", []))
+
+
+def pod(cluster: Cluster, *, namespace: str, name: str) -> dict[str, Any]:
+    return cluster.get(f"/api/v1/namespaces/{namespace}/pods/{name}") or {}
+
+
+def phase(cluster: Cluster, *, namespace: str, name: str) -> str | None:
+    got: str | None = pod(cluster, namespace=namespace, name=name).get("status", {}).get("phase")
+    return got
+
+
+def finished(cluster: Cluster, *, namespace: str, name: str) -> dict[str, Any] | None:
+    """The pod once it is Succeeded or Failed with its container's terminated state written."""
+    got = pod(cluster, namespace=namespace, name=name)
+    statuses = got.get("status", {}).get("containerStatuses") or []
+    if got.get("status", {}).get("phase") in ("Succeeded", "Failed") and statuses and "terminated" in statuses[0]["state"]:
+        return got
+    return None
+
+
+def terminated(got: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, Any] = got["status"]["containerStatuses"][0]["state"]["terminated"]
+    return state
 
 
 def test_job_completes(cluster: Cluster, namespace: str, apply_yaml: ApplyYaml) -> None:
@@ -86,8 +111,7 @@ def test_pod_failure_policy_fails_job_without_retry(cluster: Cluster, namespace:
     assert cond["failed"] == 1
     pods = job_pods(cluster, namespace=namespace, name="exit3")
     assert len(pods) == 1
-    terminated = pods[0].status.container_statuses[0].state.terminated
-    assert terminated.exit_code == 3
+    assert terminated(pods[0])["exitCode"] == 3
 
 
 def test_failing_job_is_retried_up_to_backoff_limit(cluster: Cluster, namespace: str, apply_yaml: ApplyYaml) -> None:
@@ -101,27 +125,24 @@ def test_failing_job_is_retried_up_to_backoff_limit(cluster: Cluster, namespace:
     assert cond["failed"] == 2
     pods = job_pods(cluster, namespace=namespace, name="exit1")
     assert len(pods) == 2
-    assert all(p.status.phase == "Failed" for p in pods)
+    assert all(p["status"]["phase"] == "Failed" for p in pods)
 
 
-def test_deleting_owner_garbage_collects_dependents(cluster: Cluster, namespace: str) -> None:
-    with cluster.api_client() as api:
-        core = client.CoreV1Api(api)
-        owner = core.create_namespaced_config_map(
-            namespace, {"metadata": {"name": "owner"}, "data": {"a": "1"}}
-        )
-        ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid}
-        core.create_namespaced_config_map(
-            namespace, {"metadata": {"name": "dependent", "ownerReferences": [ref]}, "data": {"b": "2"}}
-        )
-        core.create_namespaced_config_map(namespace, {"metadata": {"name": "bystander"}, "data": {"c": "3"}})
-        core.delete_namespaced_config_map("owner", namespace, propagation_policy="Background")
+def test_deleting_owner_garbage_collects_dependents(cluster: Cluster, namespace: str, apply_yaml: ApplyYaml) -> None:
+    def config_map(name: str, **meta: Any) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, **meta}, "data": {"k": name}}
 
-        def names() -> set[str]:
-            return {cm.metadata.name for cm in core.list_namespaced_config_map(namespace).items}
+    [owner] = apply_yaml(config_map("owner"), namespace=namespace)
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"]}
+    apply_yaml([config_map("dependent", ownerReferences=[ref]), config_map("bystander")], namespace=namespace)
+    cluster.kubectl_run("delete", "configmap", "owner", "-n", namespace, "--cascade=background")
 
-        wait_for(lambda: "dependent" not in names(), timeout=30, message="the dependent is garbage-collected")
-        assert "bystander" in names()
+    def names() -> set[str]:
+        items = (cluster.get(f"/api/v1/namespaces/{namespace}/configmaps") or {}).get("items", [])
+        return {cm["metadata"]["name"] for cm in items}
+
+    wait_for(lambda: "dependent" not in names(), timeout=30, message="the dependent is garbage-collected")
+    assert "bystander" in names()
 
 
 def _pod(name: str, *, privileged: bool) -> dict[str, Any]:
@@ -145,12 +166,9 @@ def test_pod_security_restricted(cluster: Cluster, namespace: str, apply_yaml: A
 
     apply_yaml(_pod("compliant", privileged=False), namespace=namespace)
 
-    def phase() -> str | None:
-        with cluster.api_client() as api:
-            got = client.CoreV1Api(api).read_namespaced_pod("compliant", namespace).status.phase
-        return got if got in ("Succeeded", "Failed") else None
-
-    assert wait_for(phase, timeout=60, message="the compliant pod runs") == "Succeeded"
+    done = wait_for(lambda: finished(cluster, namespace=namespace, name="compliant"), timeout=60,
+                    message="the compliant pod runs")
+    assert done["status"]["phase"] == "Succeeded"
     assert cluster.pod_log(namespace=namespace, pod="compliant", container="main").strip() == "hi"
 
 
@@ -170,8 +188,8 @@ def test_service_account_rbac(
 
     kubeconfig = service_account_kubeconfig(namespace=namespace, name="reader")
     cluster.kubectl_run("create", "configmap", "existing", "--from-literal=k=v", "-n", namespace)
-    cm = {"metadata": {"name": "new"}, "data": {"a": "b"}}
-    with config.new_client_from_config(config_file=str(kubeconfig)) as sa_api:
+    cm = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="new"), data={"a": "b"})
+    with config.new_client_from_config(config_file=str(kubeconfig)) as sa_api:  # type: ignore[no-untyped-call]
         core = client.CoreV1Api(sa_api)
         assert _status(lambda: core.list_namespaced_config_map(namespace)) == 403
         assert _status(lambda: core.read_namespaced_config_map("existing", namespace)) == 403
@@ -231,7 +249,7 @@ def test_crd_cel_rule_rejects_with_its_message(cluster: Cluster, namespace: str,
     apply_yaml(crd)
     try:
         cluster.kubectl_run("wait", "--for=condition=Established", f"crd/{plural}.{group}", "--timeout=30s")
-        kind = crd["spec"]["names"]["kind"]
+        kind = f"Widget{plural[-6:].upper()}x"
 
         def widget(name: str, lo: int, hi: int) -> dict[str, Any]:
             return {"apiVersion": f"{group}/v1", "kind": kind, "metadata": {"name": name}, "spec": {"min": lo, "max": hi}}
@@ -255,13 +273,13 @@ def test_pod_runner_env_volumes_and_termination_message(
         "assert os.environ['DERIVED'] == 'hello-world'",
         "assert os.environ['POD_NAME'] == 'runner' and os.environ['POD_IP'] == '127.0.0.1'",
         "assert os.environ['POD_NS'] == os.environ['EXPECT_NS']",
-        "assert pathlib.Path('/etc/cfg/greeting').read_text() == 'hello'",
-        "assert pathlib.Path('/etc/sec/token').read_text() == 's3cret'",
+        "assert pathlib.Path('/srv/testbed/cfg/greeting').read_text() == 'hello'",
+        "assert pathlib.Path('/srv/testbed/sec/token').read_text() == 's3cret'",
         "assert os.getcwd() == '/work'",
-        "pathlib.Path('/data/out.txt').write_text('persisted')",
-        "pathlib.Path('/scratch/tmp.txt').write_text('x')",
+        "pathlib.Path('/srv/testbed/data/out.txt').write_text('persisted')",
+        "pathlib.Path('/srv/testbed/scratch/tmp.txt').write_text('x')",
         "try:",
-        "    pathlib.Path('/etc/cfg/new').write_text('no')",
+        "    pathlib.Path('/srv/testbed/cfg/new').write_text('no')",
         "    raise SystemExit('configMap volume is writable')",
         "except OSError:",
         "    pass",
@@ -301,10 +319,10 @@ def test_pod_runner_env_volumes_and_termination_message(
                             {"name": "EXPECT_NS", "value": namespace},
                         ],
                         "volumeMounts": [
-                            {"name": "cfg", "mountPath": "/etc/cfg"},
-                            {"name": "sec", "mountPath": "/etc/sec", "readOnly": True},
-                            {"name": "data", "mountPath": "/data"},
-                            {"name": "scratch", "mountPath": "/scratch"},
+                            {"name": "cfg", "mountPath": "/srv/testbed/cfg"},
+                            {"name": "sec", "mountPath": "/srv/testbed/sec", "readOnly": True},
+                            {"name": "data", "mountPath": "/srv/testbed/data"},
+                            {"name": "scratch", "mountPath": "/srv/testbed/scratch"},
                         ],
                     }
                 ],
@@ -313,28 +331,26 @@ def test_pod_runner_env_volumes_and_termination_message(
     ]
     apply_yaml(manifest, namespace=namespace)
 
-    def terminated() -> Any:
-        with cluster.api_client() as api:
-            pod = client.CoreV1Api(api).read_namespaced_pod("runner", namespace)
-        statuses = pod.status.container_statuses or []
-        if statuses and statuses[0].state.terminated is not None and pod.status.phase in ("Succeeded", "Failed"):
-            return pod
-        return None
-
-    pod = wait_for(terminated, timeout=60, message="pod runner finishes")
+    got = wait_for(lambda: finished(cluster, namespace=namespace, name="runner"), timeout=60,
+                   message="pod runner finishes")
     log = cluster.pod_log(namespace=namespace, pod="runner", container="main")
-    assert pod.status.phase == "Succeeded", log
-    state = pod.status.container_statuses[0].state.terminated
-    assert (state.exit_code, state.reason, state.message) == (0, "Completed", "all checks passed")
-    assert pod.status.pod_ip == "127.0.0.1"
-    assert state.started_at is not None
+    assert got["status"]["phase"] == "Succeeded", log
+    state = terminated(got)
+    assert (state["exitCode"], state["reason"], state["message"]) == (0, "Completed", "all checks passed")
+    assert got["status"]["podIP"] == "127.0.0.1"
+    assert state["startedAt"]
+    ready = {c["type"]: c["status"] for c in got["status"]["conditions"]}
+    assert ready["PodScheduled"] == "True" and ready["Initialized"] == "True" and ready["Ready"] == "False"
     assert (cluster.dir / "volumes" / namespace / "data" / "out.txt").read_text() == "persisted"
+    # The mounts lived in the container's own mount namespace: this process sees none of them.
+    assert not Path("/srv/testbed/cfg/greeting").exists()
+    assert not Path("/srv/testbed/data/out.txt").exists()
 
 
 def test_pod_runner_fallback_to_logs_and_graceful_delete(
     cluster: Cluster, namespace: str, apply_yaml: ApplyYaml
 ) -> None:
-    def pod(name: str, code: str, **extra: Any) -> dict[str, Any]:
+    def make_pod(name: str, code: str, **extra: Any) -> dict[str, Any]:
         return {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -352,38 +368,116 @@ def test_pod_runner_fallback_to_logs_and_graceful_delete(
 
     apply_yaml(
         [
-            pod("crash", "import sys; print('disk on fire'); sys.exit(7)",
+            make_pod("crash", "import sys; print('disk on fire'); sys.exit(7)",
                 terminationMessagePolicy="FallbackToLogsOnError"),
             # Ignores SIGTERM, so only SIGKILL after the 2 s grace period ends it.
-            pod("stubborn", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            make_pod("stubborn", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                             "print('up', flush=True); time.sleep(600)"),
         ],
         namespace=namespace,
     )
-    with cluster.api_client() as api:
-        core = client.CoreV1Api(api)
+    state = terminated(wait_for(lambda: finished(cluster, namespace=namespace, name="crash"), timeout=60,
+                                message="crash fails"))
+    assert (state["exitCode"], state["reason"]) == (7, "Error")
+    assert "disk on fire" in state["message"]
 
-        def crashed() -> Any:
-            p = core.read_namespaced_pod("crash", namespace)
-            return p if p.status.phase == "Failed" else None
+    wait_for(lambda: phase(cluster, namespace=namespace, name="stubborn") == "Running", timeout=60,
+             message="stubborn runs")
+    wait_for(lambda: "up" in cluster.pod_log(namespace=namespace, pod="stubborn", container="main"),
+             timeout=30, message="stubborn printed")
+    started = time.monotonic()
+    cluster.kubectl_run("delete", "pod", "stubborn", "-n", namespace, "--wait=false")
+    wait_for(lambda: not pod(cluster, namespace=namespace, name="stubborn"), timeout=30,
+             message="the deleted pod is removed after SIGKILL")
+    # SIGTERM is ignored, so only the SIGKILL after the 2 s grace period ends it.
+    assert time.monotonic() - started >= 2.0
 
-        state = wait_for(crashed, timeout=60, message="crash fails").status.container_statuses[0].state.terminated
-        assert (state.exit_code, state.reason) == (7, "Error")
-        assert "disk on fire" in state.message
 
-        wait_for(
-            lambda: core.read_namespaced_pod("stubborn", namespace).status.phase == "Running",
-            timeout=60, message="stubborn runs",
-        )
-        wait_for(lambda: "up" in cluster.pod_log(namespace=namespace, pod="stubborn", container="main"),
-                 timeout=30, message="stubborn printed")
-        core.delete_namespaced_pod("stubborn", namespace)
+def test_pod_runner_init_containers_pull_errors_and_unschedulable(
+    cluster: Cluster, namespace: str, apply_yaml: ApplyYaml
+) -> None:
+    def make_pod(name: str, *, image: str = "python:3.11-slim", gpus: int = 0, init: bool = False) -> dict[str, Any]:
+        main: dict[str, Any] = {
+            "name": "main", "image": image, "securityContext": CONTAINER_SECURITY,
+            "command": ["python", "-c", "import pathlib; print(pathlib.Path('/shared/msg').read_text())"],
+            "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+        }
+        if gpus:
+            main["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+        spec: dict[str, Any] = {
+            "restartPolicy": "Never", "securityContext": POD_SECURITY, "containers": [main],
+            "volumes": [{"name": "shared", "emptyDir": {}}],
+        }
+        if init:
+            spec["initContainers"] = [{
+                "name": "prepare", "image": image, "securityContext": CONTAINER_SECURITY,
+                "command": ["python", "-c", "import pathlib; pathlib.Path('/shared/msg').write_text('from init')"],
+                "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+            }]
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
 
-        def gone() -> bool:
-            try:
-                core.read_namespaced_pod("stubborn", namespace)
-                return False
-            except client.ApiException as err:
-                return err.status == 404
+    apply_yaml(
+        [
+            make_pod("with-init", init=True, gpus=2),
+            make_pod("bad-image", image="registry.invalid/nothing:1"),
+            make_pod("too-big", gpus=100),
+        ],
+        namespace=namespace,
+    )
+    done = wait_for(lambda: finished(cluster, namespace=namespace, name="with-init"), timeout=60,
+                    message="with-init finishes")
+    assert done["status"]["phase"] == "Succeeded"
+    assert done["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+    assert cluster.pod_log(namespace=namespace, pod="with-init", container="main").strip() == "from init"
 
-        wait_for(gone, timeout=30, message="the deleted pod is removed after SIGKILL")
+    def waiting_reason() -> str | None:
+        statuses = pod(cluster, namespace=namespace, name="bad-image").get("status", {}).get("containerStatuses") or []
+        reason: str | None = statuses[0]["state"].get("waiting", {}).get("reason") if statuses else None
+        return reason if reason in ("ErrImagePull", "ImagePullBackOff") else None
+
+    wait_for(waiting_reason, timeout=30, message="bad-image waits on its image")
+    assert phase(cluster, namespace=namespace, name="bad-image") == "Pending"
+
+    def unschedulable() -> dict[str, Any] | None:
+        conds = pod(cluster, namespace=namespace, name="too-big").get("status", {}).get("conditions") or []
+        return next((c for c in conds if c["type"] == "PodScheduled" and c["status"] == "False"), None)
+
+    cond = wait_for(unschedulable, timeout=30, message="too-big is Unschedulable")
+    assert cond["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in cond["message"]
+    assert not pod(cluster, namespace=namespace, name="too-big")["spec"].get("nodeName")
+
+
+def test_pod_runner_simulated_mode(cluster: Cluster, namespace: str, apply_yaml: ApplyYaml) -> None:
+    """A second pod runner in simulated mode, for its own node: Jobs complete without running anything."""
+    node = f"sim-{secrets.token_hex(3)}"
+    runner = subprocess.Popen(
+        [sys.executable, str(cluster.root / "hack" / "podrunner.py"),
+         f"--kubeconfig={cluster.dir / 'podrunner.kubeconfig'}", f"--cluster-dir={cluster.dir}",
+         f"--node-name={node}", "--simulate=0.5", "--no-bind"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        jobs = []
+        for i in range(10):
+            job = job_manifest(name=f"sim{i}", code="raise SystemExit(1)")  # would fail if it really ran
+            job["spec"]["template"]["spec"]["nodeName"] = node
+            jobs.append(job)
+        apply_yaml(jobs, namespace=namespace)
+
+        def all_done() -> bool:
+            conds = [job_condition(cluster, namespace=namespace, name=f"sim{i}") for i in range(10)]
+            return all(c is not None for c in conds)
+
+        wait_for(all_done, timeout=60, message="simulated jobs finish")
+        for i in range(10):
+            cond = job_condition(cluster, namespace=namespace, name=f"sim{i}")
+            assert cond is not None and cond["type"] == "Complete"
+        [sim_pod] = job_pods(cluster, namespace=namespace, name="sim0")
+        assert sim_pod["spec"]["nodeName"] == node
+        assert terminated(sim_pod)["containerID"].startswith("simulated://")
+        assert not cluster.pod_log(namespace=namespace, pod=sim_pod["metadata"]["name"], container="main")
+    finally:
+        runner.terminate()
+        runner.wait(timeout=30)
+        cluster.request("DELETE", f"/api/v1/nodes/{node}")

@@ -32,6 +32,7 @@ __all__ = [
     "Splits",
     "bad_file_tolerance",
     "build_augmentation",
+    "cache_budget",
     "load_splits",
     "make_dataset",
     "read_image",
@@ -229,9 +230,7 @@ def load_splits(
 
     total = len(train_files) + len(val_files)
     height, width = image_size
-    limit = cache_bytes if cache_bytes is not None else int(
-        os.environ.get(ENV_IMAGE_CACHE_BYTES, DEFAULT_IMAGE_CACHE_BYTES)
-    )
+    limit = cache_bytes if cache_bytes is not None else cache_budget()
     keep = total * height * width * 3 <= limit
     good_train, bad_train = _decode_all(train_files, size=image_size, keep=keep)
     good_val, bad_val = _decode_all(val_files, size=image_size, keep=keep)
@@ -355,3 +354,11 @@ def _stream_decoder(images: ImageSet) -> Callable[[Any, Any], tuple[Any, Any]]:
         return image, label
 
     return fn
+
+
+def cache_budget() -> int:
+    """Bytes the trainer may hold in memory for decoded images and cached activations."""
+    try:
+        return int(os.environ.get(ENV_IMAGE_CACHE_BYTES, DEFAULT_IMAGE_CACHE_BYTES))
+    except ValueError:
+        return DEFAULT_IMAGE_CACHE_BYTES

@@ -27,11 +27,13 @@ from finetune_trainer.errors import InvalidSpecError
 
 __all__ = [
     "Network",
+    "Split",
     "application",
     "build_network",
     "fine_tune_layers",
     "freeze_base",
     "preprocessing_layer",
+    "split_below_trainable",
     "unfreeze_last",
 ]
 
@@ -44,6 +46,15 @@ class Network:
     base: Any  # keras.Model: the pretrained base
     features: Any  # keras.Model: raw images -> pooled base features
     head: Any  # keras.Model: pooled features -> class probabilities (layers shared with `model`)
+    preprocess: Any | None  # the embedded preprocessing layer, if any
+    pool: Any  # the GlobalAveragePooling2D layer
+    head_layers: list[Any]  # Dense..., Dropout, Dense(softmax), in order
+
+    def apply_head(self, tensor: Any) -> Any:
+        """Runs a tensor of pooled features through the head's own layers."""
+        for layer in self.head_layers:
+            tensor = layer(tensor)
+        return tensor
 
 
 def application(*, name: str) -> Callable[..., Any]:
@@ -156,16 +167,58 @@ def build_network(*, spec: ModelSpec, num_classes: int) -> Network:
     head_layers.append(keras.layers.Dropout(spec.head.dropout, name="head_dropout"))
     head_layers.append(keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions"))
 
-    def apply_head(tensor: Any) -> Any:
-        for layer in head_layers:
-            tensor = layer(tensor)
-        return tensor
-
-    model = keras.Model(inputs, apply_head(pooled), name=f"finetune_{spec.base.lower()}")
-    features = keras.Model(inputs, pooled, name="features")
+    network = Network(
+        model=None, base=base, features=None, head=None, preprocess=pre, pool=pool, head_layers=head_layers
+    )
+    network.model = keras.Model(inputs, network.apply_head(pooled), name=f"finetune_{spec.base.lower()}")
+    network.features = keras.Model(inputs, pooled, name="features")
     feature_input = keras.Input(shape=(int(pooled.shape[-1]),), name="features")
-    head = keras.Model(feature_input, apply_head(feature_input), name="head")
-    return Network(model=model, base=base, features=features, head=head)
+    network.head = keras.Model(feature_input, network.apply_head(feature_input), name="head")
+    return network
+
+
+@dataclass
+class Split:
+    """The base cut below its trainable layers: a frozen prefix whose output phase 2 can cache."""
+
+    cut: str  # the last layer of the prefix
+    prefix: Any  # keras.Model: raw images -> the cut layer's output (preprocessing included)
+    rest: Any  # keras.Model: the cut layer's output -> class probabilities (suffix of the base + head)
+    shape: tuple[int, ...]  # per-image shape of the cut output
+
+
+def split_below_trainable(network: Network, *, max_tries: int = 64) -> Split | None:
+    """Cuts the base just below its first trainable layer, at a tensor every path goes through.
+
+    Returns None where no such cut exists (every layer trains, or a residual connection spans
+    every candidate within `max_tries` layers).
+    """
+    import keras
+
+    layers = list(network.base.layers)
+    trainable = [i for i, layer in enumerate(layers) if layer.trainable and layer.weights]
+    if not trainable:
+        return None
+    tries = 0
+    for index in range(trainable[0] - 1, 0, -1):
+        if tries >= max_tries:
+            break
+        tries += 1
+        cut = layers[index]
+        try:
+            suffix = keras.Model(cut.output, network.base.output, name="base_suffix")
+        except Exception:  # a tensor that skips over the cut: try one layer lower
+            continue
+        inputs = keras.Input(shape=network.model.input_shape[1:], name="image")
+        x = network.preprocess(inputs) if network.preprocess is not None else inputs
+        prefix_base = keras.Model(network.base.input, cut.output, name="base_prefix")
+        prefix = keras.Model(inputs, prefix_base(x, training=False), name="prefix")
+        rest_input = keras.Input(shape=tuple(cut.output.shape[1:]), name="cut")
+        rest = keras.Model(
+            rest_input, network.apply_head(network.pool(suffix(rest_input, training=False))), name="rest"
+        )
+        return Split(cut=cut.name, prefix=prefix, rest=rest, shape=tuple(int(d) for d in cut.output.shape[1:]))
+    return None
 
 
 def freeze_base(base: Any) -> None:

@@ -275,6 +275,32 @@ def _make_nan_guard() -> Any:
     return NaNGuard()
 
 
+@dataclass
+class _CachedValidation:
+    """Validation on inputs computed once (pooled features, or the frozen prefix's output)."""
+
+    model: Any  # maps the cached inputs to class probabilities, sharing layers with the trained model
+    x: np.ndarray
+    y: np.ndarray
+    batch_size: int
+
+
+def _make_cached_validation_callback(cached: _CachedValidation) -> Any:
+    import keras
+
+    class CachedValidation(keras.callbacks.Callback):  # type: ignore[misc]
+        """Puts val_loss/val_accuracy into the epoch's logs before any other callback reads them."""
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            result = cached.model.evaluate(cached.x, cached.y, batch_size=cached.batch_size, verbose=0, return_dict=True)
+            if logs is not None:
+                logs["val_loss"] = float(result["loss"])
+                logs["val_accuracy"] = float(result["accuracy"])
+
+    _compile(cached.model, learning_rate=1e-3)  # compiled for its loss and metrics; never trained
+    return CachedValidation()
+
+
 def _compile(model: Any, *, learning_rate: float) -> None:
     import keras
 
@@ -317,12 +343,16 @@ def _fit_stage(
     )
     nan_guard = _make_nan_guard()
     progress = _make_stage_callback(run, stage=stage, stage_epochs=epochs, epochs_before=epochs_before, steps=steps)
+    cached = validation if isinstance(validation, _CachedValidation) else None
     callbacks = [
+        *([_make_cached_validation_callback(cached)] if cached is not None else []),
         nan_guard,
         early,
         reduce,
         progress,
-        keras.callbacks.BackupAndRestore(backup_dir=str(backup_dir), delete_checkpoint=False),
+        keras.callbacks.BackupAndRestore(
+            backup_dir=str(backup_dir), double_checkpoint=True, delete_checkpoint=False
+        ),
         keras.callbacks.TensorBoard(
             log_dir=str(run.out / "tensorboard" / stage), write_graph=False, profile_batch=0
         ),
@@ -334,7 +364,7 @@ def _fit_stage(
     started = time.monotonic()
     model.fit(
         train,
-        validation_data=validation,
+        validation_data=None if cached is not None else validation,
         epochs=epochs,
         callbacks=callbacks,
         verbose=run.verbose,
@@ -367,6 +397,7 @@ def _fit_stage(
         if progress.train_seconds > 0
         else None,
         "resumedFromEpoch": first,
+        "epochsThisRun": progress.epochs_this_run,
     }
 
 
@@ -494,55 +525,59 @@ def _run(
             images=splits.train, batch_size=batch, shuffle=True, seed=training.seed, augmentation=augmentation
         )
 
+    budget = data_lib.cache_budget()
+
+    def cache(model: Any, images: data_lib.ImageSet) -> np.ndarray:
+        ds = data_lib.make_dataset(images=images, batch_size=batch, shuffle=False, seed=0)
+        return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
+
+    model: Any
+    train_data: Any
+    validation: Any
     stages: dict[str, dict[str, Any]] = {}
-    # Phase 1: the head on the frozen base.
+    # Phase 1: the head on the frozen base. Validation images never change and the base is
+    # frozen, so their pooled features are computed once; without augmentation the training
+    # images' features too, and the head trains on them alone.
     if "head" in state.completed:
         _restore_stage(out=out, stage="head", network=network)
         stages["head"] = {**state.completed["head"], "completedInEarlierRun": True}
     elif training.head.epochs > 0:
         model_lib.freeze_base(network.base)
+        extract_started = time.monotonic()
+        x_val = cache(network.features, splits.validation)
+        val_cache = _CachedValidation(model=network.head, x=x_val, y=splits.validation.labels, batch_size=batch)
         if augmentation is None:
-            extract_started = time.monotonic()
-            plain_train = data_lib.make_dataset(images=splits.train, batch_size=batch, shuffle=False, seed=0)
-            x_train = np.asarray(network.features.predict(plain_train, verbose=0), dtype=np.float32)
-            x_val = np.asarray(network.features.predict(val_ds(), verbose=0), dtype=np.float32)
+            x_train = cache(network.features, splits.train)
             extraction = time.monotonic() - extract_started
-            log.info("fast path: extracted %d-dim features of %d images in %.1fs", x_train.shape[1],
-                     len(x_train) + len(x_val), extraction)
-            summary = _fit_stage(
-                run_ctx,
-                stage="head",
-                model=network.head,
-                learning_rate=training.head.learning_rate,
-                epochs=training.head.epochs,
-                epochs_before=0,
-                train=x_train,
-                validation=(x_val, splits.validation.labels),
-                steps=steps,
-                fit_kwargs={"y": splits.train.labels, "batch_size": batch, "shuffle": True},
-            )
-            summary["durationSeconds"] = round(summary["durationSeconds"] + extraction, 3)
-            summary["extractionSeconds"] = round(extraction, 3)
-            summary["fastPath"] = True
+            log.info("fast path: base features of %d images extracted once in %.1fs", len(x_train) + len(x_val), extraction)
+            model, train_data, validation = network.head, x_train, (x_val, splits.validation.labels)
+            fit_kwargs: dict[str, Any] = {"y": splits.train.labels, "batch_size": batch, "shuffle": True}
         else:
-            summary = _fit_stage(
-                run_ctx,
-                stage="head",
-                model=network.model,
-                learning_rate=training.head.learning_rate,
-                epochs=training.head.epochs,
-                epochs_before=0,
-                train=train_ds(),
-                validation=val_ds(),
-                steps=steps,
-                fit_kwargs={"shuffle": False},  # the pipeline shuffles
-            )
-            summary["fastPath"] = False
+            extraction = time.monotonic() - extract_started
+            model, train_data, validation = network.model, train_ds(), val_cache
+            fit_kwargs = {"shuffle": False}  # the pipeline shuffles
+        summary = _fit_stage(
+            run_ctx,
+            stage="head",
+            model=model,
+            learning_rate=training.head.learning_rate,
+            epochs=training.head.epochs,
+            epochs_before=0,
+            train=train_data,
+            validation=validation,
+            steps=steps,
+            fit_kwargs=fit_kwargs,
+        )
+        summary["durationSeconds"] = round(summary["durationSeconds"] + extraction, 3)
+        summary["extractionSeconds"] = round(extraction, 3)
+        summary["fastPath"] = "features" if augmentation is None else "validation-features"
         summary["trainableLayers"] = [layer.name for layer in network.head.layers if layer.trainable and layer.weights]
         _finish_stage(run_ctx, stage="head", network=network, summary=summary)
         stages["head"] = summary
 
-    # Phase 2: the last layers of the base, at a low learning rate.
+    # Phase 2: the last layers of the base, at a low learning rate. The layers below the
+    # first unfrozen one stay frozen, so their output is cached where it fits in memory
+    # (validation always, training images too without augmentation).
     fine = training.fine_tune
     if fine.unfreeze_last > 0 and fine.epochs > 0:
         if "fine-tune" in state.completed:
@@ -551,19 +586,42 @@ def _run(
         else:
             unfrozen = model_lib.unfreeze_last(network.base, count=fine.unfreeze_last)
             log.info("fine-tune: unfroze %s", ", ".join(unfrozen) or "no layers with weights")
+            split = model_lib.split_below_trainable(network)
+            cached_images = len(splits.validation) + (len(splits.train) if augmentation is None else 0)
+            if split is not None and cached_images * int(np.prod(split.shape)) * 4 > budget:
+                log.info("fine-tune: the output of %s does not fit the cache budget; not cached", split.cut)
+                split = None
+            extract_started = time.monotonic()
+            model, train_data, validation = network.model, train_ds(), val_ds()
+            fit_kwargs = {"shuffle": False}
+            mode = "none"
+            if split is not None:
+                x_val = cache(split.prefix, splits.validation)
+                validation = _CachedValidation(model=split.rest, x=x_val, y=splits.validation.labels, batch_size=batch)
+                mode = "validation-prefix"
+                if augmentation is None:
+                    model, train_data = split.rest, cache(split.prefix, splits.train)
+                    validation = (x_val, splits.validation.labels)
+                    fit_kwargs = {"y": splits.train.labels, "batch_size": batch, "shuffle": True}
+                    mode = "prefix"
+                log.info("fine-tune: output of %s cached (%s)", split.cut, mode)
+            extraction = time.monotonic() - extract_started
             summary = _fit_stage(
                 run_ctx,
                 stage="fine-tune",
-                model=network.model,
+                model=model,
                 learning_rate=fine.learning_rate,
                 epochs=fine.epochs,
                 epochs_before=training.head.epochs,
-                train=train_ds(),
-                validation=val_ds(),
+                train=train_data,
+                validation=validation,
                 steps=steps,
-                fit_kwargs={"shuffle": False},  # the pipeline shuffles
+                fit_kwargs=fit_kwargs,
             )
-            summary["fastPath"] = False
+            summary["durationSeconds"] = round(summary["durationSeconds"] + extraction, 3)
+            summary["extractionSeconds"] = round(extraction, 3)
+            summary["fastPath"] = mode
+            summary["cachedBelow"] = split.cut if split is not None else None
             summary["trainableLayers"] = unfrozen
             _finish_stage(run_ctx, stage="fine-tune", network=network, summary=summary)
             stages["fine-tune"] = summary

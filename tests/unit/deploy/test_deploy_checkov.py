@@ -1,10 +1,10 @@
-"""checkov (run isolated with `uv tool run`) on what deploy/ installs and on a trainer Job.
+"""checkov (run isolated with `uv tool run`) on what deploy/ installs, a trainer Job and the Dockerfile.
 
 No check may fail. A check that is deliberately not met carries its reason where checkov
 reads it: a `checkov.io/skipN: CKV_...=reason` annotation on the manifest (which, unlike a
 YAML comment, survives `kubectl kustomize`). The trainer Job is made by the operator's own
 builder, so its justifications live here, in TRAINER_JOB_SKIPS, and are applied as the same
-annotations before the scan.
+annotations before the scan. In the Dockerfile, checkov reads `# checkov:skip=` comments.
 """
 
 from __future__ import annotations
@@ -31,14 +31,16 @@ TRAINER_JOB_SKIPS = {
 }
 
 
-def checkov(*, directory: Path) -> dict[str, Any]:
-    """checkov's JSON report of the Kubernetes manifests in `directory`."""
+def checkov(
+    *, directory: Path | None = None, file: Path | None = None, framework: str = "kubernetes"
+) -> dict[str, Any]:
+    """checkov's JSON report of the `framework` files in `directory` (or of one `file`)."""
+    target = ["--directory", str(directory)] if directory is not None else ["--file", str(file)]
     argv = [
         *uv_tool(package=CHECKOV, command="checkov"),
-        "--directory",
-        str(directory),
+        *target,
         "--framework",
-        "kubernetes",
+        framework,
         "--skip-download",
         "--output",
         "json",
@@ -49,9 +51,9 @@ def checkov(*, directory: Path) -> dict[str, Any]:
     )
     report = json.loads(result.stdout)
     reports = report if isinstance(report, list) else [report]
-    kubernetes = [r for r in reports if r.get("check_type") == "kubernetes"]
-    assert kubernetes, f"checkov scanned no Kubernetes manifest in {directory}"
-    return dict(kubernetes[0])
+    matching = [r for r in reports if r.get("check_type") == framework]
+    assert matching, f"checkov scanned no {framework} file in {directory or file}"
+    return dict(matching[0])
 
 
 def assert_clean(report: dict[str, Any]) -> None:
@@ -122,3 +124,9 @@ def test_checkov_on_a_trainer_job(render: Render, tmp_path: Path) -> None:
     report = checkov(directory=tmp_path)
     assert_clean(report)
     assert {c["check_id"] for c in report["results"]["skipped_checks"]} <= TRAINER_JOB_SKIPS.keys()
+
+
+def test_checkov_on_the_dockerfile() -> None:
+    report = checkov(file=ROOT / "Dockerfile", framework="dockerfile")
+    assert_clean(report)
+    assert {c["check_id"] for c in report["results"]["skipped_checks"]} <= {"CKV_DOCKER_2"}

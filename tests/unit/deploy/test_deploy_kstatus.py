@@ -7,6 +7,7 @@ GitOps tool, a failed one must look Failed, a succeeded one Current with Ready=T
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import pytest
@@ -65,3 +66,101 @@ def test_ready_consistency_detects_a_ready_true_while_in_progress() -> None:
     good = _obj(status={"observedGeneration": 1, "conditions": [_cond("Ready", "True")]})
     assert not ready_consistent(bad)
     assert ready_consistent(good)
+
+
+# --- statuses the operator writes (finetune_operator.status, its pure status logic) -------
+
+NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
+T0 = "2026-01-01T11:50:00Z"
+
+
+def _derived(*, phase: str, generation: int = 1) -> dict[str, Any]:
+    """A whole FineTuneJob whose status is what `status.derive` returns for `phase`."""
+    from finetune_operator import status as status_logic
+
+    job = status_logic.JobView(uid="j", suspend=False, active=1, start_time=T0)
+    running = status_logic.PodView(
+        uid="p1", name="flowers-abcde", phase="Running", created=T0, start_time=T0, running_since=T0
+    )
+    pods: list[status_logic.PodView] = [running]
+    suspend = False
+    if phase == "Pending":
+        job, pods = status_logic.JobView(uid="j", suspend=False), []
+    elif phase == "Succeeded":
+        job = status_logic.JobView(uid="j", suspend=False, succeeded=1, conditions={"Complete": ("", "", T0)})
+        pods = [
+            status_logic.PodView(
+                uid="p1", name="flowers-abcde", phase="Succeeded", running_since=T0, exit_code=0
+            )
+        ]
+    elif phase == "Failed":
+        job = status_logic.JobView(
+            uid="j", suspend=False, failed=1, conditions={"Failed": ("PodFailurePolicy", "exit code 3", T0)}
+        )
+        pods = [
+            status_logic.PodView(
+                uid="p1", name="flowers-abcde", phase="Failed", running_since=T0, exit_code=3
+            )
+        ]
+    elif phase == "Suspended":
+        suspend, job, pods = True, status_logic.JobView(uid="j", suspend=True), []
+    outcome = status_logic.derive(
+        generation=generation,
+        suspend=suspend,
+        output_path="/models/flowers",
+        previous={},
+        job=job,
+        pods=pods,
+        counted_pods=frozenset(),
+        now=NOW,
+        pending_timeout_s=600.0,
+    )
+    assert outcome.status["phase"] == phase, outcome.status
+    return _obj(generation=generation, status=outcome.status)
+
+
+# What a GitOps tool should conclude: a job still training is not done (InProgress), a failed
+# one is Failed, a finished one is Current; suspension is a reconciled, steady state.
+EXPECTED = {
+    "Pending": "InProgress",
+    "Running": "InProgress",
+    "Succeeded": "Current",
+    "Failed": "Failed",
+    "Suspended": "Current",
+}
+
+
+# kstatus never reads Ready/Running/Failed: it needs the abnormal-true conditions Reconciling
+# (True while Pending/Running) and Stalled (True on Failed), which the operator does not write
+# yet, so today kstatus calls these three Current. Strict: the day the operator writes them,
+# these XPASS and fail, and the marks must go.
+_NEEDS_RECONCILING_STALLED = pytest.mark.xfail(
+    strict=True, reason="operator status has no Reconciling/Stalled conditions (kstatus' abnormal-true pair)"
+)
+
+
+@pytest.mark.parametrize(
+    "phase",
+    [
+        pytest.param(phase, marks=_NEEDS_RECONCILING_STALLED) if EXPECTED[phase] != "Current" else phase
+        for phase in EXPECTED
+    ],
+)
+def test_operator_status_classifies_as_expected(phase: str) -> None:
+    obj = _derived(phase=phase)
+    assert compute(obj).status == EXPECTED[phase], obj["status"]["conditions"]
+
+
+@pytest.mark.parametrize("phase", list(EXPECTED))
+def test_operator_ready_condition_is_consistent(phase: str) -> None:
+    obj = _derived(phase=phase)
+    ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["observedGeneration"] == obj["metadata"]["generation"] == obj["status"]["observedGeneration"]
+    assert (ready["status"] == "True") == (phase == "Succeeded")
+    assert ready_consistent(obj)
+
+
+def test_a_spec_change_not_yet_observed_is_in_progress() -> None:
+    obj = _derived(phase="Succeeded")
+    obj["metadata"]["generation"] = 2
+    assert compute(obj).status == "InProgress"

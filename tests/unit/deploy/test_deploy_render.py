@@ -208,3 +208,28 @@ def test_crds_kustomization_lists_the_generated_crd() -> None:
     generated = sorted(p.name for p in (ROOT / "crds").glob("*.yaml") if p.name != "kustomization.yaml")
     assert sorted(kustomization["resources"]) == generated
     assert (DEPLOY / "base" / "kustomization.yaml").is_file()
+
+
+def test_replicas_beyond_one_use_kopf_peering(render: Render) -> None:
+    """Two replicas without peering would both handle every job: prod must peer, with the RBAC for it."""
+    for which in OVERLAYS:
+        objects = render(which)
+        deployment = find(objects, kind="Deployment", name="finetune-operator")
+        if deployment["spec"].get("replicas", 1) <= 1:
+            continue
+        names = [
+            a.split("=", 1)[1] for a in _operator_container(objects)["args"] if a.startswith("--peering=")
+        ]
+        assert names, f"deploy/{which} runs {deployment['spec']['replicas']} replicas without --peering"
+        peering = find(objects, kind="ClusterKopfPeering", name=names[-1])
+        assert peering["apiVersion"].startswith("kopf.dev/")
+        crd_kinds = {o["spec"]["names"]["kind"] for o in objects if o["kind"] == "CustomResourceDefinition"}
+        assert "ClusterKopfPeering" in crd_kinds
+        role = find(objects, kind="ClusterRole", name="finetune-operator")
+        granted = {
+            verb
+            for rule in role["rules"]
+            if "kopf.dev" in rule.get("apiGroups", []) and "clusterkopfpeerings" in rule.get("resources", [])
+            for verb in rule["verbs"]
+        }
+        assert {"list", "watch", "patch"} <= granted, f"the ClusterRole lets Kopf peer with only {granted}"

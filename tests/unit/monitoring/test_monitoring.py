@@ -243,7 +243,9 @@ class TestComponent:
         (relabel,) = endpoint["relabelings"]
         (source,) = relabel["sourceLabels"]
         label = source.removeprefix("__meta_kubernetes_pod_label_")
-        matching = [k for k, v in pod["metadata"]["labels"].items() if re.sub(r"[^a-zA-Z0-9_]", "_", k) == label]
+        matching = [
+            k for k, v in pod["metadata"]["labels"].items() if re.sub(r"[^a-zA-Z0-9_]", "_", k) == label
+        ]
         assert [pod["metadata"]["labels"][k] for k in matching] == ["flowers"]
 
 
@@ -288,9 +290,9 @@ def operator_exposition() -> Iterator[dict[str, set[str]]]:
             eta_seconds=30.0,
             timestamp=time.time(),
         )
-    metrics.progress_report(result="accepted")
-    metrics.status_write(source="progress")
-    metrics.reconcile_error(handler="create")
+    # finetune_progress_reports_total and finetune_status_writes_total exist from the start;
+    # a handler label of its own keeps other tests' counts untouched.
+    metrics.reconcile_error(handler="d2-monitoring-coverage")
     metrics.job_finished(namespace=ns, name="flowers", phase="Succeeded", reason=None, duration_s=90.0)
     metrics.job_finished(namespace=ns, name="broken", phase="Failed", reason="DataError", duration_s=5.0)
     port = metrics.start_metrics_server(host="127.0.0.1", port=0)
@@ -369,3 +371,35 @@ def _family(sample_name: str) -> str | None:
     if sample_name.endswith("_created"):
         return None
     return re.sub(r"_(total|bucket|sum|count)$", "", sample_name)
+
+
+def test_stage_is_current_only_while_running() -> None:
+    """The running-jobs table and the stalled alert read finetune_job_stage == 1 as "training now"."""
+    metrics = pytest.importorskip("finetune_operator.metrics")
+    ns, name = "d2-stage-semantics", "job"
+
+    def stage(value: str) -> float | None:
+        sample: float | None = metrics.REGISTRY.get_sample_value(
+            "finetune_job_stage", {"namespace": ns, "name": name, "stage": value}
+        )
+        return sample
+
+    metrics.set_phase(namespace=ns, name=name, phase="Running")
+    metrics.observe_progress(
+        namespace=ns,
+        name=name,
+        stage="fine-tune",
+        epoch=1,
+        progress_ratio=0.5,
+        metrics={},
+        images_per_second=None,
+        eta_seconds=None,
+        timestamp=time.time(),
+    )
+    try:
+        assert (stage("head"), stage("fine-tune")) == (0, 1)
+        metrics.set_phase(namespace=ns, name=name, phase="Succeeded")
+        assert (stage("head"), stage("fine-tune")) == (0, 0)
+    finally:
+        metrics.forget_job(namespace=ns, name=name)
+    assert stage("fine-tune") is None

@@ -125,7 +125,8 @@ async def test_flooding_gets_429_with_retry_after(make_live: MakeLive) -> None:
     before = reports_total("rate_limited")
     statuses = []
     for i in range(8):
-        resp = await live.post(report(name="a", epoch=1 + i % 5), token="token-a")
+        # The burst carries epochs 1-3; every refused report carries epoch 9.
+        resp = await live.post(report(name="a", epoch=i + 1 if i < 3 else 9), token="token-a")
         statuses.append(resp.status)
         if resp.status == 429:
             assert int(resp.headers["Retry-After"]) >= 1
@@ -135,6 +136,8 @@ async def test_flooding_gets_429_with_retry_after(make_live: MakeLive) -> None:
     # The flood of one job does not limit another.
     live.hub.register(namespace="ml", name="b", uid="", token="token-b", total_epochs=10)
     assert (await live.post(report(name="b"), token="token-b")).status == 202
+    await live.hub.stop()  # writes what is pending: the latest accepted report
+    assert [s["epoch"] for s in live.recorder.for_job("ml", "a")] == [1, 3]
 
 
 async def test_unknown_forgotten_and_finished_jobs_are_dropped(make_live: MakeLive) -> None:
@@ -273,3 +276,29 @@ async def test_accepted_report_updates_the_job_series(make_live: MakeLive) -> No
     assert (
         get("finetune_job_loss", {"namespace": "mx", "name": "a", "stage": "head", "split": "train"}) is None
     )
+
+
+async def test_stop_writes_what_is_pending(make_live: MakeLive) -> None:
+    live = await make_live(min_write_interval_s=60.0)
+    live.hub.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
+    assert (await live.post(report(name="a", epoch=1), token="token-a")).status == 202
+    await live.recorder.wait_for(1, namespace="ml", name="a")
+    assert (await live.post(report(name="a", epoch=2), token="token-a")).status == 202
+    assert len(live.recorder.for_job("ml", "a")) == 1
+    await live.hub.stop()
+    assert [s["epoch"] for s in live.recorder.for_job("ml", "a")] == [1, 2]
+
+
+async def test_lifecycle_calls_from_another_thread_reach_the_loop(make_live: MakeLive) -> None:
+    live = await make_live(min_write_interval_s=0.0)
+    await asyncio.to_thread(
+        lambda: live.hub.register(namespace="ml", name="t", uid="", token="token-t", total_epochs=4)
+    )
+    deadline = time.monotonic() + 5
+    while not live.hub.is_registered(namespace="ml", name="t") and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert (await live.post(report(name="t", total_epochs=4), token="token-t")).status == 202
+    await asyncio.to_thread(lambda: live.hub.forget(namespace="ml", name="t"))
+    while live.hub.is_registered(namespace="ml", name="t") and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert (await live.post(report(name="t", total_epochs=4), token="token-t")).status == 404

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from finetune_trainer import data
 from finetune_trainer.config import AugmentationSpec, DataSpec
 from finetune_trainer.errors import DataError
+from PIL import Image
 
 
 def _spec(train: Path, validation: Path | None = None, split: float | None = None) -> DataSpec:

@@ -9,7 +9,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-
 from finetune_trainer import model
 from finetune_trainer.config import ModelSpec
 from finetune_trainer.errors import InvalidSpecError

@@ -219,7 +219,25 @@ class TestProgressReporter:
         assert endpoint.count() == 3
         assert results == ["failed"]
 
-    @pytest.mark.parametrize("status", [400, 401, 403, 413])
+    def test_a_failing_endpoint_never_slows_training(self, endpoint: Endpoint) -> None:
+        endpoint.status = 500
+        results: list[str] = []
+        r = reporter(
+            endpoint.url, flush_timeout_s=1.0, on_result=results.append
+        )  # default 0.5 s, 1 s backoff
+        slowest = 0.0
+        for epoch in range(1, 31):
+            t0 = time.monotonic()
+            epoch_end(r, epoch=epoch)
+            r.on_batch_end(stage="head", epoch=epoch, batch=0, batches=1, batch_seconds=0.01)
+            slowest = max(slowest, time.monotonic() - t0)
+        t0 = time.monotonic()
+        r.on_finish(result="failed", metrics={}, message="x")
+        assert slowest < 0.05, slowest
+        assert time.monotonic() - t0 < 1.5
+        assert "sent" not in results and "failed" in results
+
+    @pytest.mark.parametrize("status", [400, 401, 403, 409, 410, 413])
     def test_refusals_are_not_retried(self, endpoint: Endpoint, status: int) -> None:
         endpoint.status = status
         results: list[str] = []

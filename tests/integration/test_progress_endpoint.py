@@ -1,0 +1,388 @@
+"""The progress endpoint of the real operator, against the local control plane.
+
+The operator runs as a subprocess (`finetune-operator`, only in the test's namespace). Each
+FineTuneJob's trainer image is on a `.invalid` registry, so its pod waits in ErrImagePull and
+no trainer ever reports: every report here is one the test sends itself, with the token read
+from the job's Secret, to the operator's real endpoint. A watch records every version of the
+jobs' status, so "changes no status" is checked against all writes, not a last snapshot.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from finetune_trainer import protocol
+from fixtures.cluster import ApplyYaml, Cluster, wait_for
+from kubernetes import client, watch
+
+GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
+PROGRESS_FIELDS = ("stage", "epoch", "epochs", "progress", "etaSeconds", "metrics", "lastProgressTime")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Operator:
+    progress_url: str
+    metrics_url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def sample(self, metric: str, labels: dict[str, str] | None = None) -> float | None:
+        want = {f'{k}="{v}"' for k, v in (labels or {}).items()}
+        for line in self.metrics().splitlines():
+            if line.startswith(metric + "{") or line.startswith(metric + " "):
+                head, _, value = line.rpartition(" ")
+                inside = head[len(metric) :].strip("{}")
+                if want <= set(inside.split(",")) if inside else not want:
+                    return float(value)
+        return None
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Operator]:
+    progress_port, metrics_port, health_port = _free_port(), _free_port(), _free_port()
+    progress_url = f"http://127.0.0.1:{progress_port}{protocol.PROGRESS_PATH}"
+    log = tmp_path / "operator.log"
+    argv = [
+        sys.executable,
+        "-m",
+        "finetune_operator",
+        f"--namespace={namespace}",
+        "--progress-host=127.0.0.1",
+        f"--progress-port={progress_port}",
+        f"--progress-url={progress_url}",
+        "--metrics-host=127.0.0.1",
+        f"--metrics-port={metrics_port}",
+        f"--health-port={health_port}",
+        "--pending-timeout=600",
+    ]
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cluster.root)
+    op = Operator(
+        progress_url=progress_url, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", proc=proc, log=log
+    )
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            return "finetune_progress_reports_total" in op.metrics()
+        except OSError:
+            return False
+
+    wait_for(up, timeout=60, message="operator serving /metrics")
+    try:
+        yield op
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class StatusWatch:
+    """Every status the API server stored for the namespace's FineTuneJobs, in order."""
+
+    seen: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def statuses(self, name: str) -> list[dict[str, Any]]:
+        return list(self.seen.get(name, []))
+
+    def latest(self, name: str) -> dict[str, Any]:
+        got = self.seen.get(name) or [{}]
+        return got[-1]
+
+
+@pytest.fixture
+def status_watch(cluster: Cluster, namespace: str) -> Iterator[StatusWatch]:
+    recorded = StatusWatch()
+    api_client = cluster.api_client()
+    objects = client.CustomObjectsApi(api_client)
+
+    def run() -> None:
+        while not recorded.stop.is_set():
+            w = watch.Watch()
+            try:
+                for event in w.stream(
+                    objects.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    timeout_seconds=2,
+                ):
+                    obj = event["object"]
+                    name = obj["metadata"]["name"]
+                    status = obj.get("status") or {}
+                    history = recorded.seen.setdefault(name, [])
+                    if not history or history[-1] != status:
+                        history.append(status)
+                    if recorded.stop.is_set():
+                        break
+            except Exception:
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield recorded
+    finally:
+        recorded.stop.set()
+        thread.join(timeout=10)
+        api_client.close()
+
+
+def ftj(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"base": "MobileNetV2", "weights": "none"},
+            "data": {"train": "/data/train", "validationSplit": 0.2},
+            "training": {"head": {"epochs": 2}, "fineTune": {"epochs": 3}},
+            "output": {"path": f"/models/{name}"},
+            # A registry that "fails to pull": the pod waits, no trainer runs or reports.
+            "runtime": {"image": "registry.invalid/finetune-trainer:0", "gpus": 0},
+        },
+    }
+
+
+def token_of(cluster: Cluster, *, namespace: str, name: str) -> str:
+    def read() -> str | None:
+        got = cluster.get(f"/api/v1/namespaces/{namespace}/secrets/{name}-progress")
+        data = (got or {}).get("data") or {}
+        return base64.b64decode(data["token"]).decode() if "token" in data else None
+
+    return wait_for(read, timeout=60, message=f"Secret {name}-progress with a token")
+
+
+def body(namespace: str, name: str, **overrides: Any) -> dict[str, Any]:
+    report = {
+        "namespace": namespace,
+        "name": name,
+        "event": "epoch-end",
+        "stage": "head",
+        "epoch": 1,
+        "stageEpochs": 2,
+        "epochsDone": 1,
+        "totalEpochs": 5,
+        "metrics": {"loss": 0.9, "accuracy": 0.6, "val_loss": 1.0, "val_accuracy": 0.55},
+        "bestValAccuracy": 0.55,
+        "imagesPerSecond": 100.0,
+        "epochSeconds": 4.0,
+        "timestamp": time.time(),
+    }
+    report.update(overrides)
+    return report
+
+
+def post(
+    url: str, payload: Any, *, token: str | None, raw: bytes | None = None
+) -> tuple[int, dict[str, str]]:
+    data = raw if raw is not None else json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers)
+
+
+def columns(cluster: Cluster, *, namespace: str, name: str) -> dict[str, str]:
+    out = cluster.kubectl_run("get", "ftj", name, "-n", namespace).stdout.splitlines()
+    header, row = out[0].split(), out[1].split()
+    return dict(zip(header, row, strict=False))
+
+
+def test_reports_move_kubectl_get_and_the_metrics(
+    cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, operator: Operator, status_watch: StatusWatch
+) -> None:
+    apply_yaml(ftj("flowers"), namespace=namespace)
+    token = token_of(cluster, namespace=namespace, name="flowers")
+    url = operator.progress_url
+
+    # The Secret is made just before the operator registers the job with its hub: until then, 404.
+    first = body(namespace, "flowers", event="stage-start", epoch=0, epochsDone=0)
+    wait_for(lambda: post(url, first, token=token)[0] == 202, timeout=30, message="first report accepted")
+    wait_for(
+        lambda: columns(cluster, namespace=namespace, name="flowers").get("STAGE") == "head",
+        timeout=30,
+        message="STAGE head in kubectl get ftj",
+    )
+    # Epoch ends inside the 5 s window are coalesced: the latest one shows when it closes.
+    assert post(url, body(namespace, "flowers", epoch=1, epochsDone=1), token=token)[0] == 202
+    assert (
+        post(url, body(namespace, "flowers", epoch=2, epochsDone=2, bestValAccuracy=0.61), token=token)[0]
+        == 202
+    )
+
+    def head_done() -> dict[str, str] | None:
+        row = columns(cluster, namespace=namespace, name="flowers")
+        return row if row.get("EPOCH") == "2/2" else None
+
+    row = wait_for(head_done, timeout=30, message="EPOCH 2/2 in kubectl get ftj")
+    assert row["PROGRESS"] == "40"
+    assert row["VAL-ACC"] == "0.61"
+    status = status_watch.latest("flowers")
+    assert status["etaSeconds"] == 12  # 3 planned epochs left x 4 s
+    assert status["message"] == "phase 1/2, epoch 2/2"
+    assert status["metrics"]["val_accuracy"] == 0.55
+
+    # A stage change is written at once, even inside the window.
+    started = time.monotonic()
+    change = body(
+        namespace, "flowers", event="stage-start", stage="fine-tune", epoch=0, stageEpochs=3, epochsDone=2
+    )
+    assert post(url, change, token=token)[0] == 202
+    wait_for(
+        lambda: status_watch.latest("flowers").get("stage") == "fine-tune",
+        timeout=30,
+        message="stage fine-tune in status",
+    )
+    assert time.monotonic() - started < 4.0
+    assert columns(cluster, namespace=namespace, name="flowers")["EPOCH"] == "0/3"
+
+    labels = {"namespace": namespace, "name": "flowers"}
+    assert operator.sample("finetune_job_progress_ratio", labels) == 0.4
+    assert operator.sample("finetune_job_stage", {**labels, "stage": "fine-tune"}) == 1.0
+    assert (operator.sample("finetune_progress_reports_total", {"result": "accepted"}) or 0) >= 4
+
+    cluster.kubectl_run("delete", "ftj", "flowers", "-n", namespace, "--wait=true")
+
+    def job_series() -> list[str]:
+        return [
+            line
+            for line in operator.metrics().splitlines()
+            if f'namespace="{namespace}"' in line and 'name="flowers"' in line
+        ]
+
+    wait_for(
+        lambda: not job_series(),
+        timeout=30,
+        message="no per-job series left after the FineTuneJob is deleted",
+    )
+    late = body(namespace, "flowers", epoch=1, stage="fine-tune", epochsDone=3)
+    assert post(url, late, token=token)[0] == 404
+
+    # Made again under the same name: a new Secret, a new token; the old one has expired.
+    def new_token() -> str | None:
+        fresh = token_of(cluster, namespace=namespace, name="flowers")
+        return fresh if fresh != token else None
+
+    apply_yaml(ftj("flowers"), namespace=namespace)
+    fresh = wait_for(new_token, timeout=60, message="a new token for the new flowers")
+    again = body(namespace, "flowers", event="stage-start", epoch=0, epochsDone=0)
+    wait_for(
+        lambda: post(url, again, token=fresh)[0] == 202, timeout=30, message="the new flowers registered"
+    )
+    assert post(url, body(namespace, "flowers", epoch=1), token=token)[0] == 401
+
+
+def test_bad_reports_are_refused_and_change_no_status(
+    cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, operator: Operator, status_watch: StatusWatch
+) -> None:
+    apply_yaml([ftj("alpha"), ftj("beta")], namespace=namespace)
+    token_a = token_of(cluster, namespace=namespace, name="alpha")
+    token_b = token_of(cluster, namespace=namespace, name="beta")
+    assert token_a != token_b
+    url = operator.progress_url
+    for name, token in (("alpha", token_a), ("beta", token_b)):
+        # Registered with the hub once an expired report gets 400 rather than 404.
+        probe = body(namespace, name, timestamp=0.0)
+
+        def registered(probe: dict[str, Any] = probe, token: str = token) -> bool:
+            return post(url, probe, token=token)[0] == 400
+
+        wait_for(registered, timeout=30, message=f"{name} registered")
+    before = {
+        r: operator.sample("finetune_progress_reports_total", {"result": r}) or 0 for r in protocol_results()
+    }
+
+    forged = post(url, body(namespace, "alpha", epoch=1), token=secrets.token_urlsafe(32))
+    missing = post(url, body(namespace, "alpha", epoch=1), token=None)
+    cross = post(url, body(namespace, "beta", epoch=1), token=token_a)
+    oversized = post(
+        url, None, token=token_a, raw=json.dumps(body(namespace, "alpha")).encode() + b" " * 65536
+    )
+    malformed = post(url, None, token=token_a, raw=b'{"namespace": "x", ')
+    schema = post(url, body(namespace, "alpha", epoch=-1, stage="phase-9"), token=token_a)
+    expired = post(url, body(namespace, "alpha", timestamp=time.time() - 3600), token=token_a)
+    cross_unknown = post(url, body(namespace, "gamma"), token=token_b)
+    unknown = post(url, body(namespace, "gamma"), token=secrets.token_urlsafe(32))
+    codes = [forged, missing, cross, oversized, malformed, schema, expired, cross_unknown, unknown]
+    assert [c[0] for c in codes] == [401, 401, 403, 413, 400, 400, 400, 403, 404]
+
+    # Flooding: the burst is accepted (epoch 1), then reports are refused with 429 (epoch 2).
+    flood = []
+    for _ in range(30):
+        code, headers = post(url, body(namespace, "beta", epoch=1), token=token_b)
+        flood.append(code)
+        if code == 429:
+            assert int(headers["Retry-After"]) >= 1
+            break
+    assert flood[-1] == 429, flood
+    refused = [post(url, body(namespace, "beta", epoch=2, epochsDone=2), token=token_b)[0] for _ in range(3)]
+    assert refused == [429, 429, 429]
+
+    after = {
+        r: operator.sample("finetune_progress_reports_total", {"result": r}) or 0 for r in protocol_results()
+    }
+    assert after["unauthorized"] - before["unauthorized"] == 2
+    assert after["forbidden"] - before["forbidden"] == 2
+    assert after["too_large"] - before["too_large"] == 1
+    assert after["invalid"] - before["invalid"] == 3
+    assert after["rate_limited"] - before["rate_limited"] == 4
+    assert after["unknown_job"] - before["unknown_job"] == 1
+
+    # beta's accepted burst shows (epoch 1); the refused epoch-2 reports never do.
+    wait_for(lambda: status_watch.latest("beta").get("epoch") == 1, timeout=30, message="beta at epoch 1")
+    time.sleep(6.0)  # one more coalescing window: a refused report, had it counted, would show by now
+    assert all(s.get("epoch") != 2 for s in status_watch.statuses("beta"))
+    # alpha was only sent refused reports: no status version of it ever had a progress field.
+    assert all(not any(k in s for k in PROGRESS_FIELDS) for s in status_watch.statuses("alpha"))
+    assert status_watch.statuses("alpha"), "the watch saw alpha"
+
+
+def protocol_results() -> tuple[str, ...]:
+    return (
+        "accepted",
+        "invalid",
+        "unauthorized",
+        "forbidden",
+        "too_large",
+        "rate_limited",
+        "unknown_job",
+        "finished",
+    )

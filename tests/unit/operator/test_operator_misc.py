@@ -1,0 +1,70 @@
+"""Import hygiene, the static list of Keras model names, the operator's own refusals, flags."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from finetune_operator import handlers, models, settings
+
+
+def test_operator_never_imports_tensorflow_or_keras() -> None:
+    code = (
+        "import json, sys\n"
+        "import finetune_operator.handlers, finetune_operator.__main__, finetune_operator.crd\n"
+        "import finetune_operator.progress, finetune_operator.metrics\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
+
+
+def test_keras_application_names_match_the_installed_keras() -> None:
+    code = "import keras, json; print(json.dumps([n for n in dir(keras.applications) if n[:1].isupper()]))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"TF_CPP_MIN_LOG_LEVEL": "3"}, check=False
+    )
+    if out.returncode != 0:
+        pytest.skip(f"keras not importable here: {out.stderr[-200:]}")
+    assert set(json.loads(out.stdout.strip().splitlines()[-1])) == models.KERAS_APPLICATIONS
+
+
+BASE = {"data": {"train": "/d", "validationSplit": 0.2}, "output": {"path": "/m"}}
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "fragment"),
+    [
+        ("ok", BASE, None),
+        ("bad-base", {**BASE, "model": {"base": "NoSuchNet"}}, "spec.model.base"),
+        ("workers", {**BASE, "runtime": {"workers": 2}}, "spec.runtime.workers"),
+        ("x" * 60, BASE, "metadata.name"),
+        ("both", {**BASE, "data": {"train": "/d", "validation": "/v", "validationSplit": 0.1}}, "exactly one"),
+        ("unknown-field", {**BASE, "bogus": 1}, "bogus"),
+    ],
+)
+def test_operator_refusals(name: str, spec: dict[str, object], fragment: str | None) -> None:
+    parsed, refusal = handlers.operator_refusal(name=name, spec=spec)
+    if fragment is None:
+        assert refusal is None and parsed is not None
+    else:
+        assert parsed is None and refusal is not None and fragment in refusal
+
+
+def test_flags_and_environment() -> None:
+    env = {"FINETUNE_NAMESPACES": "a, b", "FINETUNE_TRAINER_IMAGE": "img:env", "FINETUNE_PROGRESS_URL": "http://x"}
+    config = settings.parse_args([], environ=env)
+    assert config.namespaces == ("a", "b")
+    assert (config.trainer_image, config.progress_url) == ("img:env", "http://x")
+    flags = settings.parse_args(
+        ["--namespace", "c", "--trainer-image", "i:f", "--trainer-command", "python fake.py", "--pending-timeout", "5"],
+        environ=env,
+    )
+    assert flags.namespaces == ("c",) and flags.trainer_image == "i:f"
+    assert flags.trainer_command == ("python", "fake.py") and flags.pending_timeout_s == 5.0
+    defaults = settings.parse_args([], environ={})
+    assert defaults.namespaces == () and defaults.trainer_image == settings.DEFAULT_TRAINER_IMAGE
+    assert (defaults.progress_port, defaults.metrics_port, defaults.health_port) == (8081, 8080, 8082)
+    assert defaults.progress_url is None

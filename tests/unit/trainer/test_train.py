@@ -1,0 +1,206 @@
+"""Whole training runs in-process on tiny generated images: both phases, outputs, observers."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+from finetune_trainer import data as data_lib
+from finetune_trainer import model as model_lib
+from finetune_trainer import train
+from finetune_trainer.config import DataSpec, ModelSpec, parse_config
+from imagesets import spec_dict
+
+SHAPE = (32, 32, 3)
+
+
+class Recorder:
+    """A TrainingObserver that writes down every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def __getattr__(self, hook: str) -> Any:
+        if not hook.startswith("on_"):
+            raise AttributeError(hook)
+        return lambda **kwargs: self.calls.append((hook, kwargs))
+
+    def named(self, hook: str) -> list[dict[str, Any]]:
+        return [kwargs for name, kwargs in self.calls if name == hook]
+
+
+class Exploding:
+    """A TrainingObserver that raises from every hook; training must not notice."""
+
+    def __getattr__(self, hook: str) -> Any:
+        def boom(**kwargs: Any) -> None:
+            raise RuntimeError(f"observer bug in {hook}")
+
+        return boom
+
+
+def _history(out: Path) -> list[dict[str, str]]:
+    with (out / "history.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def vgg_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A VGG16 no-top weights file made by the test (random, seeded): stands in for pretrained weights."""
+    keras.utils.set_random_seed(3)
+    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=SHAPE)
+    path = tmp_path_factory.mktemp("weights") / "vgg16-notop.weights.h5"
+    base.save_weights(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_phase_run(
+    image_sets: dict[str, Path], vgg_weights: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[train.RunResult, Recorder]:
+    """One full two-phase run (fast path in phase 1) shared by the tests below."""
+    out = tmp_path_factory.mktemp("run") / "model"
+    spec = parse_config(
+        spec_dict(
+            train=image_sets["train"],
+            validation=image_sets["val"],
+            output=out,
+            base="VGG16",
+            weights=str(vgg_weights),
+            head_epochs=25,
+            head_lr=0.01,
+            fine_epochs=2,
+            fine_lr=1e-5,
+            unfreeze_last=4,
+            units=(64,),
+            patience=25,
+        )
+    )
+    recorder = Recorder()
+    result = train.run(spec=spec, observers=[Exploding(), recorder], verbose=0)
+    return result, recorder
+
+
+def test_outputs_exist_and_the_model_reloads_and_learned(
+    two_phase_run: tuple[train.RunResult, Recorder], image_sets: dict[str, Path]
+) -> None:
+    result, _ = two_phase_run
+    out = result.output_dir
+    for name in ("model.keras", "classes.json", "metrics.json", "history.csv"):
+        assert (out / name).is_file(), name
+    assert (out / "saved_model" / "saved_model.pb").is_file()
+    assert any((out / "tensorboard" / "head").rglob("events.out.tfevents.*"))
+    assert (out / "checkpoints" / "state.json").is_file()
+    assert json.loads((out / "classes.json").read_text()) == ["circle", "square", "stripes"]
+
+    reloaded = keras.models.load_model(out / "model.keras")
+    splits = data_lib.load_splits(
+        data=DataSpec(train=str(image_sets["train"]), validation=str(image_sets["val"])), image_size=(32, 32), seed=0
+    )
+    assert splits.validation.images is not None
+    probs = reloaded.predict(splits.validation.images.astype(np.float32), verbose=0)  # raw 0-255 RGB in
+    accuracy = float(np.mean(probs.argmax(axis=1) == splits.validation.labels))
+    assert accuracy >= 0.75, f"val accuracy {accuracy:.2f} not far above chance (0.33)"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final"]["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert result.metrics["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_phases_train_the_right_layers_at_the_right_rates(
+    two_phase_run: tuple[train.RunResult, Recorder], vgg_weights: Path
+) -> None:
+    result, _ = two_phase_run
+    metrics = json.loads((result.output_dir / "metrics.json").read_text())
+    head, fine = metrics["stages"]["head"], metrics["stages"]["fine-tune"]
+    assert head["trainableLayers"] == ["head_dense_0", "predictions"]
+    assert head["fastPath"] is True and head["learningRate"] == 0.01
+    assert fine["trainableLayers"] == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    assert fine["learningRate"] == 1e-5 and fine["epochsRun"] == 2
+    rows = _history(result.output_dir)
+    assert [r["stage"] for r in rows] == ["head"] * head["epochsRun"] + ["fine-tune"] * 2
+    assert float(rows[0]["learning_rate"]) == pytest.approx(0.01)
+    assert float(rows[-2]["learning_rate"]) == pytest.approx(1e-5)
+
+    # The saved base: frozen layers kept the weights file's values, the unfrozen ones moved.
+    original = keras.applications.VGG16(include_top=False, weights=None, input_shape=SHAPE)
+    original.load_weights(vgg_weights)
+    trained = keras.models.load_model(result.output_dir / "model.keras").get_layer("vgg16")
+    for name in ("block1_conv1", "block4_conv3"):
+        np.testing.assert_array_equal(trained.get_layer(name).get_weights()[0], original.get_layer(name).get_weights()[0])
+    assert not np.array_equal(
+        trained.get_layer("block5_conv3").get_weights()[0], original.get_layer("block5_conv3").get_weights()[0]
+    )
+
+
+def test_observers_see_every_stage_epoch_and_batch(two_phase_run: tuple[train.RunResult, Recorder]) -> None:
+    result, recorder = two_phase_run
+    head_epochs = result.summary["stages"]["head"]["epochsRun"]
+    total = 25 + 2
+    starts = recorder.named("on_stage_start")
+    assert [(s["stage"], s["epochs_done"], s["total_epochs"]) for s in starts] == [("head", 0, total), ("fine-tune", 25, total)]
+    epochs = recorder.named("on_epoch_end")
+    assert len(epochs) == head_epochs + 2
+    last = epochs[-1]
+    assert (last["stage"], last["epoch"], last["epochs_done"]) == ("fine-tune", 2, total)
+    assert set(last["metrics"]) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert last["images_per_second"] > 0 and last["best_val_accuracy"] is not None
+    batches = recorder.named("on_batch_end")
+    assert len(batches) == (head_epochs + 2) * 5  # 72 images, batch 16
+    assert batches[-1]["batches"] == 5
+    ends = recorder.named("on_stage_end")
+    assert [(e["stage"], e["epochs_done"]) for e in ends] == [("head", 25), ("fine-tune", total)]
+    finish = recorder.named("on_finish")
+    assert len(finish) == 1 and finish[0]["result"] == "succeeded"
+
+
+def test_augmented_run_with_split_and_no_phase_two(image_sets: dict[str, Path], tmp_path: Path) -> None:
+    spec = parse_config(
+        spec_dict(
+            train=image_sets["train"],
+            validation_split=0.25,
+            output=tmp_path / "out",
+            augmentation=True,
+            head_epochs=2,
+            unfreeze_last=0,
+            fine_epochs=5,
+        )
+    )
+    recorder = Recorder()
+    result = train.run(spec=spec, observers=[recorder], verbose=0)
+    assert list(result.summary["stages"]) == ["head"]
+    assert result.summary["stages"]["head"]["fastPath"] is False
+    assert result.summary["images"] == {"train": 54, "validation": 18}
+    assert [r["stage"] for r in _history(tmp_path / "out")] == ["head", "head"]
+    assert [s["stage"] for s in recorder.named("on_stage_start")] == ["head"]
+    assert recorder.named("on_stage_end")[0]["total_epochs"] == 2
+
+
+def test_fast_path_is_the_same_math(image_sets: dict[str, Path]) -> None:
+    """Training the head on extracted features gives the losses of training the frozen full model."""
+    splits = data_lib.load_splits(
+        data=DataSpec(train=str(image_sets["train"]), validation=str(image_sets["val"])), image_size=(32, 32), seed=0
+    )
+    assert splits.train.images is not None
+    x, y = splits.train.images.astype(np.float32), splits.train.labels
+    losses = {}
+    keras.mixed_precision.set_global_policy("float32")
+    for mode in ("features", "full"):
+        keras.utils.set_random_seed(11)
+        spec = ModelSpec(base="VGG16", weights="none", input_shape=SHAPE, head={"units": [16], "dropout": 0.0})
+        net = model_lib.build_network(spec=spec, num_classes=3)
+        fitted = net.head if mode == "features" else net.model
+        inputs = net.features.predict(x, verbose=0) if mode == "features" else x
+        fitted.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+        losses[mode] = fitted.fit(inputs, y, batch_size=16, epochs=3, shuffle=False, verbose=0).history["loss"]
+    np.testing.assert_allclose(losses["features"], losses["full"], rtol=1e-4)
+
+
+def test_auto_mixed_precision_is_off_on_cpu() -> None:
+    assert train.resolve_policy("auto") == "float32"
+    assert train.resolve_policy("off") == "float32"
+    assert train.resolve_policy("mixed_bfloat16") == "mixed_bfloat16"
