@@ -16,7 +16,8 @@ kubernetes client in a thread like the operator) when the cluster is up and the 
 installed; otherwise it records writes in memory. The output says which. Both processes
 share the same (small) machine, so the flat-out rate is a floor, not a ceiling.
 
-Usage: `python hack/bench.py progress` or `python hack/bench_progress.py [--quick] [--recorder]`.
+Usage: `python hack/bench.py progress` or
+`python hack/bench_progress.py [--quick] [--recorder] [--kubeconfig FILE]`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ for _p in (ROOT / "operator", ROOT / "trainer"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-KUBECONFIG = ROOT / ".cluster" / "kubeconfig"
+# The local control plane's admin kubeconfig ($FTO_CLUSTER_DIR moves .cluster/; --kubeconfig wins).
+KUBECONFIG = Path(os.environ.get("FTO_CLUSTER_DIR", str(ROOT / ".cluster"))) / "kubeconfig"
 PatchStatus = Callable[..., Awaitable[None]]
 
 
@@ -473,7 +475,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="shorter runs (noisier figures)")
     parser.add_argument("--recorder", action="store_true", help="never write to the apiserver")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    for flag in ("--jobs-file", "--stats-file", "--backend", "--kubeconfig"):
+    parser.add_argument(
+        "--kubeconfig", help="the cluster to write status to (default: the local control plane's)"
+    )
+    for flag in ("--jobs-file", "--stats-file", "--backend"):
         parser.add_argument(flag, help=argparse.SUPPRESS)
     parser.add_argument("--interval", type=float, default=5.0, help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, default=2.0, help=argparse.SUPPRESS)
@@ -482,6 +487,9 @@ def main(argv: list[str]) -> int:
     if args.serve:
         asyncio.run(_serve(args))
         return 0
+    if args.kubeconfig:
+        global KUBECONFIG
+        KUBECONFIG = Path(args.kubeconfig)
 
     quick = args.quick
     backend = Backend(force_recorder=args.recorder, count=100)
