@@ -62,7 +62,8 @@ def _ftj(name: str) -> dict[str, Any]:
 
 
 class Bench:
-    def __init__(self, *, jobs: int, simulate: float, keep: bool) -> None:
+    def __init__(self, *, jobs: int, simulate: float, keep: bool, profile: Path | None = None) -> None:
+        self.profile = profile
         self.jobs = jobs
         self.simulate = simulate
         self.keep = keep
@@ -113,8 +114,9 @@ class Bench:
     def start_operator(self) -> None:
         health = _free_port()
         env = {**self.env, "KUBECONFIG": str(self.dir / "operator.kubeconfig")}
+        profile = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
         argv = [
-            sys.executable, "-m", "finetune_operator", "--namespace", NAMESPACE,
+            sys.executable, *profile, "-m", "finetune_operator", "--namespace", NAMESPACE,
             "--progress-port", "0", "--metrics-port", "0", "--health-port", str(health),
             "--pending-timeout", "0",
         ]  # fmt: skip
@@ -265,8 +267,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("BENCH_OPERATOR_JOBS", "200")))
     parser.add_argument("--simulate", type=float, default=2.0, help="seconds each simulated pod runs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary cluster folder (logs, audit)")
+    parser.add_argument("--profile", type=Path, default=None, help="write a cProfile of the operator here")
     args, _ = parser.parse_known_args(argv)
-    bench = Bench(jobs=args.jobs, simulate=args.simulate, keep=args.keep)
+    bench = Bench(jobs=args.jobs, simulate=args.simulate, keep=args.keep, profile=args.profile)
     try:
         return bench.run()
     finally:

@@ -8,7 +8,11 @@ Figures (the issue's targets in brackets):
   (c) the report rate the endpoint sustains with 100 concurrent jobs, and the CPU of the
       process serving it: at a realistic 1 report/s per job, and flat out (rate limit off)
 
-The hub runs in a subprocess of its own (this file with `--serve`), exactly as the operator
+  (d) the same for the real `finetune-operator` process (Kopf, its handlers, the hub) with
+      100 FineTuneJobs, whose own status writes trigger its watches: CPU idle, at 1 report/s
+      per job, and flat out against the default per-job rate limit (apiserver only)
+
+For (a)-(c) the hub runs in a subprocess of its own (this file with `--serve`), exactly as the operator
 runs it (`ProgressHub` inside an asyncio loop), so its CPU is measured apart from the load
 generator. Its `patch_status` writes to the real apiserver of the local control plane
 (`.cluster/kubeconfig`, a merge patch of the FineTuneJob status subresource, through the
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import itertools
 import json
 import logging
@@ -470,10 +475,187 @@ def part_c(backend: Backend, *, jobs: int, seconds: float, flat_out: bool) -> di
     }
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """`name{labels}` -> value from a Prometheus text exposition."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def part_d(*, jobs: int, seconds: float, flat_seconds: float) -> dict[str, Any]:
+    """The real `finetune-operator` process (Kopf, handlers, hub) with `jobs` FineTuneJobs whose
+    pods wait on an image pull: its CPU idle, at 1 report/s per job, and flat out (default
+    rate limit: at most 2 reports/s per job are accepted)."""
+    import psutil
+    from finetune_operator import api
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=str(KUBECONFIG), client_configuration=cfg)
+    api_client = client.ApiClient(cfg)
+    core: Any = client.CoreV1Api(api_client)
+    objects: Any = client.CustomObjectsApi(api_client)
+    namespace = f"bench-operator-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": namespace, "labels": {"finetune.dev/bench": "progress"}}})
+    progress_port, metrics_port, health_port = _free_port(), _free_port(), _free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "finetune_operator",
+        f"--namespace={namespace}",
+        "--progress-host=127.0.0.1",
+        f"--progress-port={progress_port}",
+        f"--progress-url=http://127.0.0.1:{progress_port}/v1/progress",
+        "--metrics-host=127.0.0.1",
+        f"--metrics-port={metrics_port}",
+        f"--health-port={health_port}",
+        "--pending-timeout=3600",
+    ]
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(KUBECONFIG),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "trainer")]),
+    }
+    log = tempfile.NamedTemporaryFile(prefix="bench-operator-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    chosen = [
+        Job(namespace=namespace, name=f"op-{i:03d}", uid="", token="", total_epochs=20) for i in range(jobs)
+    ]
+    try:
+        for job in chosen:
+            body = {
+                "apiVersion": f"{api.API_GROUP}/{api.API_VERSION}",
+                "kind": api.KIND,
+                "metadata": {"name": job.name, "namespace": namespace},
+                "spec": {
+                    "model": {"base": "MobileNetV2", "weights": "none"},
+                    "data": {"train": "/data/train", "validationSplit": 0.2},
+                    "output": {"path": f"/models/{job.name}"},
+                    "runtime": {"image": "registry.invalid/finetune-trainer:0", "gpus": 0},
+                },
+            }
+            made = objects.create_namespaced_custom_object(
+                api.API_GROUP, api.API_VERSION, namespace, api.PLURAL, body
+            )
+            job.uid = made["metadata"]["uid"]
+        deadline = time.monotonic() + 300
+        pending = list(chosen)
+        while pending and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"operator exited {proc.returncode}; log: {log.name}")
+            for job in list(pending):
+                try:
+                    secret = core.read_namespaced_secret(f"{job.name}-progress", namespace)
+                except client.ApiException:
+                    continue
+                job.token = base64.b64decode(secret.data["token"]).decode()
+                pending.remove(job)
+            time.sleep(0.5)
+        if pending:
+            raise RuntimeError(f"{len(pending)} jobs never got their Secret; log: {log.name}")
+        asyncio.run(_wait_registered(port=progress_port, jobs=chosen))
+        ps = psutil.Process(proc.pid)
+
+        def cpu() -> float:
+            times = ps.cpu_times()
+            return float(times.user + times.system)
+
+        settle = 5.0
+        c0, t0 = cpu(), time.monotonic()
+        time.sleep(settle)
+        idle = 100.0 * (cpu() - c0) / (time.monotonic() - t0)
+
+        results: dict[str, Any] = {"jobs": jobs, "idle_cpu_percent": idle, "log": log.name}
+        for label, flat, span in (("steady", False, seconds), ("flat", True, flat_seconds)):
+            before = _scrape(metrics_url)
+            load = Load()
+            stop_at = time.monotonic() + span
+
+            def plan(job: Job, i: int, flat: bool = flat, stop_at: float = stop_at) -> float | None:
+                if time.monotonic() >= stop_at:
+                    return None
+                return 0.0 if flat else (random.uniform(0, 1.0) if i == 0 else 1.0)
+
+            c0, t0 = cpu(), time.monotonic()
+            asyncio.run(_drive(port=progress_port, jobs=chosen, plan=plan, stage_switch=10**9, load=load))
+            c1, t1 = cpu(), time.monotonic()
+            after = _scrape(metrics_url)
+            wall = t1 - t0
+            writes_key = 'finetune_status_writes_total{source="progress"}'
+            reconcile_key = 'finetune_status_writes_total{source="reconcile"}'
+            results[label] = {
+                "seconds": wall,
+                "reports_per_s": sum(load.statuses.values()) / wall,
+                "accepted_per_s": load.statuses.get(202, 0) / wall,
+                "refused": {k: v for k, v in load.statuses.items() if k != 202},
+                "cpu_percent": 100.0 * (c1 - c0) / wall,
+                "progress_writes_per_s": (after.get(writes_key, 0) - before.get(writes_key, 0)) / wall,
+                "reconcile_writes_per_s": (after.get(reconcile_key, 0) - before.get(reconcile_key, 0)) / wall,
+                "http_p99_ms": 1000 * _percentile(load.latencies, 0.99),
+            }
+        return results
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        core.delete_namespace(namespace)
+        api_client.close()
+
+
+async def _wait_registered(*, port: int, jobs: list[Job], timeout: float = 120.0) -> None:
+    """Until the hub knows every job: an expired report is refused with 400 instead of 404."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{port}/v1/progress"
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        for job in jobs:
+            body = {
+                "namespace": job.namespace,
+                "name": job.name,
+                "event": "heartbeat",
+                "stage": "head",
+                "epoch": 0,
+                "stageEpochs": 1,
+                "epochsDone": 0,
+                "totalEpochs": 1,
+                "timestamp": 0.0,
+            }
+            while True:
+                async with session.post(
+                    url, json=body, headers={"Authorization": f"Bearer {job.token}"}
+                ) as resp:
+                    if resp.status == 400:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{job.name} never registered with the operator's hub")
+                await asyncio.sleep(0.2)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench_progress", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (noisier figures)")
     parser.add_argument("--recorder", action="store_true", help="never write to the apiserver")
+    parser.add_argument("--no-operator", action="store_true", help="skip (d), the real operator process")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--kubeconfig", help="the cluster to write status to (default: the local control plane's)"
@@ -506,6 +688,12 @@ def main(argv: list[str]) -> int:
         c2 = part_c(backend, jobs=100, seconds=6 if quick else 10, flat_out=True)
     finally:
         backend.close()
+    d: dict[str, Any] | None = None
+    if backend.kind == "apiserver" and not args.no_operator:
+        try:
+            d = part_d(jobs=100, seconds=8 if quick else 15, flat_seconds=6 if quick else 10)
+        except Exception as exc:
+            print(f"(d) the real operator could not be measured: {type(exc).__name__}: {exc}", flush=True)
 
     ok_a = a["steady_writes_per_job_s"] <= 0.2 + 1e-6 and a["min_gap_s"] >= 5.0 - 1e-3
     ok_b = b["p95"] <= 2.0
@@ -542,9 +730,27 @@ def main(argv: list[str]) -> int:
             "the load generator shares the CPUs",
         ),
     ]
+    if d is not None:
+        for label, title in (
+            ("steady", "(d) operator, 100 jobs x 1 report/s"),
+            ("flat", "(d) operator, 100 jobs flat out"),
+        ):
+            row = d[label]
+            rows.append(
+                (
+                    title,
+                    f"{row['accepted_per_s']:.0f} accepted/s, operator CPU {row['cpu_percent']:.1f}%",
+                    "",
+                    "",
+                    f"idle CPU {d['idle_cpu_percent']:.1f}%; {row['reports_per_s']:.0f} reports/s sent, refused "
+                    f"{row['refused'] or 'none'}; {row['progress_writes_per_s']:.1f} progress + "
+                    f"{row['reconcile_writes_per_s']:.1f} reconcile writes/s; HTTP p99 {row['http_p99_ms']:.0f} ms",
+                )
+            )
     if HubProcess.failed_writes:
         print(
-            f"WARNING: {HubProcess.failed_writes} status writes failed (apiserver errors); figures are suspect"
+            f"WARNING: {HubProcess.failed_writes} status writes failed ({HubProcess.failure_reasons}); "
+            "figures are suspect"
         )
     width = max(len(r[0]) for r in rows)
     print(f"{'figure':{width}}  {'measured':52}  {'target':7}  {'':6}  notes")

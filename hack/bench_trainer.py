@@ -63,6 +63,35 @@ def generate(root: Path, *, classes: int, per_class: int, size: int, seed: int) 
     return root
 
 
+def calibrated_weights(*, hp: dict[str, Any], images: Path, path: Path) -> str:
+    """A no-top weights file for the base, standing in for pretrained weights (no downloads here).
+
+    Random weights make BatchNorm networks (MobileNet, ResNet, EfficientNet) output almost
+    nothing, so nothing could learn; one forward pass in training mode with momentum 0 sets
+    every BatchNorm's moving statistics to real ones. Bases without BatchNorm get "none".
+    """
+    import keras
+    from PIL import Image
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(hp["seed"])
+    application = getattr(keras.applications, hp["base"])
+    base = application(weights=None, include_top=False, input_shape=(hp["size"], hp["size"], 3), **hp["base_options"])
+    norms = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms:
+        return "none"
+    files = sorted(images.rglob("*.jpg"))[:: max(1, len(list(images.rglob("*.jpg"))) // 64)][:64]
+    batch = np.stack(
+        [np.asarray(Image.open(f).convert("RGB").resize((hp["size"], hp["size"])), dtype=np.float32) for f in files]
+    )
+    preprocess_input = sys.modules[application.__module__].preprocess_input
+    for layer in norms:
+        layer.momentum = 0.0
+    base(preprocess_input(batch.copy()), training=True)
+    base.save_weights(path)
+    return str(path)
+
+
 def run_mine(*, train: Path, val: Path, out: Path, hp: dict[str, Any], augment: bool) -> dict[str, Any]:
     from finetune_trainer import train as trainer
     from finetune_trainer.config import parse_config
@@ -71,7 +100,7 @@ def run_mine(*, train: Path, val: Path, out: Path, hp: dict[str, Any], augment: 
         {
             "model": {
                 "base": hp["base"],
-                "weights": "none",
+                "weights": hp["weights"],
                 "inputShape": [hp["size"], hp["size"], 3],
                 "baseOptions": hp["base_options"],
                 "head": {"units": [hp["units"]], "dropout": hp["dropout"]},
@@ -135,6 +164,8 @@ def run_baseline(*, train: Path, val: Path, out: Path, hp: dict[str, Any], augme
     )
 
     base = application(weights=None, include_top=False, input_shape=(*size, 3), **hp["base_options"])
+    if hp["weights"] != "none":
+        base.load_weights(hp["weights"])
     base.trainable = False
     x = keras.layers.GlobalAveragePooling2D()(base.output)
     x = keras.layers.Dense(hp["units"], activation="relu")(x)
@@ -208,6 +239,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in about a minute")
     parser.add_argument("--base", default="VGG16")
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--alpha", type=float, help="MobileNet width multiplier (baseOptions.alpha)")
     parser.add_argument("--per-class", type=int, default=80, help="training images per class (validation: a quarter)")
     parser.add_argument("--classes", type=int, default=3)
     parser.add_argument("--head-epochs", type=int, default=10)
@@ -219,7 +251,8 @@ def main(argv: list[str]) -> int:
         args.size, args.per_class, args.head_epochs, args.fine_epochs = 32, 24, 4, 1
     hp = {
         "base": args.base,
-        "base_options": {},
+        "base_options": {"alpha": args.alpha} if args.alpha else {},
+        "weights": "none",
         "size": args.size,
         "units": 256,
         "dropout": 0.5,
@@ -238,8 +271,9 @@ def main(argv: list[str]) -> int:
         train = generate(root / "train", classes=args.classes, per_class=args.per_class, size=args.size, seed=1)
         val = generate(root / "val", classes=args.classes, per_class=max(2, args.per_class // 4), size=args.size, seed=2)
         n_train = args.classes * args.per_class
+        hp["weights"] = calibrated_weights(hp=hp, images=train, path=root / "base.weights.h5")
         print(
-            f"bench trainer: {hp['base']} weights=none at {args.size}x{args.size}, {args.classes} classes, "
+            f"bench trainer: {hp['base']}{hp['base_options'] or ''} weights={'calibrated' if hp['weights'] != 'none' else 'none'} at {args.size}x{args.size}, {args.classes} classes, "
             f"{n_train} train / {args.classes * max(2, args.per_class // 4)} val images, batch {hp['batch']}, "
             f"epochs {hp['head_epochs']}+{hp['fine_epochs']}",
             flush=True,

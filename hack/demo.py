@@ -246,7 +246,7 @@ def tail(path: Path, *, lines: int = 30) -> str:
         return f"(no {path})"
 
 
-def make_dataset(*, root: Path, train: int = 40, val: int = 12, size: int = 32, seed: int = 7) -> int:
+def make_dataset(*, root: Path, train: int = 60, val: int = 15, size: int = 32, seed: int = 7) -> int:
     """Class-per-folder PNGs: noisy images of one dominant colour per class, easy to learn."""
     import numpy as np
     from PIL import Image

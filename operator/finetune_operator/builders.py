@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
 from finetune_trainer import protocol
 
 from finetune_operator import api
@@ -113,7 +113,8 @@ def build_config_map(*, owner: Owner, spec: Mapping[str, Any]) -> dict[str, Any]
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(owner=owner, name=config_map_name(owner.name)),
-        "data": {"job.yaml": yaml.safe_dump(manifest, sort_keys=False)},
+        # JSON is YAML: the trainer reads it with yaml.safe_load, and json.dumps is far cheaper.
+        "data": {"job.yaml": json.dumps(manifest, indent=2) + "\n"},
         "immutable": True,
     }
 

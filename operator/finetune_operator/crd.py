@@ -50,13 +50,14 @@ NAME_LENGTH_RULE = {
 }
 
 IMMUTABLE_SPEC_RULE = {
+    # From creation on: the operator hands the spec to the Job at once, so a later edit would
+    # leave the FineTuneJob describing a training that is not the one running.
     "rule": (
-        "!has(oldSelf.status) || !has(oldSelf.status.phase) || ("
         "self.spec.model == oldSelf.spec.model && self.spec.data == oldSelf.spec.data && "
         "self.spec.training == oldSelf.spec.training && self.spec.output == oldSelf.spec.output && "
-        "self.spec.runtime == oldSelf.spec.runtime)"
+        "self.spec.runtime == oldSelf.spec.runtime"
     ),
-    "message": "spec is immutable once the job has started, except spec.suspend",
+    "message": "spec is immutable once the job is created, except spec.suspend",
     "fieldPath": ".spec",
     "reason": "FieldValueForbidden",
 }

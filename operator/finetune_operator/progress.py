@@ -80,7 +80,7 @@ class _Job:
     finished: bool = False
     stage: str | None = None
     last_timestamp: float = -math.inf
-    durations: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT_EPOCHS))
+    durations: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=_RECENT_EPOCHS))
     best_val_accuracy: float | None = None
     last_write_at: float | None = None
     pending: dict[str, Any] | None = None
@@ -276,7 +276,7 @@ class ProgressHub:
     def _fold(self, job: _Job, report: protocol.ProgressReport, now: float) -> None:
         job.last_timestamp = report.timestamp
         if report.event == "epoch-end" and report.epoch_seconds is not None and report.epoch_seconds > 0:
-            job.durations.append(report.epoch_seconds)
+            job.durations.append((report.stage, report.epoch_seconds))
         val_acc = report.metrics.get("val_accuracy")
         for candidate in (report.best_val_accuracy, val_acc):
             if candidate is not None and math.isfinite(candidate):
@@ -288,7 +288,9 @@ class ProgressHub:
         status = build_status(
             report=report,
             total_epochs=job.total_epochs,
-            recent_epoch_seconds=list(job.durations),
+            # The current stage's epochs once there is one (fine-tune epochs are slower).
+            recent_epoch_seconds=[d for s, d in job.durations if s == report.stage]
+            or [d for _, d in job.durations],
             best_val_accuracy=job.best_val_accuracy,
             now=now,
         )
@@ -419,6 +421,7 @@ def build_status(
     `total_epochs` is the job's plan from its spec (the report's own figure when 0);
     `progress` is the integer percent of planned epochs done, `etaSeconds` the remaining
     planned epochs times the mean of the recent epoch durations (absent until one is known).
+    The final report leaves `message` to the operator, which writes the outcome there.
     """
     total = total_epochs if total_epochs > 0 else report.total_epochs
     done = min(report.epochs_done, total) if total else 0
@@ -440,8 +443,11 @@ def build_status(
         "progress": progress,
         "metrics": {k: _short(v) for k, v in report.metrics.items() if math.isfinite(v)},
         "lastProgressTime": _rfc3339(now),
-        "message": f"phase {stage_index}/{len(protocol.STAGES)}, epoch {report.epoch}/{report.stage_epochs}",
     }
+    if report.event != "final":  # the operator's final status owns the message of a finished job
+        status["message"] = (
+            f"phase {stage_index}/{len(protocol.STAGES)}, epoch {report.epoch}/{report.stage_epochs}"
+        )
     if eta is not None:
         status["etaSeconds"] = eta
     if best_val_accuracy is not None:

@@ -15,13 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "--config":
         print(f"usage: fake_trainer --config FILE (got {argv})", file=sys.stderr)
         return 2
-    text = Path(argv[1]).read_text(encoding="utf-8")
-    if "kind: FineTuneJob" not in text or "spec:" not in text:
+    document = yaml.safe_load(Path(argv[1]).read_text(encoding="utf-8"))
+    if not isinstance(document, dict) or document.get("kind") != "FineTuneJob" or "spec" not in document:
         print("config is not a FineTuneJob manifest", file=sys.stderr)
         return 2
     time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))

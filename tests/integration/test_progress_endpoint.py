@@ -1,6 +1,7 @@
 """The progress endpoint of the real operator, against the local control plane.
 
-The operator runs as a subprocess (`finetune-operator`, only in the test's namespace). Each
+The operator runs as a subprocess (`python -m finetune_operator`, only in the test's
+namespace), as its ServiceAccount under deploy/base/rbac.yaml, like the other operator tests. Each
 FineTuneJob's trainer image is on a `.invalid` registry, so its pod waits in ErrImagePull and
 no trainer ever reports: every report here is one the test sends itself, with the token read
 from the job's Secret, to the operator's real endpoint. A watch records every version of the
@@ -14,6 +15,7 @@ import json
 import os
 import secrets
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -26,10 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from finetune_trainer import protocol
-from fixtures.cluster import ApplyYaml, Cluster, wait_for
+from fixtures.cluster import ApplyYaml, Cluster, ServiceAccountKubeconfig, wait_for
 from kubernetes import client, watch
 
+ROOT = Path(__file__).resolve().parents[2]
+CRD = ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
+RBAC = ROOT / "deploy" / "base" / "rbac.yaml"
+OPERATOR_NS = "finetune-system"
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 PROGRESS_FIELDS = ("stage", "epoch", "epochs", "progress", "etaSeconds", "metrics", "lastProgressTime")
 
@@ -62,8 +69,28 @@ class Operator:
         return None
 
 
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster) -> None:
+    """The CRD and the operator's RBAC (deploy/base/rbac.yaml), as the other operator tests install them."""
+    cluster.kubectl_run("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    cluster.kubectl_run(
+        "wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=30s"
+    )
+    if cluster.kubectl_run("get", "ns", OPERATOR_NS, check=False).returncode != 0:
+        cluster.kubectl_run("create", "ns", OPERATOR_NS, check=False)
+    cluster.kubectl_run("apply", "-f", str(RBAC))
+
+
 @pytest.fixture
-def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Operator]:
+def operator(
+    cluster: Cluster,
+    namespace: str,
+    tmp_path: Path,
+    installed: None,
+    service_account_kubeconfig: ServiceAccountKubeconfig,
+) -> Iterator[Operator]:
+    """`python -m finetune_operator` for the test's namespace, as its ServiceAccount under deploy/'s RBAC."""
+    kubeconfig = service_account_kubeconfig(namespace=OPERATOR_NS, name="finetune-operator", create=False)
     progress_port, metrics_port, health_port = _free_port(), _free_port(), _free_port()
     progress_url = f"http://127.0.0.1:{progress_port}{protocol.PROGRESS_PATH}"
     log = tmp_path / "operator.log"
@@ -80,7 +107,7 @@ def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Opera
         f"--health-port={health_port}",
         "--pending-timeout=600",
     ]
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cluster.root)
     op = Operator(
@@ -386,3 +413,39 @@ def protocol_results() -> tuple[str, ...]:
         "unknown_job",
         "finished",
     )
+
+
+def test_the_trainer_credential_is_scoped_to_its_job_and_worthless_to_kubernetes(
+    cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, operator: Operator
+) -> None:
+    apply_yaml(ftj("alpha"), namespace=namespace)
+    token = token_of(cluster, namespace=namespace, name="alpha")
+
+    def job_of_alpha() -> dict[str, Any] | None:
+        jobs = cluster.kubectl_json("get", "jobs", "-n", namespace)["items"]
+        owned = [
+            j for j in jobs if any(o["name"] == "alpha" for o in j["metadata"].get("ownerReferences", []))
+        ]
+        return owned[0] if owned else None
+
+    pod = wait_for(job_of_alpha, timeout=60, message="alpha's Job")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    env = {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
+    assert env[protocol.ENV_PROGRESS_TOKEN]["valueFrom"]["secretKeyRef"] == {
+        "name": "alpha-progress",
+        "key": "token",
+    }
+    assert env[protocol.ENV_PROGRESS_URL]["value"] == operator.progress_url
+
+    # The Kubernetes API does not accept the progress token.
+    kubeconfig = yaml.safe_load(cluster.kubeconfig.read_text())["clusters"][0]["cluster"]
+    tls = ssl.create_default_context(
+        cadata=base64.b64decode(kubeconfig["certificate-authority-data"]).decode()
+    )
+    request = urllib.request.Request(
+        f"{kubeconfig['server']}/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10, context=tls)
+    assert refused.value.code == 401

@@ -358,9 +358,6 @@ def _fit_stage(
         ),
     ]
     _compile(model, learning_rate=learning_rate)
-    run.observers.call(
-        "on_stage_start", stage=stage, stage_epochs=epochs, epochs_done=epochs_before, total_epochs=run.total_epochs
-    )
     started = time.monotonic()
     model.fit(
         train,
@@ -542,6 +539,8 @@ def _run(
         _restore_stage(out=out, stage="head", network=network)
         stages["head"] = {**state.completed["head"], "completedInEarlierRun": True}
     elif training.head.epochs > 0:
+        hooks.call("on_stage_start", stage="head", stage_epochs=training.head.epochs, epochs_done=0,
+                   total_epochs=run_ctx.total_epochs)
         model_lib.freeze_base(network.base)
         extract_started = time.monotonic()
         x_val = cache(network.features, splits.validation)
@@ -584,6 +583,8 @@ def _run(
             _restore_stage(out=out, stage="fine-tune", network=network)
             stages["fine-tune"] = {**state.completed["fine-tune"], "completedInEarlierRun": True}
         else:
+            hooks.call("on_stage_start", stage="fine-tune", stage_epochs=fine.epochs,
+                       epochs_done=training.head.epochs, total_epochs=run_ctx.total_epochs)
             unfrozen = model_lib.unfreeze_last(network.base, count=fine.unfreeze_last)
             log.info("fine-tune: unfroze %s", ", ".join(unfrozen) or "no layers with weights")
             split = model_lib.split_below_trainable(network)
@@ -644,9 +645,12 @@ def _save_outputs(
     """model.keras, saved_model/, classes.json, metrics.json (history.csv is already written)."""
     out = run.out
     model = network.model
-    if not model.compiled:
-        _compile(model, learning_rate=run.spec.training.head.learning_rate)
-    evaluation = model.evaluate(val, verbose=0, return_dict=True)
+    # Evaluated by hand: compiling an untrained-as-a-whole model (the fast paths) would save
+    # an empty optimizer into model.keras that warns on every load.
+    probs = np.asarray(model.predict(val, verbose=0), dtype=np.float64)
+    labels = splits.validation.labels
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
+    evaluation = {"loss": float(-np.log(picked).mean()), "accuracy": float((probs.argmax(axis=1) == labels).mean())}
     model_path = out / "model.keras"
     tmp_model = out / "model.tmp.keras"
     model.save(tmp_model)

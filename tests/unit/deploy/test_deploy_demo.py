@@ -39,7 +39,7 @@ def test_quickstart_is_one_finetunejob_the_trainer_accepts() -> None:
     )
     spec = config.load_config(path=EXAMPLE)
     assert spec.model.weights == "none", "the quickstart must not download weights"
-    assert spec.training.total_epochs <= 10
+    assert spec.training.total_epochs <= 12
     assert spec.model.input_shape[0] * spec.model.input_shape[1] <= 64 * 64
 
 

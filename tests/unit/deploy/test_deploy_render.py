@@ -225,9 +225,17 @@ def test_replicas_beyond_one_use_kopf_peering(render: Render) -> None:
         assert peering["apiVersion"].startswith("kopf.dev/")
         crd_kinds = {o["spec"]["names"]["kind"] for o in objects if o["kind"] == "CustomResourceDefinition"}
         assert "ClusterKopfPeering" in crd_kinds
-        role = find(objects, kind="ClusterRole", name="finetune-operator")
+        bound = {
+            b["roleRef"]["name"]
+            for b in objects
+            if b["kind"] == "ClusterRoleBinding"
+            and {"kind": "ServiceAccount", "name": "finetune-operator", "namespace": "finetune-system"}
+            in b["subjects"]
+        }
         granted = {
             verb
+            for role in objects
+            if role["kind"] == "ClusterRole" and role["metadata"]["name"] in bound
             for rule in role["rules"]
             if "kopf.dev" in rule.get("apiGroups", []) and "clusterkopfpeerings" in rule.get("resources", [])
             for verb in rule["verbs"]

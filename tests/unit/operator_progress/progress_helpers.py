@@ -29,6 +29,18 @@ class StatusRecorder:
     def for_job(self, namespace: str, name: str) -> list[dict[str, Any]]:
         return [s for ns, n, s, _ in self.writes if (ns, n) == (namespace, name)]
 
+    async def wait_latest(
+        self, predicate: Callable[[dict[str, Any]], bool], *, namespace: str, name: str, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """Until the job's latest write satisfies `predicate`; returns it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.for_job(namespace, name)
+            if got and predicate(got[-1]):
+                return got[-1]
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{namespace}/{name}: no matching write in {self.for_job(namespace, name)}")
+
     async def wait_for(
         self, count: int, *, namespace: str, name: str, timeout: float = 10.0
     ) -> list[dict[str, Any]]:

@@ -116,3 +116,53 @@ def _exposition() -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(metrics.REGISTRY).decode()
+
+
+# The cross-team contract: name -> label names (the dashboard and the alerting rules use these).
+CONTRACT = {
+    "finetune_jobs": {"namespace", "phase"},
+    "finetune_jobs_created_total": {"namespace"},
+    "finetune_jobs_succeeded_total": {"namespace"},
+    "finetune_jobs_failed_total": {"namespace", "reason"},
+    "finetune_jobs_retried_total": {"namespace"},
+    "finetune_job_progress_ratio": {"namespace", "name"},
+    "finetune_job_epoch": {"namespace", "name", "stage"},
+    "finetune_job_stage": {"namespace", "name", "stage"},
+    "finetune_job_loss": {"namespace", "name", "stage", "split"},
+    "finetune_job_accuracy": {"namespace", "name", "stage", "split"},
+    "finetune_job_images_per_second": {"namespace", "name"},
+    "finetune_job_eta_seconds": {"namespace", "name"},
+    "finetune_job_last_progress_timestamp_seconds": {"namespace", "name"},
+    "finetune_job_duration_seconds_bucket": {"namespace", "result", "le"},
+    "finetune_progress_reports_total": {"result"},
+    "finetune_status_writes_total": {"source"},
+    "finetune_reconcile_errors_total": {"handler"},
+}
+
+
+def test_every_contract_metric_is_exposed_with_its_labels() -> None:
+    metrics.set_phase(namespace="p4", name="a", phase="Running")
+    metrics.job_created(namespace="p4")
+    metrics.job_retried(namespace="p4")
+    metrics.job_finished(namespace="p4", name="b", phase="Succeeded", reason=None, duration_s=1.0)
+    metrics.job_finished(namespace="p4", name="c", phase="Failed", reason="DataError", duration_s=1.0)
+    metrics.reconcile_error(handler="reconcile")
+    metrics.observe_progress(
+        namespace="p4",
+        name="a",
+        stage="head",
+        epoch=1,
+        progress_ratio=0.1,
+        metrics={"loss": 1.0, "accuracy": 0.5, "val_loss": 1.1, "val_accuracy": 0.4},
+        images_per_second=10.0,
+        eta_seconds=60.0,
+        timestamp=1.7e9,
+    )
+    exposed: dict[str, set[str]] = {}
+    for family in metrics.REGISTRY.collect():
+        for sample in family.samples:
+            exposed.setdefault(sample.name, set()).update(sample.labels)
+    for name, labels in CONTRACT.items():
+        assert name in exposed, name
+        assert exposed[name] == labels, (name, exposed[name])
+    metrics.forget_job(namespace="p4", name="a")

@@ -302,3 +302,23 @@ async def test_lifecycle_calls_from_another_thread_reach_the_loop(make_live: Mak
     while live.hub.is_registered(namespace="ml", name="t") and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert (await live.post(report(name="t", total_epochs=4), token="token-t")).status == 404
+
+
+async def test_eta_uses_the_current_stage_epochs_once_there_is_one(make_live: MakeLive) -> None:
+    live = await make_live(min_write_interval_s=0.0)
+    live.hub.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
+    for epoch in (1, 2, 3, 4, 5):
+        body = report(name="a", epoch=epoch, epoch_seconds=2.0)
+        assert (await live.post(body, token="token-a")).status == 202
+    latest = await live.recorder.wait_latest(lambda s: s["epoch"] == 5, namespace="ml", name="a")
+    assert latest["etaSeconds"] == 10  # 5 epochs left x 2 s
+    start = report(
+        name="a", event="stage-start", stage="fine-tune", epoch=0, epochs_done=5, epoch_seconds=None
+    )
+    assert (await live.post(start, token="token-a")).status == 202
+    latest = await live.recorder.wait_latest(lambda s: s["stage"] == "fine-tune", namespace="ml", name="a")
+    assert latest["etaSeconds"] == 10  # no fine-tune epoch yet: the head's pace
+    slow = report(name="a", stage="fine-tune", epoch=1, epochs_done=6, epoch_seconds=8.0)
+    assert (await live.post(slow, token="token-a")).status == 202
+    latest = await live.recorder.wait_latest(lambda s: s["epoch"] == 1, namespace="ml", name="a")
+    assert latest["etaSeconds"] == 32  # 4 epochs left x 8 s, the fine-tune pace

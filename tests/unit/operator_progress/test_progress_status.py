@@ -65,6 +65,7 @@ def test_final_success_is_100_percent_and_no_eta() -> None:
     status = status_for(body, recent=[10.0])
     assert status["progress"] == 100
     assert status["etaSeconds"] == 0
+    assert "message" not in status  # the operator writes the outcome
 
 
 def test_non_finite_metrics_are_left_out_of_status() -> None:

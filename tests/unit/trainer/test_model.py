@@ -93,3 +93,27 @@ def test_weights_file_loads_and_mismatch_is_invalid_spec(tmp_path: Path, float32
 def test_bad_base_options_are_invalid_spec(float32_policy: None) -> None:
     with pytest.raises(InvalidSpecError, match=r"spec\.model\.baseOptions: VGG16 rejects them"):
         model.build_base(spec=_spec("VGG16", alpha=0.5))
+
+
+@pytest.mark.parametrize(
+    ("base", "options", "unfreeze", "cut"),
+    [("VGG16", {}, 4, "block4_pool"), ("MobileNetV2", {"alpha": 0.35}, 3, "block_16_project_BN")],
+)
+def test_split_below_trainable_is_the_same_function(
+    base: str, options: dict[str, float], unfreeze: int, cut: str, float32_policy: None
+) -> None:
+    net = model.build_network(spec=_spec(base, **options), num_classes=3)
+    model.unfreeze_last(net.base, count=unfreeze)
+    split = model.split_below_trainable(net)
+    assert split is not None and split.cut == cut
+    x = np.random.default_rng(1).uniform(0, 255, (2, *SHAPE)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(split.rest(split.prefix(x))), np.asarray(net.model(x)), rtol=1e-5, atol=1e-6)
+    # the part that trains is the same set of variables as in the full model
+    assert sorted(w.path for w in split.rest.trainable_weights) == sorted(w.path for w in net.model.trainable_weights)
+    assert not split.prefix.trainable_weights
+
+
+def test_no_split_when_everything_trains(float32_policy: None) -> None:
+    net = model.build_network(spec=_spec("VGG16"), num_classes=2)
+    model.unfreeze_last(net.base, count=1000)
+    assert model.split_below_trainable(net) is None

@@ -118,7 +118,8 @@ def test_phases_train_the_right_layers_at_the_right_rates(
     metrics = json.loads((result.output_dir / "metrics.json").read_text())
     head, fine = metrics["stages"]["head"], metrics["stages"]["fine-tune"]
     assert head["trainableLayers"] == ["head_dense_0", "predictions"]
-    assert head["fastPath"] is True and head["learningRate"] == 0.01
+    assert head["fastPath"] == "features" and head["learningRate"] == 0.01
+    assert fine["fastPath"] == "prefix" and fine["cachedBelow"] == "block4_pool"
     assert fine["trainableLayers"] == ["block5_conv1", "block5_conv2", "block5_conv3"]
     assert fine["learningRate"] == 1e-5 and fine["epochsRun"] == 2
     rows = _history(result.output_dir)
@@ -173,7 +174,7 @@ def test_augmented_run_with_split_and_no_phase_two(image_sets: dict[str, Path], 
     recorder = Recorder()
     result = train.run(spec=spec, observers=[recorder], verbose=0)
     assert list(result.summary["stages"]) == ["head"]
-    assert result.summary["stages"]["head"]["fastPath"] is False
+    assert result.summary["stages"]["head"]["fastPath"] == "validation-features"
     assert result.summary["images"] == {"train": 54, "validation": 18}
     assert [r["stage"] for r in _history(tmp_path / "out")] == ["head", "head"]
     assert [s["stage"] for s in recorder.named("on_stage_start")] == ["head"]
