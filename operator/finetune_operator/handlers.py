@@ -518,6 +518,10 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.error_backoffs = [1, 2, 5, 10]
+    # Server-side filtering: only the operator's own Jobs and pods ever reach this process.
+    selector = ",".join(f"{k}={v}" for k, v in MANAGED.items())
+    settings.watching.label_selectors["batch", "v1", "jobs"] = selector
+    settings.watching.label_selectors["", "v1", "pods"] = selector
     settings.batching.idle_timeout = 1.0  # per-object workers (and their queues) go away sooner: less memory
     if STATE.config.peering:
         settings.peering.name = STATE.config.peering

@@ -380,12 +380,16 @@ def derive(
         else:
             phase, reason, message = "Pending", "Waiting", "waiting for the trainer pod to start"
 
+    shown = message
+    if phase == "Running" and prev_phase == "Running" and previous.get("message"):
+        # While training, `message` is the progress hub's ("phase 2/2, epoch 4/10").
+        shown = str(previous["message"])
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "phase": phase,
         "reason": reason,
         "attempts": attempts,
-        "message": message,
+        "message": shown,
     }
     start = previous.get("startTime") or (job.start_time if job is not None and attempts else None)
     if start:

@@ -13,9 +13,35 @@ import json
 import os
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
+
+
+def report(*, epoch: int, stage_epochs: int) -> None:
+    """One epoch-end progress report, as the real trainer sends it (FAKE_REPORT=<stage epochs>)."""
+    body = {
+        "namespace": os.environ["FINETUNE_JOB_NAMESPACE"],
+        "name": os.environ["FINETUNE_JOB_NAME"],
+        "uid": os.environ.get("FINETUNE_JOB_UID", ""),
+        "event": "epoch-end",
+        "stage": "head",
+        "epoch": epoch,
+        "stageEpochs": stage_epochs,
+        "epochsDone": epoch,
+        "totalEpochs": stage_epochs,
+        "metrics": {"loss": 0.5, "accuracy": 0.8, "val_loss": 0.6, "val_accuracy": 0.75},
+        "bestValAccuracy": 0.75,
+        "timestamp": time.time(),
+    }
+    request = urllib.request.Request(
+        os.environ["FINETUNE_PROGRESS_URL"],
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {os.environ['FINETUNE_PROGRESS_TOKEN']}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        print(f"progress report: HTTP {answer.status}")
 
 
 def main(argv: list[str]) -> int:
@@ -26,6 +52,8 @@ def main(argv: list[str]) -> int:
     if not isinstance(document, dict) or document.get("kind") != "FineTuneJob" or "spec" not in document:
         print("config is not a FineTuneJob manifest", file=sys.stderr)
         return 2
+    if os.environ.get("FAKE_REPORT"):
+        report(epoch=1, stage_epochs=int(os.environ.get("FAKE_REPORT")))
     time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
     code = int(os.environ.get("FAKE_EXIT", "0"))
     reason = os.environ.get("FAKE_REASON", "Succeeded" if code == 0 else "Error")

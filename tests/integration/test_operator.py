@@ -79,6 +79,8 @@ class OperatorProcess:
     log: Path
     metrics_port: int = field(default_factory=free_port)
     health_port: int = field(default_factory=free_port)
+    progress_port: int = field(default_factory=free_port)
+    extra: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -87,10 +89,12 @@ class OperatorProcess:
             sys.executable, "-m", "finetune_operator",
             "--namespace", self.namespace,
             "--trainer-command", f"python {FAKE_TRAINER}",
-            "--progress-host", "127.0.0.1", "--progress-port", "0",
+            "--progress-host", "127.0.0.1", "--progress-port", str(self.progress_port),
+            "--progress-url", f"http://127.0.0.1:{self.progress_port}/v1/progress",
             "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
             "--health-port", str(self.health_port),
             "--pending-timeout", "4",
+            *self.extra,
         ]  # fmt: skip
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -339,6 +343,14 @@ def test_success_is_succeeded_complete_ready(env: Env) -> None:
     }  # fmt: skip
 
 
+def test_progress_reports_reach_the_status(env: Env) -> None:
+    """The pod gets the progress URL and its job's token; the operator's hub folds the report in."""
+    env.apply(ftj("reporting", env={"FAKE_REPORT": "4", "FAKE_SLEEP": "1"}))
+    status = env.wait_phase("reporting", "Succeeded")
+    assert (status["stage"], status["epochs"], status["bestValAccuracy"]) == ("head", "1/4", 0.75)
+    assert status["progress"] == 100 and status["message"].startswith("model saved")
+
+
 def test_data_error_fails_at_once_with_the_trainers_message(env: Env) -> None:
     env.apply(ftj("dataerr", env={"FAKE_EXIT": "3", "FAKE_REASON": "DataError",
                                   "FAKE_MESSAGE": "no images under /data/train"}, backoffLimit=3))  # fmt: skip
@@ -372,12 +384,28 @@ def test_unknown_base_model_fails_without_a_job_or_retry(env: Env) -> None:
     assert env.operator.alive()
 
 
+def test_a_job_the_api_server_refuses_fails_as_invalid_spec(env: Env) -> None:
+    env.apply(ftj("badvolume", volumes=[{"name": "Not_A_DNS_Label", "emptyDir": {}}]))
+    status = env.wait_phase("badvolume", "Failed")
+    assert status["reason"] == "InvalidSpec"
+    assert "volumes" in status["message"] and "Not_A_DNS_Label" in status["message"]
+    assert env.get("job", "badvolume") is None
+    assert env.operator.alive()
+
+
 def test_image_pull_errors_fail_after_the_pending_timeout(env: Env) -> None:
     env.apply(ftj("noimage", image="registry.invalid/trainer:0"))
     status = env.wait_phase("noimage", "Failed")
     assert status["reason"] == "ImagePullError"
     wait_for(lambda: (env.get("job", "noimage") or {}).get("spec", {}).get("suspend") is True,
              timeout=10, message="the stuck Job suspended")  # fmt: skip
+
+
+def test_unschedulable_pods_fail_after_the_pending_timeout(env: Env) -> None:
+    env.apply(ftj("nowhere", nodeSelector={"example.com/no-such-node": "true"}))
+    status = env.wait_phase("nowhere", "Failed")
+    assert status["reason"] == "Unschedulable"
+    assert "nowhere-" in status["message"]
 
 
 def test_suspend_and_resume(env: Env) -> None:
@@ -427,6 +455,44 @@ def test_operator_restart_mid_flight_adopts_and_converges(env: Env) -> None:
     assert len(env.jobs("survivor")) == 1
     assert status["attempts"] == 1
     assert env.events("survivor").count("JobCreated") == 1
+
+
+def test_two_replicas_with_peering_make_one_job(env: Env) -> None:
+    """With Kopf peering the lower-priority replica pauses; the job runs once."""
+    cluster = env.cluster
+    cluster.kubectl_run("apply", "-f", str(ROOT / "deploy" / "base" / "peering.yaml"), check=False)
+    cluster.kubectl_run("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=30s")
+    namespace = make_namespace(cluster, "ftj-peer")
+    cluster.kubectl_run("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "finetune-operator"}}))  # fmt: skip
+    replicas = [
+        OperatorProcess(
+            kubeconfig=env.operator.kubeconfig,
+            namespace=namespace,
+            log=env.tmp / f"operator-peer-{prio}.log",
+            extra=("--peering", "finetune-operator", "--priority", str(prio)),
+        )
+        for prio in (10, 20)
+    ]
+    try:
+        for replica in replicas:
+            replica.start()
+        wait_for(lambda: "Pausing operations" in replicas[0].log.read_text(), timeout=WAIT,
+                 message="the low-priority replica pauses")  # fmt: skip
+        cluster.kubectl_run("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(ftj("peered")))
+        wait_for(
+            lambda: (cluster.kubectl_json("get", "ftj", "peered", "-n", namespace).get("status") or {}).get("phase")
+            == "Succeeded",
+            timeout=WAIT,
+            message="ftj/peered Succeeded",
+        )
+        jobs = cluster.kubectl_json("get", "jobs", "-n", namespace, "-l", "finetune.dev/job=peered")["items"]
+        assert len(jobs) == 1
+        assert all(r.alive() for r in replicas)
+    finally:
+        for replica in replicas:
+            replica.stop()
+        cluster.kubectl_run("delete", "ns", namespace, "--wait=false", check=False)
 
 
 # ----- least privilege -----

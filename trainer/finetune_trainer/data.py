@@ -292,6 +292,7 @@ def build_augmentation(*, spec: AugmentationSpec, seed: int) -> Any | None:
 def _batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuffle: bool, seed: int) -> Callable[
     [], Iterator[tuple[np.ndarray, np.ndarray]]
 ]:
+    """A generator factory yielding whole batches from memory, reshuffled (seeded) every epoch."""
     epoch = [0]
 
     def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -300,7 +301,7 @@ def _batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuffle
             order = np.random.default_rng(seed + epoch[0]).permutation(len(labels))
             epoch[0] += 1
         for start in range(0, len(order), batch_size):
-            index = np.sort(order[start : start + batch_size]) if not shuffle else order[start : start + batch_size]
+            index = order[start : start + batch_size]
             yield images[index], labels[index]
 
     return generate

@@ -10,9 +10,15 @@ Resume: `checkpoints/state.json` records the spec's fingerprint, the finished st
 final weights beside it) and the history so far; a rerun skips finished stages and
 BackupAndRestore continues the unfinished one at the epoch it had reached.
 
-Fast path: without augmentation the frozen base sees the same images every epoch, so phase 1
-runs the base once to extract pooled features and fits the head's own layers on them (the
-same layers, so the full model holds the trained head afterwards).
+Fast paths (the same layers and the same math, only less repeated work): whatever a frozen
+part of the network computes from images that never change is computed once.
+- Phase 1 without augmentation: the base's pooled features of every image are extracted
+  once and the head's own layers train on them, so the full model holds the trained head.
+- Phase 1 with augmentation: training images change every epoch, validation images do not,
+  so validation runs the head on cached features.
+- Phase 2: the base is cut just below its first unfrozen layer (model.split_below_trainable);
+  the frozen prefix's output is cached for validation, and without augmentation for training
+  too, when it fits the cache budget.
 """
 
 from __future__ import annotations
@@ -531,6 +537,9 @@ def _run(
     model: Any
     train_data: Any
     validation: Any
+    # What computes the final validation predictions cheaply: the last stage's cached inputs
+    # and the model that maps them to probabilities (None: run the full model).
+    predictor: tuple[Any, np.ndarray] | None = None
     stages: dict[str, dict[str, Any]] = {}
     # Phase 1: the head on the frozen base. Validation images never change and the base is
     # frozen, so their pooled features are computed once; without augmentation the training
@@ -542,9 +551,11 @@ def _run(
         hooks.call("on_stage_start", stage="head", stage_epochs=training.head.epochs, epochs_done=0,
                    total_epochs=run_ctx.total_epochs)
         model_lib.freeze_base(network.base)
+        cpu_started = time.process_time()
         extract_started = time.monotonic()
         x_val = cache(network.features, splits.validation)
         val_cache = _CachedValidation(model=network.head, x=x_val, y=splits.validation.labels, batch_size=batch)
+        predictor = (network.head, x_val)
         if augmentation is None:
             x_train = cache(network.features, splits.train)
             extraction = time.monotonic() - extract_started
@@ -570,6 +581,7 @@ def _run(
         summary["durationSeconds"] = round(summary["durationSeconds"] + extraction, 3)
         summary["extractionSeconds"] = round(extraction, 3)
         summary["fastPath"] = "features" if augmentation is None else "validation-features"
+        summary["cpuSeconds"] = round(time.process_time() - cpu_started, 3)
         summary["trainableLayers"] = [layer.name for layer in network.head.layers if layer.trainable and layer.weights]
         _finish_stage(run_ctx, stage="head", network=network, summary=summary)
         stages["head"] = summary
@@ -585,7 +597,9 @@ def _run(
         else:
             hooks.call("on_stage_start", stage="fine-tune", stage_epochs=fine.epochs,
                        epochs_done=training.head.epochs, total_epochs=run_ctx.total_epochs)
+            cpu_started = time.process_time()
             unfrozen = model_lib.unfreeze_last(network.base, count=fine.unfreeze_last)
+            predictor = None
             log.info("fine-tune: unfroze %s", ", ".join(unfrozen) or "no layers with weights")
             split = model_lib.split_below_trainable(network)
             cached_images = len(splits.validation) + (len(splits.train) if augmentation is None else 0)
@@ -599,6 +613,7 @@ def _run(
             if split is not None:
                 x_val = cache(split.prefix, splits.validation)
                 validation = _CachedValidation(model=split.rest, x=x_val, y=splits.validation.labels, batch_size=batch)
+                predictor = (split.rest, x_val)
                 mode = "validation-prefix"
                 if augmentation is None:
                     model, train_data = split.rest, cache(split.prefix, splits.train)
@@ -622,13 +637,20 @@ def _run(
             summary["durationSeconds"] = round(summary["durationSeconds"] + extraction, 3)
             summary["extractionSeconds"] = round(extraction, 3)
             summary["fastPath"] = mode
+            summary["cpuSeconds"] = round(time.process_time() - cpu_started, 3)
             summary["cachedBelow"] = split.cut if split is not None else None
             summary["trainableLayers"] = unfrozen
             _finish_stage(run_ctx, stage="fine-tune", network=network, summary=summary)
             stages["fine-tune"] = summary
 
     return _save_outputs(
-        run_ctx, network=network, splits=splits, stages=stages, val=val_ds(), policy=policy, started=started
+        run_ctx,
+        network=network,
+        splits=splits,
+        stages=stages,
+        val=predictor or val_ds(),
+        policy=policy,
+        started=started,
     )
 
 
@@ -647,7 +669,10 @@ def _save_outputs(
     model = network.model
     # Evaluated by hand: compiling an untrained-as-a-whole model (the fast paths) would save
     # an empty optimizer into model.keras that warns on every load.
-    probs = np.asarray(model.predict(val, verbose=0), dtype=np.float64)
+    if isinstance(val, tuple):  # (model, cached inputs): the same predictions, without a full pass
+        probs = np.asarray(val[0].predict(val[1], batch_size=run.spec.training.batch_size, verbose=0), np.float64)
+    else:
+        probs = np.asarray(model.predict(val, verbose=0), dtype=np.float64)
     labels = splits.validation.labels
     picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
     evaluation = {"loss": float(-np.log(picked).mean()), "accuracy": float((probs.argmax(axis=1) == labels).mean())}

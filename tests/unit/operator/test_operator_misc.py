@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
-from finetune_operator import handlers, models, settings
+import yaml
+from finetune_operator import api, handlers, models, settings
+from pydantic import BaseModel
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_operator_never_imports_tensorflow_or_keras() -> None:
@@ -68,3 +74,33 @@ def test_flags_and_environment() -> None:
     assert defaults.namespaces == () and defaults.trainer_image == settings.DEFAULT_TRAINER_IMAGE
     assert (defaults.progress_port, defaults.metrics_port, defaults.health_port) == (8081, 8080, 8082)
     assert defaults.progress_url is None
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+    out = set()
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{info.alias or name}"
+        out.add(key)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out |= _fields(annotation, f"{key}.")
+    return out
+
+
+def _keys(document: dict[str, Any], prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in document.items():
+        out.add(f"{prefix}{key}")
+        if isinstance(value, dict) and key not in ("baseOptions", "resources", "affinity", "nodeSelector"):
+            out |= _keys(value, f"{prefix}{key}.")
+    return out
+
+
+def test_full_example_is_valid_and_sets_every_field() -> None:
+    document = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
+    spec = document["spec"]
+    parsed, refusal = handlers.operator_refusal(name=document["metadata"]["name"], spec=spec)
+    assert refusal is None and parsed is not None
+    # validation and validationSplit are exclusive: the example names the other in a comment.
+    missing = _fields(api.FineTuneJobSpec) - _keys(spec) - {"data.validationSplit"}
+    assert missing == set()

@@ -219,3 +219,11 @@ def test_invalid_spec_outcome() -> None:
 
 def test_diff_is_a_minimal_merge_patch() -> None:
     assert status.diff(desired={"a": 1, "b": [1]}, current={"a": 1, "b": [2], "c": 3}) == {"b": [1]}
+
+
+def test_while_running_the_message_is_the_progress_hubs() -> None:
+    first = derive(job(active=1), [pod()], previous={"phase": "Pending"})
+    hub = {**first.status, "message": "phase 1/2, epoch 3/10"}
+    later = derive(job(active=1), [pod()], previous=hub, counted=first.counted_pods)
+    assert later.status["message"] == "phase 1/2, epoch 3/10"
+    assert status.diff(desired=later.status, current=hub) == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -160,9 +161,14 @@ def test_observers_see_every_stage_epoch_and_batch(two_phase_run: tuple[train.Ru
 
 
 def test_augmented_run_with_split_and_no_phase_two(image_sets: dict[str, Path], tmp_path: Path) -> None:
+    train_dir = tmp_path / "train"
+    shutil.copytree(image_sets["train"], train_dir)
+    for broken in (train_dir / "circle" / "000.png", train_dir / "square" / "005.png"):
+        broken.write_bytes(broken.read_bytes()[:100])  # truncated: skipped with a warning, counted
+    (train_dir / "stripes" / "notes.txt").write_text("ignored")
     spec = parse_config(
         spec_dict(
-            train=image_sets["train"],
+            train=train_dir,
             validation_split=0.25,
             output=tmp_path / "out",
             augmentation=True,
@@ -175,7 +181,11 @@ def test_augmented_run_with_split_and_no_phase_two(image_sets: dict[str, Path], 
     result = train.run(spec=spec, observers=[recorder], verbose=0)
     assert list(result.summary["stages"]) == ["head"]
     assert result.summary["stages"]["head"]["fastPath"] == "validation-features"
-    assert result.summary["images"] == {"train": 54, "validation": 18}
+    images = result.summary["images"]
+    assert images["train"] + images["validation"] == 70 and 16 <= images["validation"] <= 18
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["skippedFiles"] == 2
+    assert sorted(Path(item["path"]).name for item in metrics["skipped"]) == ["000.png", "005.png"]
     assert [r["stage"] for r in _history(tmp_path / "out")] == ["head", "head"]
     assert [s["stage"] for s in recorder.named("on_stage_start")] == ["head"]
     assert recorder.named("on_stage_end")[0]["total_epochs"] == 2
