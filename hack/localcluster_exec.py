@@ -12,6 +12,7 @@ If anything fails before exec, the reason goes to `startErrorPath` and the exit 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -28,6 +29,13 @@ MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+MNT_DETACH = 0x2
+
+# The repository (its .venv runs the container's command) must stay visible at its own path
+# even when a volume is mounted over a folder above it (an emptyDir at /tmp over a checkout
+# in /tmp/...).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STAGING_ROOT = Path("/run/fto-exec")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -65,19 +73,49 @@ def _ensure_target(path: Path, *, is_file: bool) -> None:
         path.mkdir(parents=True, exist_ok=True)
 
 
+def _is_under(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
 def set_up(spec: dict[str, Any]) -> None:
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS) (the pod runner must run as root)")
     _mount(None, "/", MS_REC | MS_PRIVATE)
     mounts = sorted(spec["mounts"], key=lambda m: len(Path(m["target"]).parts))
+    # Stage every source (and the repository) first: a mount over a parent folder of a
+    # later source (or of the repository) would otherwise hide it.
+    staging = STAGING_ROOT / str(os.getpid())
+    staged: list[Path] = []
+
+    def stage(source: Path) -> Path:
+        place = staging / str(len(staged))
+        _ensure_target(place, is_file=source.is_file())
+        _mount(str(source), str(place), MS_BIND | MS_REC)
+        staged.append(place)
+        return place
+
+    sources: list[Path] = []
     for m in mounts:
-        target = Path(m["target"])
         source = Path(m["source"])
         if not source.exists():
-            raise StartError(f"volume source {source} for {target} does not exist")
+            raise StartError(f"volume source {source} for {m['target']} does not exist")
+        sources.append(stage(source))
+    shadowed = any(_is_under(REPO_ROOT, Path(m["target"])) for m in mounts)
+    repo_stage = stage(REPO_ROOT) if shadowed else None
+    for m, source in zip(mounts, sources, strict=True):
+        target = Path(m["target"])
         _ensure_target(target, is_file=source.is_file())
         _mount(str(source), str(target), MS_BIND | MS_REC)
         if m.get("readOnly"):
             _mount(None, str(target), MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC | MS_NOSUID | MS_NODEV)
+    if repo_stage is not None:
+        _ensure_target(REPO_ROOT, is_file=False)
+        _mount(str(repo_stage), str(REPO_ROOT), MS_BIND | MS_REC)
+    for place in reversed(staged):
+        _libc.umount2(str(place).encode(), MNT_DETACH)
+        with contextlib.suppress(OSError):
+            place.unlink() if place.is_file() else place.rmdir()
+    with contextlib.suppress(OSError):
+        staging.rmdir()
     workdir = Path(spec["workingDir"])
     try:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -41,8 +41,18 @@ CATEGORIES = ("finetune",)
 
 Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
 PHASES: tuple[Phase, ...] = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
-ConditionType = Literal["Ready", "Running", "Complete", "Failed", "Suspended"]
-CONDITION_TYPES: tuple[ConditionType, ...] = ("Ready", "Running", "Complete", "Failed", "Suspended")
+ConditionType = Literal["Ready", "Running", "Complete", "Failed", "Suspended", "Reconciling", "Stalled"]
+# Reconciling and Stalled are kstatus' "abnormal-true" pair (sigs.k8s.io/cli-utils): True while
+# the job is still on its way (Pending, Running) and when it failed for good, respectively.
+CONDITION_TYPES: tuple[ConditionType, ...] = (
+    "Ready",
+    "Running",
+    "Complete",
+    "Failed",
+    "Suspended",
+    "Reconciling",
+    "Stalled",
+)
 
 # Free-form Kubernetes objects: the schema keeps them as they are (x-kubernetes-preserve-unknown-fields).
 FreeObject = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
@@ -147,7 +157,12 @@ class _StatusModel(BaseModel):
 class Condition(_StatusModel):
     """A condition in the metav1.Condition shape."""
 
-    type: ConditionType = Field(description="Ready, Running, Complete, Failed or Suspended.")
+    type: ConditionType = Field(
+        description=(
+            "Ready, Running, Complete, Failed, Suspended, Reconciling (kstatus: in progress) "
+            "or Stalled (kstatus: failed)."
+        )
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     observed_generation: int | None = Field(
         default=None, ge=0, description="The metadata.generation the condition was set from."
@@ -206,6 +221,9 @@ class FineTuneJobStatus(_StatusModel):
     message: str | None = Field(default=None, description="A human-readable summary of the state.")
     conditions: list[Condition] | None = Field(
         default=None,
-        description="Ready, Running, Complete, Failed and Suspended, in the metav1.Condition shape.",
+        description=(
+            "Ready, Running, Complete, Failed, Suspended, and kstatus' Reconciling (True while Pending or "
+            "Running) and Stalled (True when Failed), in the metav1.Condition shape."
+        ),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )

@@ -27,7 +27,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kopf
 from finetune_trainer import config as trainer_config
@@ -35,6 +35,9 @@ from pydantic import ValidationError
 
 from finetune_operator import api, builders, kube, metrics, models, status
 from finetune_operator import settings as config_mod
+
+if TYPE_CHECKING:
+    from finetune_operator.progress import Registration
 
 __all__ = ["STATE", "Operator", "configure"]
 
@@ -219,6 +222,9 @@ class Operator:
         owner = builders.Owner(namespace=namespace, name=name, uid=ftj.uid, labels=ftj.labels)
         previous = {**ftj.status, **self._written.get(ftj.uid, {})}
         now = datetime.datetime.now(datetime.UTC)
+        if previous.get("phase"):
+            # Every pass, not only on a change: after a restart finetune_jobs is right at once.
+            metrics.set_phase(namespace=namespace, name=name, phase=str(previous["phase"]))
         terminal = previous.get("phase") in status.TERMINAL and previous.get("observedGeneration") == ftj.generation
         if terminal:
             self._finish(key, ftj.uid)
@@ -326,20 +332,19 @@ class Operator:
             self._written.setdefault(ftj.uid, {}).update(patch)
             self._last_write[ftj.uid] = time.monotonic()
         phase = outcome.status.get("phase")
-        if phase != previous.get("phase"):
-            metrics.set_phase(namespace=namespace, name=name, phase=phase)
-            if phase in status.TERMINAL:
-                duration = None
-                created = status.parse_time(ftj.created)
-                if created is not None:
-                    duration = (datetime.datetime.now(datetime.UTC) - created).total_seconds()
-                metrics.job_finished(
-                    namespace=namespace,
-                    name=name,
-                    phase=str(phase),
-                    reason=None if phase == "Succeeded" else outcome.status.get("reason"),
-                    duration_s=duration,
-                )
+        metrics.set_phase(namespace=namespace, name=name, phase=phase)
+        if phase != previous.get("phase") and phase in status.TERMINAL:
+            duration = None
+            created = status.parse_time(ftj.created)
+            if created is not None:
+                duration = (datetime.datetime.now(datetime.UTC) - created).total_seconds()
+            metrics.job_finished(
+                namespace=namespace,
+                name=name,
+                phase=str(phase),
+                reason=None if phase == "Succeeded" else outcome.status.get("reason"),
+                duration_s=duration,
+            )
         for event in outcome.events:
             self.post_event(key, ftj.uid, event)
         if phase in status.TERMINAL:
@@ -439,6 +444,38 @@ class Operator:
         )
         metrics.status_write(source=source)
 
+    async def resolve_job(self, *, namespace: str, name: str) -> Registration | None:
+        """A job's progress credentials read from the API, for a report this replica's hub does not know.
+
+        With several replicas only the active one reconciles (and registers) jobs, but reports
+        reach every replica. None when the FineTuneJob is gone, being deleted, finished or
+        refused, or when its Secret is missing or not owned by it.
+        """
+        from finetune_operator.progress import Registration
+
+        try:
+            body = await self.client.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
+            meta = body.get("metadata") or {}
+            uid = str(meta.get("uid") or "")
+            if not uid or meta.get("deletionTimestamp"):
+                return None
+            if (body.get("status") or {}).get("phase") in status.TERMINAL:
+                return None
+            parsed, _ = operator_refusal(name=name, spec=body.get("spec") or {})
+            if parsed is None:
+                return None
+            secret = await self.client.get(f"/api/v1/namespaces/{namespace}/secrets/{builders.secret_name(name)}")
+        except kube.ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        if _controller_uid(secret) != uid:
+            return None
+        token = base64.b64decode(str((secret.get("data") or {}).get("token", ""))).decode()
+        if not token:
+            return None
+        return Registration(uid=uid, token=token, total_epochs=parsed.training.total_epochs)
+
     def post_event(self, key: Key, uid: str, event: status.Event) -> None:
         """Posts a core/v1 Event on the FineTuneJob, in the background (an event never blocks a reconcile)."""
         namespace, name = key
@@ -529,7 +566,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.peering.clusterwide = not STATE.config.namespaces
     from finetune_operator import progress
 
-    hub = progress.ProgressHub(patch_status=STATE.patch_status)
+    hub = progress.ProgressHub(patch_status=STATE.patch_status, resolve=STATE.resolve_job)
     port = await hub.start(host=STATE.config.progress_host, port=STATE.config.progress_port)
     STATE.hub = hub
     metrics_port = metrics.start_metrics_server(host=STATE.config.metrics_host, port=STATE.config.metrics_port)

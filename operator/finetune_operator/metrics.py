@@ -222,6 +222,8 @@ def set_phase(*, namespace: str, name: str, phase: str | None) -> None:
     """Record the job's phase (None: the job is gone) and recount `finetune_jobs` for its namespace."""
     with _lock:
         key = (namespace, name)
+        if phase is not None and _phases.get(key) == phase:
+            return  # called on every reconcile: nothing changed, the counts are right
         if phase is None:
             _phases.pop(key, None)
         else:

@@ -31,6 +31,18 @@ hub does not, so a write is counted once); a failing write is logged, counted in
 `finetune_reconcile_errors_total{handler="progress"}` and retried at the next window a few
 times, and never reaches the HTTP client.
 
+Several replicas: only the active (Kopf peering) replica reconciles, so only it registers
+jobs, but the Service spreads reports over every replica. The operator therefore injects
+`resolve` too: for a report naming a job the hub does not know, the hub asks it once (reads
+of the FineTuneJob and its `<name>-progress` Secret) and, if the job exists and has not
+finished, registers it as *resolved* and goes on with the usual checks. Lookups are
+deduplicated per job, at most `max_resolves` run at a time (more are refused at once, not
+queued), and each job is looked up at most once per `resolve_ttl_s` (a negative cache), so a
+flood of made-up names costs the API server nothing more. A resolved job writes the status
+like a registered one but adds no per-job metric series (the active replica's /metrics owns
+those), and it is dropped after `resolved_idle_s` without reports; `register` by the
+operator turns it into a registered one.
+
 All methods are meant to be called from the operator's event loop (Kopf's async handlers);
 a call from another thread is handed to the loop.
 """
@@ -44,7 +56,7 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,16 +68,30 @@ from pydantic import ValidationError
 
 from finetune_operator import metrics
 
-__all__ = ["PatchStatus", "ProgressHub", "build_status"]
+__all__ = ["PatchStatus", "ProgressHub", "Registration", "Resolve", "build_status"]
 
 logger = logging.getLogger(__name__)
 
 PatchStatus = Callable[..., Awaitable[None]]
 """`async def patch_status(*, namespace: str, name: str, status: dict[str, Any]) -> None`."""
 
+
+@dataclass(frozen=True)
+class Registration:
+    """What `resolve` returns for a job this replica does not know: what `register` takes."""
+
+    uid: str
+    token: str
+    total_epochs: int
+
+
+Resolve = Callable[..., Awaitable[Registration | None]]
+"""`async def resolve(*, namespace: str, name: str) -> Registration | None` (None: no such running job)."""
+
 _RECENT_EPOCHS = 5  # epoch durations the ETA averages over
 _MAX_WRITE_RETRIES = 5  # consecutive failed writes of one job before its pending status is dropped
 _FINISH_STRIPPED = ("progress", "etaSeconds", "message")  # the operator's final status owns these
+_MAX_LOOKED_UP = 4096  # entries of the lookup (negative) cache
 
 
 @dataclass
@@ -78,6 +104,8 @@ class _Job:
     tokens: float
     refilled_at: float
     finished: bool = False
+    resolved: bool = False  # learnt through `resolve` (another replica reconciles it), not `register`
+    last_seen: float = 0.0  # monotonic time of the last accepted report
     stage: str | None = None
     last_timestamp: float = -math.inf
     durations: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=_RECENT_EPOCHS))
@@ -111,6 +139,10 @@ class ProgressHub:
         burst: int = 10,
         max_report_age_s: float = 600.0,
         wall_clock: Callable[[], float] = time.time,
+        resolve: Resolve | None = None,
+        max_resolves: int = 4,
+        resolve_ttl_s: float = 30.0,
+        resolved_idle_s: float = 600.0,
     ) -> None:
         self._patch_status = patch_status
         self._interval = float(min_write_interval_s)
@@ -120,6 +152,13 @@ class ProgressHub:
         self._max_age = float(max_report_age_s)
         self._wall = wall_clock
         self._jobs: dict[tuple[str, str], _Job] = {}
+        self._resolve = resolve
+        self._max_resolves = int(max_resolves)
+        self._resolve_ttl = float(resolve_ttl_s)
+        self._resolved_idle = float(resolved_idle_s)
+        self._resolving: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._looked_up: OrderedDict[tuple[str, str], float] = OrderedDict()  # key -> no lookup before
+        self._swept_at = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -134,7 +173,7 @@ class ProgressHub:
         Registering again updates the token and the plan; a new uid (the job was deleted and
         made again under the same name) starts from a clean state.
         """
-        self._in_loop(lambda: self._register(namespace, name, uid, token, total_epochs))
+        self._in_loop(lambda: self._register(namespace, name, uid, token, total_epochs, resolved=False))
 
     def finish(self, *, namespace: str, name: str) -> None:
         """The job reached Succeeded or Failed: flush its pending write, drop later reports.
@@ -175,6 +214,8 @@ class ProgressHub:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        for lookup in list(self._resolving.values()):
+            lookup.cancel()
         for job in list(self._jobs.values()):
             if job.pending is not None:
                 _cancel(job)
@@ -224,10 +265,15 @@ class ProgressHub:
             detail = json.loads(exc.json(include_url=False, include_input=False))
             return _Refusal("invalid", 400, "invalid progress report", detail=detail)
 
-        job = self._jobs.get((report.namespace, report.name))
+        key = (report.namespace, report.name)
+        job = self._jobs.get(key)
+        if job is None and self._token_owner(token) is not None:
+            return _Refusal("forbidden", 403, "token is not valid for this job")
+        if job is None or (job.resolved and report.uid and job.uid and report.uid != job.uid):
+            # Unknown here (another replica reconciles it?) or a newer incarnation: ask once.
+            await self._lookup(key)
+            job = self._jobs.get(key)
         if job is None:
-            if self._token_owner(token) is not None:
-                return _Refusal("forbidden", 403, "token is not valid for this job")
             return _Refusal("unknown_job", 404, "no such job")
         if not hmac.compare_digest(token, job.token):
             if self._token_owner(token) is not None:
@@ -254,6 +300,50 @@ class ProgressHub:
         self._fold(job, report, now)
         return None
 
+    async def _lookup(self, key: tuple[str, str]) -> None:
+        """Resolve and register an unknown job, at most once per `resolve_ttl_s` and job."""
+        if self._resolve is None:
+            return
+        now = time.monotonic()
+        self._sweep(now)
+        task = self._resolving.get(key)
+        if task is None:
+            if self._looked_up.get(key, -math.inf) > now or len(self._resolving) >= self._max_resolves:
+                return
+            self._looked_up.pop(key, None)
+            self._looked_up[key] = now + self._resolve_ttl
+            while len(self._looked_up) > _MAX_LOOKED_UP:
+                self._looked_up.popitem(last=False)
+            task = asyncio.get_running_loop().create_task(self._resolve_job(key))
+            self._resolving[key] = task
+            task.add_done_callback(lambda _: self._resolving.pop(key, None))
+        await asyncio.shield(task)
+
+    async def _resolve_job(self, key: tuple[str, str]) -> None:
+        assert self._resolve is not None
+        try:
+            found = await self._resolve(namespace=key[0], name=key[1])
+        except Exception:
+            metrics.reconcile_error(handler="progress")
+            logger.warning("looking up %s/%s for a progress report failed", *key, exc_info=True)
+            return
+        if found is None:
+            return
+        current = self._jobs.get(key)
+        if current is not None and not current.resolved:
+            return  # the operator registered it meanwhile: its registration wins
+        self._register(key[0], key[1], found.uid, found.token, found.total_epochs, resolved=True)
+
+    def _sweep(self, now: float) -> None:
+        """Drop resolved jobs without reports for `resolved_idle_s` (checked at most once a minute)."""
+        if now - self._swept_at < min(60.0, self._resolved_idle):
+            return
+        self._swept_at = now
+        for key, job in list(self._jobs.items()):
+            if job.resolved and job.pending is None and now - job.last_seen > self._resolved_idle:
+                _cancel(job)
+                del self._jobs[key]
+
     def _token_owner(self, token: bytes) -> _Job | None:
         """The registered job this token belongs to, checking every job (no early exit)."""
         owner = None
@@ -275,6 +365,7 @@ class ProgressHub:
 
     def _fold(self, job: _Job, report: protocol.ProgressReport, now: float) -> None:
         job.last_timestamp = report.timestamp
+        job.last_seen = time.monotonic()
         if report.event == "epoch-end" and report.epoch_seconds is not None and report.epoch_seconds > 0:
             job.durations.append((report.stage, report.epoch_seconds))
         val_acc = report.metrics.get("val_accuracy")
@@ -296,17 +387,18 @@ class ProgressHub:
         )
         total = int(status["totalEpochs"])
         done = min(report.epochs_done, total) if total else 0
-        metrics.observe_progress(
-            namespace=job.namespace,
-            name=job.name,
-            stage=report.stage,
-            epoch=report.epoch,
-            progress_ratio=(done / total) if total else 0.0,
-            metrics=report.metrics,
-            images_per_second=report.images_per_second,
-            eta_seconds=status.get("etaSeconds"),
-            timestamp=now,
-        )
+        if not job.resolved:  # per-job series come from the replica that reconciles the job
+            metrics.observe_progress(
+                namespace=job.namespace,
+                name=job.name,
+                stage=report.stage,
+                epoch=report.epoch,
+                progress_ratio=(done / total) if total else 0.0,
+                metrics=report.metrics,
+                images_per_second=report.images_per_second,
+                eta_seconds=status.get("etaSeconds"),
+                timestamp=now,
+            )
         job.pending = status
         self._schedule(job, urgent=stage_changed or report.event == "final")
 
@@ -359,7 +451,9 @@ class ProgressHub:
 
     # ---- lifecycle internals (always on the loop) ----
 
-    def _register(self, namespace: str, name: str, uid: str, token: str, total_epochs: int) -> None:
+    def _register(
+        self, namespace: str, name: str, uid: str, token: str, total_epochs: int, *, resolved: bool
+    ) -> None:
         key = (namespace, name)
         job = self._jobs.get(key)
         if job is not None and job.uid and uid and job.uid != uid:
@@ -374,8 +468,11 @@ class ProgressHub:
                 total_epochs=int(total_epochs),
                 tokens=float(self._burst),
                 refilled_at=time.monotonic(),
+                resolved=resolved,
+                last_seen=time.monotonic(),
             )
             return
+        job.resolved = job.resolved and resolved
         job.uid = uid or job.uid
         job.token = token.encode()
         job.total_epochs = int(total_epochs)

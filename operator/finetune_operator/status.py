@@ -255,6 +255,8 @@ def _conditions(
         "Complete": phase == "Succeeded",
         "Failed": phase == "Failed",
         "Suspended": phase == "Suspended",
+        "Reconciling": phase in ("Pending", "Running"),
+        "Stalled": phase == "Failed",
     }
     before = {str(c.get("type")): c for c in previous}
     out = []
@@ -262,7 +264,7 @@ def _conditions(
         status = "True" if truth[kind] else "False"
         if truth[kind]:
             cond_reason, cond_message = reason, message
-        elif kind == "Ready":
+        elif kind in ("Ready", "Reconciling"):
             cond_reason, cond_message = reason, message or phase
         else:
             cond_reason, cond_message = f"Not{kind}", ""

@@ -8,6 +8,7 @@ operator with one RBAC rule removed (the least-privilege proof).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -17,6 +18,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from typing import Any
 
 import pytest
 import yaml
+from finetune_trainer import protocol
 from fixtures.cluster import Cluster, KubectlError, wait_for
 from kubernetes import client
 
@@ -488,11 +492,52 @@ def test_two_replicas_with_peering_make_one_job(env: Env) -> None:
         )
         jobs = cluster.kubectl_json("get", "jobs", "-n", namespace, "-l", "finetune.dev/job=peered")["items"]
         assert len(jobs) == 1
+        # The paused replica takes a valid report (the Service may send it there): it looks the job up.
+        held = ftj("held")
+        held["spec"]["suspend"] = True
+        cluster.kubectl_run("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(held))
+        wait_for(
+            lambda: (cluster.kubectl_json("get", "ftj", "held", "-n", namespace).get("status") or {}).get("phase")
+            == "Suspended",
+            timeout=WAIT,
+            message="ftj/held Suspended",
+        )
+        secret = cluster.kubectl_json("get", "secret", "held-progress", "-n", namespace)
+        token = base64.b64decode(secret["data"]["token"]).decode()
+        standby = f"http://127.0.0.1:{replicas[0].progress_port}/v1/progress"
+        assert post_report(standby, namespace=namespace, name="held", token=token) == 202
+        assert post_report(standby, namespace=namespace, name="no-such-job", token=token) == 403
+        assert post_report(standby, namespace=namespace, name="no-such-job", token="made-up") == 404
+        wait_for(
+            lambda: (cluster.kubectl_json("get", "ftj", "held", "-n", namespace).get("status") or {}).get("epochs")
+            == "1/1",
+            timeout=WAIT,
+            message="the standby's report reached ftj/held's status",
+        )
         assert all(r.alive() for r in replicas)
     finally:
         for replica in replicas:
             replica.stop()
         cluster.kubectl_run("delete", "ns", namespace, "--wait=false", check=False)
+
+
+def post_report(url: str, *, namespace: str, name: str, token: str) -> int:
+    """POST one head-stage epoch-end report; returns the HTTP status."""
+    body = protocol.ProgressReport.model_validate(
+        {"namespace": namespace, "name": name, "event": "epoch-end", "stage": "head", "epoch": 1, "stageEpochs": 1,
+         "epochsDone": 1, "totalEpochs": 2, "metrics": {"loss": 0.5}, "timestamp": time.time()}
+    ).model_dump(mode="json", by_alias=True)  # fmt: skip
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
 
 
 # ----- least privilege -----

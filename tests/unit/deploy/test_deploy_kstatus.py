@@ -130,22 +130,9 @@ EXPECTED = {
 }
 
 
-# kstatus never reads Ready/Running/Failed: it needs the abnormal-true conditions Reconciling
-# (True while Pending/Running) and Stalled (True on Failed), which the operator does not write
-# yet, so today kstatus calls these three Current. Strict: the day the operator writes them,
-# these XPASS and fail, and the marks must go.
-_NEEDS_RECONCILING_STALLED = pytest.mark.xfail(
-    strict=True, reason="operator status has no Reconciling/Stalled conditions (kstatus' abnormal-true pair)"
-)
-
-
-@pytest.mark.parametrize(
-    "phase",
-    [
-        pytest.param(phase, marks=_NEEDS_RECONCILING_STALLED) if EXPECTED[phase] != "Current" else phase
-        for phase in EXPECTED
-    ],
-)
+# kstatus never reads Ready/Running/Failed: it reads the abnormal-true conditions Reconciling
+# (True while Pending/Running) and Stalled (True on Failed), which the operator writes.
+@pytest.mark.parametrize("phase", list(EXPECTED))
 def test_operator_status_classifies_as_expected(phase: str) -> None:
     obj = _derived(phase=phase)
     assert compute(obj).status == EXPECTED[phase], obj["status"]["conditions"]

@@ -130,13 +130,19 @@ def test_status_table(job_body: dict[str, Any] | None, pods: list[dict[str, Any]
     assert (s["phase"], s["reason"]) == (phase, reason)
     assert fragment in s["message"]
     conds = {c["type"]: c for c in s["conditions"]}
-    assert list(conds) == ["Ready", "Running", "Complete", "Failed", "Suspended"]
+    assert list(conds) == ["Ready", "Running", "Complete", "Failed", "Suspended", "Reconciling", "Stalled"]
     assert all(c["observedGeneration"] == 2 for c in conds.values())
     assert conds["Ready"]["status"] == ("True" if phase == "Succeeded" else "False")
     assert conds["Complete"]["status"] == ("True" if phase == "Succeeded" else "False")
     assert conds["Failed"]["status"] == ("True" if phase == "Failed" else "False")
     assert conds["Running"]["status"] == ("True" if phase == "Running" else "False")
     assert conds["Suspended"]["status"] == ("True" if phase == "Suspended" else "False")
+    # kstatus' pair: Reconciling while on the way, Stalled once failed for good.
+    assert conds["Reconciling"]["status"] == ("True" if phase in ("Pending", "Running") else "False")
+    assert conds["Stalled"]["status"] == ("True" if phase == "Failed" else "False")
+    assert conds["Reconciling"]["reason"] == reason
+    if phase == "Failed":
+        assert conds["Stalled"]["reason"] == reason and fragment in conds["Stalled"]["message"]
     if phase == "Failed":
         assert conds["Failed"]["reason"] == reason and fragment in conds["Failed"]["message"]
         assert s["completionTime"]
