@@ -481,3 +481,45 @@ def test_pod_runner_simulated_mode(cluster: Cluster, namespace: str, apply_yaml:
         runner.terminate()
         runner.wait(timeout=30)
         cluster.request("DELETE", f"/api/v1/nodes/{node}")
+
+
+def test_pod_runner_volume_over_a_parent_of_other_sources(cluster: Cluster, apply_yaml: ApplyYaml, tmp_path: Path) -> None:
+    """An emptyDir at /tmp must not hide a hostPath source (or the checkout) that lives under /tmp."""
+    source = Path("/tmp") / f"fto-overmount-{secrets.token_hex(4)}"
+    source.mkdir()
+    (source / "hello.txt").write_text("from the host")
+    ns = f"overmount-{secrets.token_hex(3)}"
+    apply_yaml({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    try:
+        wait_for(lambda: cluster.get(f"/api/v1/namespaces/{ns}/serviceaccounts/default"), timeout=60,
+                 message="default ServiceAccount")
+        code = "import pathlib,sys; sys.exit(0 if pathlib.Path('/data/hello.txt').read_text() == 'from the host' else 7)"
+        apply_yaml(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "overmount"},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "data", "hostPath": {"path": str(source)}}],
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "python:3.11-slim",
+                            "command": ["python", "-c", code],
+                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
+                                             {"name": "data", "mountPath": "/data", "readOnly": True}],
+                        }
+                    ],
+                },
+            },
+            namespace=ns,
+        )
+        got = wait_for(lambda: finished(cluster, namespace=ns, name="overmount"), timeout=90, message="pod finished")
+        state = terminated(got)
+        assert state["exitCode"] == 0, state
+    finally:
+        cluster.kubectl_run("delete", "namespace", ns, "--wait=false", check=False)
+        for f in source.iterdir():
+            f.unlink()
+        source.rmdir()
