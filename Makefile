@@ -47,7 +47,7 @@ lint: setup
 crds: setup
 	$(PY) -m finetune_operator.crd --output crds/finetune.dev_finetunejobs.yaml
 
-test-unit: setup
+test-unit: setup control-plane
 	$(PYTEST) -q tests/unit
 
 test-integration: setup control-plane
