@@ -25,12 +25,12 @@ from e2e_helpers import (
     ScrapeTarget,
     free_port,
     parse_table,
-    running_operator,
     running_prometheus,
     wait_until,
     write_images,
 )
 from fixtures.cluster import ApplyYaml, Cluster, ServiceAccountKubeconfig
+from fixtures.operator import OperatorProcess, install_crd_and_rbac
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -87,23 +87,6 @@ def fine_tune_job(*, metrics_port: int) -> dict[str, Any]:
     }
 
 
-def install_operator(cluster: Cluster, apply_yaml: ApplyYaml) -> None:
-    """The CRD, the operator's namespace and its RBAC, as deploy/ ships them."""
-    # Server-side, like the integration tests: the CRD is too big for last-applied-configuration.
-    cluster.kubectl_run(
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        str(ROOT / "crds" / "finetune.dev_finetunejobs.yaml"),
-    )
-    cluster.kubectl_run(
-        "wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s"
-    )
-    apply_yaml((ROOT / "deploy" / "base" / "namespace.yaml").read_text())
-    apply_yaml((ROOT / "deploy" / "base" / "rbac.yaml").read_text())
-
-
 def diagnostics(cluster: Cluster, *, namespace: str, tmp_path: Path, status: dict[str, Any]) -> str:
     """What to read when the job did not succeed: its status, the trainer's and the operator's logs."""
     pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", f"finetune.dev/job={JOB}")["items"]
@@ -141,22 +124,26 @@ def test_two_phase_training_shows_progress_and_is_scraped(
     write_images(volumes / "e2e-data" / "val", per_class=20, seed=2)
     (volumes / "e2e-models").mkdir(parents=True, exist_ok=True)
 
-    install_operator(cluster, apply_yaml)
+    install_crd_and_rbac(cluster)
     operator_kubeconfig = service_account_kubeconfig(namespace="finetune-system", name="finetune-operator")
     trainer_metrics_port = free_port()
     rule_groups = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())["spec"]["groups"]
 
     with (
-        running_operator(
-            kubeconfig=operator_kubeconfig, namespace=namespace, log_path=tmp_path / "operator.log", root=ROOT
-        ) as ports,
+        OperatorProcess(
+            kubeconfig=operator_kubeconfig,
+            namespace=namespace,
+            log=tmp_path / "operator.log",
+            command=(str(ROOT / ".venv" / "bin" / "finetune-operator"),),
+            ready_on="metrics",
+        ) as operator,
         running_prometheus(
             workdir=tmp_path / "prometheus",
             targets=[
                 # As the ServiceMonitor (honorLabels) and the PodMonitor (pod label -> name) would.
                 ScrapeTarget(
                     job="finetune-operator",
-                    port=ports.metrics,
+                    port=operator.metrics_port,
                     labels={"namespace": "finetune-system"},
                     honor_labels=True,
                 ),

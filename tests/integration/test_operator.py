@@ -12,17 +12,13 @@ import base64
 import contextlib
 import copy
 import json
-import os
 import secrets
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +26,13 @@ import pytest
 import yaml
 from finetune_trainer import protocol
 from fixtures.cluster import Cluster, KubectlError, wait_for
+from fixtures.operator import OPERATOR_NS, RBAC, OperatorProcess, install_crd_and_rbac
 from kubernetes import client
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD = ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
-RBAC = ROOT / "deploy" / "base" / "rbac.yaml"
 FAKE_TRAINER = Path(__file__).resolve().parent / "fake_trainer.py"
-OPERATOR_NS = "finetune-system"
 RESTRICTED = "pod-security.kubernetes.io/enforce"
 WAIT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def mint_kubeconfig(cluster: Cluster, *, name: str, path: Path) -> Path:
@@ -74,68 +62,17 @@ def mint_kubeconfig(cluster: Cluster, *, name: str, path: Path) -> Path:
     return path
 
 
-@dataclass
-class OperatorProcess:
-    """`python -m finetune_operator` watching one namespace, with its own ports and log file."""
-
-    kubeconfig: Path
-    namespace: str
-    log: Path
-    metrics_port: int = field(default_factory=free_port)
-    health_port: int = field(default_factory=free_port)
-    progress_port: int = field(default_factory=free_port)
-    extra: tuple[str, ...] = ()
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
-        argv = [
-            sys.executable, "-m", "finetune_operator",
-            "--namespace", self.namespace,
-            "--trainer-command", f"python {FAKE_TRAINER}",
-            "--progress-host", "127.0.0.1", "--progress-port", str(self.progress_port),
-            "--progress-url", f"http://127.0.0.1:{self.progress_port}/v1/progress",
-            "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
-            "--health-port", str(self.health_port),
-            "--pending-timeout", "4",
-            *self.extra,
-        ]  # fmt: skip
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        wait_for(self._healthy, timeout=30, message=f"operator liveness on :{self.health_port} (log {self.log})")
-
-    def _healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            pytest.fail(f"operator exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup, like a lost node."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+def operator_process(
+    *, kubeconfig: Path, namespace: str, log: Path, extra: tuple[str, ...] = ()
+) -> OperatorProcess:
+    """The shared operator subprocess, with this module's fake trainer and a 4 s pending timeout."""
+    return OperatorProcess(
+        kubeconfig=kubeconfig,
+        namespace=namespace,
+        log=log,
+        extra_args=("--trainer-command", f"python {FAKE_TRAINER}", "--pending-timeout", "4", *extra),
+        ready_timeout=30,
+    )
 
 
 @dataclass
@@ -194,14 +131,6 @@ def ftj(name: str, *, env: dict[str, str] | None = None, **runtime: Any) -> dict
     }
 
 
-def install(cluster: Cluster) -> None:
-    cluster.kubectl_run("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    cluster.kubectl_run("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=30s")
-    if cluster.kubectl_run("get", "ns", OPERATOR_NS, check=False).returncode != 0:
-        cluster.kubectl_run("create", "ns", OPERATOR_NS, check=False)
-    cluster.kubectl_run("apply", "-f", str(RBAC))
-
-
 def make_namespace(cluster: Cluster, prefix: str) -> str:
     name = f"{prefix}-{secrets.token_hex(3)}"
     cluster.kubectl_run("create", "ns", name)
@@ -216,11 +145,11 @@ def make_namespace(cluster: Cluster, prefix: str) -> str:
 
 @pytest.fixture(scope="module")
 def env(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    install(cluster)
+    install_crd_and_rbac(cluster)
     tmp = tmp_path_factory.mktemp("operator")
     kubeconfig = mint_kubeconfig(cluster, name="finetune-operator", path=tmp / "kubeconfig")
     namespace = make_namespace(cluster, "ftj-op")
-    operator = OperatorProcess(kubeconfig=kubeconfig, namespace=namespace, log=tmp / "operator.log")
+    operator = operator_process(kubeconfig=kubeconfig, namespace=namespace, log=tmp / "operator.log")
     operator.start()
     try:
         yield Env(cluster=cluster, namespace=namespace, operator=operator, tmp=tmp)
@@ -470,7 +399,7 @@ def test_two_replicas_with_peering_make_one_job(env: Env) -> None:
     cluster.kubectl_run("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(
         {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "finetune-operator"}}))  # fmt: skip
     replicas = [
-        OperatorProcess(
+        operator_process(
             kubeconfig=env.operator.kubeconfig,
             namespace=namespace,
             log=env.tmp / f"operator-peer-{prio}.log",
@@ -560,7 +489,7 @@ def test_removing_an_rbac_rule_breaks_the_operator_as_expected(env: Env) -> None
     binding["subjects"][0]["name"] = name
     namespace = make_namespace(cluster, "ftj-rbac")
     cluster.kubectl_run("apply", "-f", "-", input=yaml.safe_dump_all([role, binding]))
-    operator = OperatorProcess(
+    operator = operator_process(
         kubeconfig=mint_kubeconfig(cluster, name=name, path=env.tmp / f"kubeconfig-{name}"),
         namespace=namespace,
         log=env.tmp / f"operator-{name}.log",

@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
-import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -31,106 +27,37 @@ import pytest
 import yaml
 from finetune_trainer import protocol
 from fixtures.cluster import ApplyYaml, Cluster, ServiceAccountKubeconfig, wait_for
+from fixtures.operator import OPERATOR_NS, OperatorProcess, install_crd_and_rbac
 from kubernetes import client, watch
 
-ROOT = Path(__file__).resolve().parents[2]
-CRD = ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
-RBAC = ROOT / "deploy" / "base" / "rbac.yaml"
-OPERATOR_NS = "finetune-system"
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 PROGRESS_FIELDS = ("stage", "epoch", "epochs", "progress", "etaSeconds", "metrics", "lastProgressTime")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Operator:
-    progress_url: str
-    metrics_url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
-            return str(resp.read().decode())
-
-    def sample(self, metric: str, labels: dict[str, str] | None = None) -> float | None:
-        want = {f'{k}="{v}"' for k, v in (labels or {}).items()}
-        for line in self.metrics().splitlines():
-            if line.startswith(metric + "{") or line.startswith(metric + " "):
-                head, _, value = line.rpartition(" ")
-                inside = head[len(metric) :].strip("{}")
-                if want <= set(inside.split(",")) if inside else not want:
-                    return float(value)
-        return None
 
 
 @pytest.fixture(scope="module")
 def installed(cluster: Cluster) -> None:
     """The CRD and the operator's RBAC (deploy/base/rbac.yaml), as the other operator tests install them."""
-    cluster.kubectl_run("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    cluster.kubectl_run(
-        "wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=30s"
-    )
-    if cluster.kubectl_run("get", "ns", OPERATOR_NS, check=False).returncode != 0:
-        cluster.kubectl_run("create", "ns", OPERATOR_NS, check=False)
-    cluster.kubectl_run("apply", "-f", str(RBAC))
+    install_crd_and_rbac(cluster)
 
 
 @pytest.fixture
 def operator(
-    cluster: Cluster,
     namespace: str,
     tmp_path: Path,
     installed: None,
     service_account_kubeconfig: ServiceAccountKubeconfig,
-) -> Iterator[Operator]:
+) -> Iterator[OperatorProcess]:
     """`python -m finetune_operator` for the test's namespace, as its ServiceAccount under deploy/'s RBAC."""
     kubeconfig = service_account_kubeconfig(namespace=OPERATOR_NS, name="finetune-operator", create=False)
-    progress_port, metrics_port, health_port = _free_port(), _free_port(), _free_port()
-    progress_url = f"http://127.0.0.1:{progress_port}{protocol.PROGRESS_PATH}"
-    log = tmp_path / "operator.log"
-    argv = [
-        sys.executable,
-        "-m",
-        "finetune_operator",
-        f"--namespace={namespace}",
-        "--progress-host=127.0.0.1",
-        f"--progress-port={progress_port}",
-        f"--progress-url={progress_url}",
-        "--metrics-host=127.0.0.1",
-        f"--metrics-port={metrics_port}",
-        f"--health-port={health_port}",
-        "--pending-timeout=600",
-    ]
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cluster.root)
-    op = Operator(
-        progress_url=progress_url, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", proc=proc, log=log
-    )
-
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            return "finetune_progress_reports_total" in op.metrics()
-        except OSError:
-            return False
-
-    wait_for(up, timeout=60, message="operator serving /metrics")
-    try:
+    with OperatorProcess(
+        kubeconfig=kubeconfig,
+        namespace=namespace,
+        log=tmp_path / "operator.log",
+        extra_args=("--pending-timeout=600",),
+        ready_on="metrics",
+        ready_text="finetune_progress_reports_total",
+    ) as op:
         yield op
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass
@@ -254,7 +181,7 @@ def columns(cluster: Cluster, *, namespace: str, name: str) -> dict[str, str]:
 
 
 def test_reports_move_kubectl_get_and_the_metrics(
-    cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, operator: Operator, status_watch: StatusWatch
+    cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, operator: OperatorProcess, status_watch: StatusWatch
 ) -> None:
     apply_yaml(ftj("flowers"), namespace=namespace)
     token = token_of(cluster, namespace=namespace, name="flowers")
@@ -338,7 +265,7 @@ def test_reports_move_kubectl_get_and_the_metrics(
 
 
 def test_bad_reports_are_refused_and_change_no_status(
-    cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, operator: Operator, status_watch: StatusWatch
+    cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, operator: OperatorProcess, status_watch: StatusWatch
 ) -> None:
     apply_yaml([ftj("alpha"), ftj("beta")], namespace=namespace)
     token_a = token_of(cluster, namespace=namespace, name="alpha")
@@ -416,7 +343,7 @@ def protocol_results() -> tuple[str, ...]:
 
 
 def test_the_trainer_credential_is_scoped_to_its_job_and_worthless_to_kubernetes(
-    cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, operator: Operator
+    cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, operator: OperatorProcess
 ) -> None:
     apply_yaml(ftj("alpha"), namespace=namespace)
     token = token_of(cluster, namespace=namespace, name="alpha")
