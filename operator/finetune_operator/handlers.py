@@ -269,6 +269,10 @@ class Operator:
             await self._patch_job(owner, suspend=suspend)
 
         pods = self._pods(key, job.uid)
+        creation_failure = None
+        if not suspend and status.creation_stalled(job, pods, now=now, timeout_s=self.config.pending_timeout_s):
+            # Looked up once: the job turns Failed on this pass.
+            creation_failure = await self._creation_failure(owner)
         outcome = status.derive(
             generation=ftj.generation,
             suspend=suspend,
@@ -279,6 +283,7 @@ class Operator:
             counted_pods=self._counted.get(ftj.uid),
             now=now,
             pending_timeout_s=self.config.pending_timeout_s,
+            creation_failure=creation_failure,
         )
         wait = self._coalesce_wait(ftj.uid, outcome, previous)
         if wait > 0:
@@ -294,7 +299,7 @@ class Operator:
         # A pod that waits may become stuck without any further event: look again at the deadline.
         if self.config.pending_timeout_s > 0 and outcome.status.get("phase") in ("Pending", "Running"):
             waiting = [p for p in pods if p.phase == "Pending" and not p.started and not p.deleted]
-            if waiting:
+            if waiting or not pods:
                 self.enqueue(key, delay=self.config.pending_timeout_s + 1.0)
 
     def _coalesce_wait(self, uid: str, outcome: status.Outcome, previous: Mapping[str, Any]) -> float:
@@ -429,6 +434,29 @@ class Operator:
     async def _read_token(self, owner: builders.Owner) -> str:
         body = await self.client.get(f"/api/v1/namespaces/{owner.namespace}/secrets/{builders.secret_name(owner.name)}")
         return base64.b64decode(str((body.get("data") or {}).get("token", ""))).decode()
+
+    async def _creation_failure(self, owner: builders.Owner) -> str | None:
+        """The message of the newest FailedCreate event of the job's batch Job (the Job controller's reason)."""
+        selector = f"involvedObject.kind=Job,involvedObject.name={owner.name},reason=FailedCreate"
+        try:
+            body = await self.client.request(
+                "GET", f"/api/v1/namespaces/{owner.namespace}/events", params={"fieldSelector": selector}
+            )
+        except kube.ApiError as exc:
+            logger.warning("could not list the events of Job %s/%s: %s", owner.namespace, owner.name, exc)
+            return None
+        items = [e for e in body.get("items") or [] if isinstance(e, dict)]
+        if not items:
+            return None
+
+        def stamp(event: Mapping[str, Any]) -> str:
+            return str(
+                event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp")
+                or (event.get("metadata") or {}).get("creationTimestamp") or ""
+            )
+
+        newest = max(items, key=stamp)
+        return str(newest.get("message") or "") or None
 
     async def _patch_job(self, owner: builders.Owner, *, suspend: bool) -> None:
         await self.client.merge_patch(

@@ -25,6 +25,7 @@ __all__ = [
     "JobView",
     "Outcome",
     "PodView",
+    "creation_stalled",
     "derive",
     "diff",
     "invalid_spec",
@@ -75,6 +76,7 @@ class JobView:
     succeeded: int = 0
     start_time: str | None = None
     completion_time: str | None = None
+    created: str | None = None  # metadata.creationTimestamp
     # condition type -> (reason, message, lastTransitionTime), only for conditions with status True
     conditions: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
 
@@ -120,6 +122,7 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         succeeded=int(status.get("succeeded") or 0),
         start_time=status.get("startTime"),
         completion_time=status.get("completionTime"),
+        created=body.get("metadata", {}).get("creationTimestamp"),
         conditions=conditions,
     )
 
@@ -246,6 +249,23 @@ def _stuck(pods: Sequence[PodView], *, now: datetime.datetime, timeout_s: float)
     return None
 
 
+def creation_stalled(
+    job: JobView | None, pods: Sequence[PodView], *, now: datetime.datetime, timeout_s: float
+) -> bool:
+    """Whether the Job controller has made no pod at all for longer than the pending timeout.
+
+    E.g. PodSecurity admission or a ResourceQuota refuses the pod template: the Job exists,
+    but no pod ever does. Counted from the Job's startTime (reset when a suspended Job is
+    resumed), else its creation.
+    """
+    if job is None or timeout_s <= 0 or pods or job.suspend:
+        return False
+    if job.active or job.succeeded or job.failed or job.conditions:
+        return False
+    since = parse_time(job.start_time) or parse_time(job.created)
+    return since is not None and (now - since).total_seconds() >= timeout_s
+
+
 def _conditions(
     *, phase: str, reason: str, message: str, generation: int, previous: Sequence[Mapping[str, Any]], now: str
 ) -> list[dict[str, Any]]:
@@ -316,12 +336,15 @@ def derive(
     counted_pods: frozenset[str] | None,
     now: datetime.datetime,
     pending_timeout_s: float,
+    creation_failure: str | None = None,
 ) -> Outcome:
     """The operator-owned status of a FineTuneJob from its Job and pods.
 
     `previous` is the FineTuneJob's current status. Succeeded and Failed are final: once
     written they never change. `counted_pods` are the pods already counted in `attempts`
     (None after an operator restart: the pods visible now are taken as counted).
+    `creation_failure` is the message of the Job's newest FailedCreate event, when the caller
+    looked it up (see `creation_stalled`).
     """
     prev_phase = previous.get("phase")
     stamp = rfc3339(now)
@@ -362,6 +385,9 @@ def derive(
     else:
         stuck = _stuck(live, now=now, timeout_s=pending_timeout_s)
         running = [p for p in live if p.phase == "Running" and p.running_since is not None and not p.deleted]
+        if stuck is None and creation_stalled(job, pods, now=now, timeout_s=pending_timeout_s):
+            why = f": {creation_failure.strip()}" if creation_failure and creation_failure.strip() else ""
+            stuck = "PodCreationFailed", _short(f"the batch Job could not create its pod in {pending_timeout_s:g}s{why}")
         if stuck is not None:
             phase, (reason, message) = "Failed", stuck
             completion = stamp

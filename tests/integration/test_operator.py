@@ -341,6 +341,17 @@ def test_unschedulable_pods_fail_after_the_pending_timeout(env: Env) -> None:
     assert "nowhere-" in status["message"]
 
 
+def test_a_job_that_can_never_make_its_pod_fails_after_the_pending_timeout(env: Env) -> None:
+    """PodSecurity `restricted` refuses the hostPath pod: the Job makes no pod, the ftj fails with the reason."""
+    env.apply(ftj("hostpath", volumes=[{"name": "host", "hostPath": {"path": "/var/tmp"}}]))
+    status = env.wait_phase("hostpath", "Failed")
+    assert status["reason"] == "PodCreationFailed"
+    assert "PodSecurity" in status["message"] and "hostPath" in status["message"]
+    wait_for(lambda: (env.get("job", "hostpath") or {}).get("spec", {}).get("suspend") is True,
+             timeout=10, message="the Job suspended")  # fmt: skip
+    wait_for(lambda: "Failed" in env.events("hostpath"), timeout=10, message="a Failed event")
+
+
 def test_suspend_and_resume(env: Env) -> None:
     env.apply(ftj("pausable", env={"FAKE_SLEEP": "3"}))
     env.wait_phase("pausable", "Running")

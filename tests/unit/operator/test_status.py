@@ -65,7 +65,7 @@ def pod(name: str = "p1", *, phase: str = "Running", exit_code: int | None = Non
 
 def derive(job_body: dict[str, Any] | None, pods: list[dict[str, Any]], *, previous: dict[str, Any] | None = None,
            suspend: bool = False, counted: frozenset[str] | None = frozenset(),
-           pending_timeout_s: float = 300.0) -> status.Outcome:
+           pending_timeout_s: float = 300.0, creation_failure: str | None = None) -> status.Outcome:
     return status.derive(
         generation=2,
         suspend=suspend,
@@ -76,6 +76,7 @@ def derive(job_body: dict[str, Any] | None, pods: list[dict[str, Any]], *, previ
         counted_pods=counted,
         now=NOW,
         pending_timeout_s=pending_timeout_s,
+        creation_failure=creation_failure,
     )
 
 
@@ -109,6 +110,8 @@ CASES = [
      "Failed", "ImagePullError", "ImagePullBackOff"),
     ("unschedulable", job(active=1), [pod(phase="Pending", unschedulable=True)], "Pending", False,
      "Failed", "Unschedulable", "insufficient nvidia.com/gpu"),
+    ("pod-creation-failed", job(), [], "Pending", False,
+     "Failed", "PodCreationFailed", "could not create its pod"),
     ("suspended", job(suspend=True, conditions=[("Suspended", "JobSuspended", "")]), [], "Running", True,
      "Suspended", "Suspended", "spec.suspend"),
     ("queued-by-kueue", job(suspend=True), [], None, False, "Pending", "Queued", "suspended"),
@@ -166,6 +169,33 @@ def test_stuck_pending_needs_the_timeout_and_stops_the_job() -> None:
     assert old.status["phase"] == "Failed" and old.stop_job
     never = derive(job(active=1), [pod(phase="Pending", waiting="ErrImagePull")], pending_timeout_s=0)
     assert never.status["phase"] == "Pending" and not never.stop_job
+
+
+def test_a_job_that_never_makes_a_pod_fails_after_the_timeout_quoting_its_event() -> None:
+    refused = 'pods "x-abc" is forbidden: violates PodSecurity "restricted:latest": hostPath volumes'
+    out = derive(job(), [], previous={"phase": "Pending"}, pending_timeout_s=60, creation_failure=refused)
+    assert (out.status["phase"], out.status["reason"]) == ("Failed", "PodCreationFailed")
+    assert refused in out.status["message"] and out.stop_job
+    assert [(e.type, e.reason) for e in out.events] == [("Warning", "Failed")]
+    assert "PodCreationFailed" in out.events[0].message and "PodSecurity" in out.events[0].message
+    view = status.job_view(job())
+    assert status.creation_stalled(view, [], now=NOW, timeout_s=60)
+    # Not yet: the Job started within the timeout (or no timeout at all).
+    young = job(start="2026-01-01T11:59:30Z")
+    assert derive(young, [], pending_timeout_s=60).status["phase"] == "Pending"
+    assert not status.creation_stalled(view, [], now=NOW, timeout_s=0)
+    # Not this rule: the Job has pods (counted or listed), finished, or is suspended.
+    assert not status.creation_stalled(status.job_view(job(active=1)), [], now=NOW, timeout_s=60)
+    assert not status.creation_stalled(view, [status.pod_view(pod(phase="Pending"))], now=NOW, timeout_s=60)
+    assert not status.creation_stalled(status.job_view(job(suspend=True)), [], now=NOW, timeout_s=60)
+    assert not status.creation_stalled(
+        status.job_view(job(failed=1, conditions=[("Failed", "DeadlineExceeded", "")])), [], now=NOW, timeout_s=60
+    )
+    # Without a startTime the Job's creation counts.
+    unstarted = {**job(start=None), "metadata": {"uid": "job-uid", "creationTimestamp": EARLY}}
+    assert status.creation_stalled(status.job_view(unstarted), [], now=NOW, timeout_s=60)
+    fresh = {**job(start=None), "metadata": {"uid": "job-uid", "creationTimestamp": "2026-01-01T11:59:50Z"}}
+    assert not status.creation_stalled(status.job_view(fresh), [], now=NOW, timeout_s=60)
 
 
 def test_final_phases_are_sticky() -> None:
