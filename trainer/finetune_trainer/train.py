@@ -8,7 +8,11 @@ that feeds the `TrainingObserver`s and writes `history.csv` as it goes.
 
 Resume: `checkpoints/state.json` records the spec's fingerprint, the finished stages (their
 final weights beside it) and the history so far; a rerun skips finished stages and
-BackupAndRestore continues the unfinished one at the epoch it had reached.
+BackupAndRestore continues the unfinished one at the epoch it had reached. EarlyStopping's and
+ReduceLROnPlateau's counters, best values and the learning rate are saved each epoch beside the
+backup (`checkpoints/<stage>/callbacks.json`, the best weights in `early-stopping-best.npz`) and
+put back before the resumed epoch starts, so a resumed stage stops and restores where an
+uninterrupted one would.
 
 Fast paths (the same layers and the same math, only less repeated work): whatever a frozen
 part of the network computes from images that never change is computed once.
@@ -281,6 +285,100 @@ def _make_nan_guard() -> Any:
     return NaNGuard()
 
 
+CALLBACK_STATE_FILE = "callbacks.json"
+BEST_WEIGHTS_FILE = "early-stopping-best.npz"
+
+
+def _make_callback_state(*, directory: Path, early: Any, reduce: Any) -> Any:
+    """A companion callback that saves and restores EarlyStopping's and ReduceLROnPlateau's state.
+
+    It must come after both callbacks (their `on_train_begin` resets them first) and after
+    BackupAndRestore (so the state it saves belongs to the epoch the backup holds); it puts the
+    state back at the first epoch's start, only when that is the epoch the state was saved for.
+    """
+    import keras
+
+    class CallbackState(keras.callbacks.Callback):  # type: ignore[misc]
+        """Persists the stopping/plateau state at each epoch end; restores it on resume."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.saved: dict[str, Any] | None = None
+            self.restored_from: int | None = None
+            self._first = True
+            self._best_epoch_saved: int | None = None
+
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            self._first = True
+            try:
+                self.saved = json.loads((directory / CALLBACK_STATE_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self.saved = None
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            if not self._first:
+                return
+            self._first = False
+            saved, self.saved = self.saved, None
+            if not saved or epoch == 0:
+                return
+            if saved.get("epoch") != epoch:
+                log.warning("callback state is for epoch %s, the backup resumes at %d: not restored", saved.get("epoch"), epoch)
+                return
+            best_weights = None
+            if saved["early"].get("has_best_weights"):
+                try:
+                    with np.load(directory / BEST_WEIGHTS_FILE) as stored:
+                        best_weights = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+                except (OSError, ValueError):
+                    log.warning("early-stopping best weights unreadable: not restored")
+                    return
+            _set_state(early, saved["early"])
+            early.best_weights = best_weights
+            self._best_epoch_saved = early.best_epoch if best_weights is not None else None
+            _set_state(reduce, saved["reduce"])
+            if saved.get("learning_rate") is not None:
+                self.model.optimizer.learning_rate = saved["learning_rate"]
+            self.restored_from = epoch
+            log.info("resumed EarlyStopping (wait %d, best %s) and ReduceLROnPlateau (wait %d, best %s)",
+                     early.wait, early.best, reduce.wait, reduce.best)
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            directory.mkdir(parents=True, exist_ok=True)
+            has_best = early.best_weights is not None
+            if has_best and early.best_epoch != self._best_epoch_saved:
+                tmp = directory / (BEST_WEIGHTS_FILE + ".tmp.npz")
+                np.savez(tmp, *early.best_weights)
+                os.replace(tmp, directory / BEST_WEIGHTS_FILE)
+                self._best_epoch_saved = early.best_epoch
+            _write_json(
+                directory / CALLBACK_STATE_FILE,
+                {
+                    "epoch": epoch + 1,
+                    "early": {**_get_state(early, ("wait", "best", "best_epoch", "stopped_epoch")),
+                              "has_best_weights": has_best},
+                    "reduce": _get_state(reduce, ("wait", "best", "cooldown_counter")),
+                    "learning_rate": _finite(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+                },
+            )
+
+    return CallbackState()
+
+
+def _get_state(callback: Any, names: Sequence[str]) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for name in names:
+        value = getattr(callback, name, None)
+        state[name] = value if value is None or isinstance(value, int) else float(value)
+    return state
+
+
+def _set_state(callback: Any, state: dict[str, Any]) -> None:
+    for name, value in state.items():
+        if name != "has_best_weights":
+            setattr(callback, name, value)
+
+
 @dataclass
 class _CachedValidation:
     """Validation on inputs computed once (pooled features, or the frozen prefix's output)."""
@@ -359,6 +457,7 @@ def _fit_stage(
         keras.callbacks.BackupAndRestore(
             backup_dir=str(backup_dir), double_checkpoint=True, delete_checkpoint=False
         ),
+        _make_callback_state(directory=backup_dir, early=early, reduce=reduce),
         keras.callbacks.TensorBoard(
             log_dir=str(run.out / "tensorboard" / stage), write_graph=False, profile_batch=0
         ),

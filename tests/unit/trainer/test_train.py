@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import shutil
@@ -215,3 +216,69 @@ def test_auto_mixed_precision_is_off_on_cpu() -> None:
     assert train.resolve_policy("auto") == "float32"
     assert train.resolve_policy("off") == "float32"
     assert train.resolve_policy("mixed_bfloat16") == "mixed_bfloat16"
+
+
+class _Interrupted(Exception):
+    """Stands in for a lost pod in the middle of a stage."""
+
+
+def _fit_with_resume_state(backup: Path, *, epochs: int, interrupt_after: int | None = None) -> dict[str, Any]:
+    """A tiny deterministic fit with the stage's stopping callbacks, BackupAndRestore and the saved state."""
+    keras.utils.set_random_seed(5)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 8)).astype(np.float32), rng.integers(0, 2, 64)
+    x_val, y_val = rng.normal(size=(32, 8)).astype(np.float32), rng.integers(0, 2, 32)  # unrelated: val_loss rises
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
+    early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=4, restore_best_weights=True)
+    reduce = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2)
+    seen: dict[str, Any] = {"epochs": [], "waits": {}}
+
+    class Probe(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            seen.setdefault("first", (epoch, early.wait, early.best, reduce.wait, reduce.best,
+                                      float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))))
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            seen["epochs"].append(epoch)
+            seen["waits"][epoch] = (early.wait, early.best, reduce.wait, reduce.best,
+                                    float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+            if epoch == interrupt_after:
+                raise _Interrupted
+
+    callbacks = [
+        early,
+        reduce,
+        keras.callbacks.BackupAndRestore(backup_dir=str(backup), double_checkpoint=True, delete_checkpoint=False),
+        train._make_callback_state(directory=backup, early=early, reduce=reduce),
+        Probe(),
+    ]
+    with contextlib.suppress(_Interrupted):
+        model.fit(x, y, validation_data=(x_val, y_val), batch_size=64, epochs=epochs, shuffle=False,
+                  callbacks=callbacks, verbose=0)
+    seen["weights"] = model.get_weights()
+    seen["best_epoch"] = early.best_epoch
+    return seen
+
+
+def test_resume_continues_early_stopping_and_plateau_state(tmp_path: Path) -> None:
+    """A run killed mid-stage and resumed stops at the epoch, and keeps the best weights, of an uninterrupted one."""
+    keras.mixed_precision.set_global_policy("float32")
+    whole = _fit_with_resume_state(tmp_path / "whole", epochs=40)
+    stopped = whole["epochs"][-1]
+    assert stopped < 39, "early stopping never triggered; the check below would prove nothing"
+    cut = next(e for e in range(stopped - 1, 0, -1) if whole["waits"][e][0] > 0)  # a cut with patience used up
+    first = _fit_with_resume_state(tmp_path / "cut", epochs=40, interrupt_after=cut)
+    assert first["epochs"][-1] == cut
+    assert (tmp_path / "cut" / train.CALLBACK_STATE_FILE).is_file()
+    assert (tmp_path / "cut" / train.BEST_WEIGHTS_FILE).is_file()
+
+    resumed = _fit_with_resume_state(tmp_path / "cut", epochs=40)
+    epoch, early_wait, early_best, reduce_wait, reduce_best, lr = resumed["first"]
+    assert epoch == cut + 1
+    assert (early_wait, early_best, reduce_wait, reduce_best) == pytest.approx(whole["waits"][cut][:4])
+    assert early_wait > 0 and lr == pytest.approx(whole["waits"][cut][4])
+    assert resumed["epochs"][-1] == stopped  # without the saved state it trains `wait` epochs longer
+    assert resumed["best_epoch"] == whole["best_epoch"]
+    for got, want in zip(resumed["weights"], whole["weights"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
