@@ -12,6 +12,8 @@ CLUSTER_DIR := .cluster
 KUBECTL     := $(CLUSTER_DIR)/bin/kubectl
 export KUBECONFIG ?= $(CURDIR)/$(CLUSTER_DIR)/kubeconfig
 export PYTHONUNBUFFERED := 1
+# The venv's tools (uv, finetune-train, finetune-operator) come first for every recipe and test.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL := 2
 
 .PHONY: help setup deps-debian control-plane lint crds test test-unit test-integration test-e2e \
@@ -23,8 +25,8 @@ help:
 ## setup: Python packages into .venv (uv), from pyproject.toml and uv.lock
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(wildcard uv.lock)
-	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
-	uv sync --python 3.11 --extra operator --extra trainer-cpu --group dev
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q uv
+	$$(command -v uv || echo python3 -m uv) sync --python 3.11 --extra operator --extra trainer-cpu --group dev
 	@touch $@
 
 ## deps-debian: promtool and prometheus (Debian's package), when running as root
