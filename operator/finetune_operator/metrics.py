@@ -43,6 +43,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from finetune_trainer.protocol import STAGES
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -76,7 +77,6 @@ REPORT_RESULTS: tuple[str, ...] = (
     "finished",
 )
 STATUS_WRITE_SOURCES: tuple[str, ...] = ("reconcile", "progress")
-STAGES: tuple[str, ...] = ("head", "fine-tune")
 SPLITS: tuple[str, ...] = ("train", "validation")
 
 REGISTRY = CollectorRegistry(auto_describe=True)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from finetune_operator import metrics
 from finetune_trainer import protocol
 from fixtures.cluster import ApplyYaml, Cluster, ServiceAccountKubeconfig, wait_for
 from fixtures.operator import OPERATOR_NS, OperatorProcess, install_crd_and_rbac
@@ -281,7 +282,7 @@ def test_bad_reports_are_refused_and_change_no_status(
 
         wait_for(registered, timeout=30, message=f"{name} registered")
     before = {
-        r: operator.sample("finetune_progress_reports_total", {"result": r}) or 0 for r in protocol_results()
+        r: operator.sample("finetune_progress_reports_total", {"result": r}) or 0 for r in metrics.REPORT_RESULTS
     }
 
     forged = post(url, body(namespace, "alpha", epoch=1), token=secrets.token_urlsafe(32))
@@ -311,7 +312,7 @@ def test_bad_reports_are_refused_and_change_no_status(
     assert refused == [429, 429, 429]
 
     after = {
-        r: operator.sample("finetune_progress_reports_total", {"result": r}) or 0 for r in protocol_results()
+        r: operator.sample("finetune_progress_reports_total", {"result": r}) or 0 for r in metrics.REPORT_RESULTS
     }
     assert after["unauthorized"] - before["unauthorized"] == 2
     assert after["forbidden"] - before["forbidden"] == 2
@@ -328,18 +329,6 @@ def test_bad_reports_are_refused_and_change_no_status(
     assert all(not any(k in s for k in PROGRESS_FIELDS) for s in status_watch.statuses("alpha"))
     assert status_watch.statuses("alpha"), "the watch saw alpha"
 
-
-def protocol_results() -> tuple[str, ...]:
-    return (
-        "accepted",
-        "invalid",
-        "unauthorized",
-        "forbidden",
-        "too_large",
-        "rate_limited",
-        "unknown_job",
-        "finished",
-    )
 
 
 def test_the_trainer_credential_is_scoped_to_its_job_and_worthless_to_kubernetes(
