@@ -12,6 +12,11 @@ Figures (the issue's targets in brackets):
       100 FineTuneJobs, whose own status writes trigger its watches: CPU idle, at 1 report/s
       per job, and flat out against the default per-job rate limit (apiserver only)
 
+For (a)-(c) each job has a fixed token that the hub's `authenticate` compares in constant time
+(what the operator's TokenReview check costs once its verdict is cached: the first report of a
+pod and token pays one TokenReview and two reads, every later one a hash and a dict lookup);
+(d) runs the real check, with tokens bound to the jobs' pods as the kubelet would mint them.
+
 For (a)-(c) the hub runs in a subprocess of its own (this file with `--serve`), exactly as the operator
 runs it (`ProgressHub` inside an asyncio loop), so its CPU is measured apart from the load
 generator. Its `patch_status` writes to the real apiserver of the local control plane
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
+import hmac
 import itertools
 import json
 import logging
@@ -109,8 +114,18 @@ async def _serve(args: argparse.Namespace) -> None:
                 raise
         writes.append([namespace, name, status.get("stage"), status.get("epoch"), time.time(), started])
 
+    from finetune_operator.tokens import Verdict
+
+    tokens = {(j["namespace"], j["name"]): j.pop("token") for j in jobs}
+
+    async def authenticate(*, token: str, namespace: str, name: str, uid: str) -> Verdict:
+        if hmac.compare_digest(token.encode(), tokens.get((namespace, name), "").encode()):
+            return Verdict("ok")
+        return Verdict("unauthorized", "invalid token")
+
     hub = ProgressHub(
         patch_status=patch_status,
+        authenticate=authenticate,
         min_write_interval_s=args.interval,
         rate_per_s=args.rate,
         burst=args.burst,
@@ -554,21 +569,39 @@ def part_d(*, jobs: int, seconds: float, flat_seconds: float) -> dict[str, Any]:
                 api.API_GROUP, api.API_VERSION, namespace, api.PLURAL, body
             )
             job.uid = made["metadata"]["uid"]
+        # Each job's token as the kubelet would project it: bound to the job's pod, for its audience.
+        from finetune_trainer import protocol
+
         deadline = time.monotonic() + 300
         pending = list(chosen)
         while pending and time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"operator exited {proc.returncode}; log: {log.name}")
+            pods = {
+                (p.metadata.labels or {}).get("finetune.dev/job"): p
+                for p in core.list_namespaced_pod(namespace, label_selector="finetune.dev/job").items
+            }
             for job in list(pending):
-                try:
-                    secret = core.read_namespaced_secret(f"{job.name}-progress", namespace)
-                except client.ApiException:
+                pod = pods.get(job.name)
+                if pod is None:
                     continue
-                job.token = base64.b64decode(secret.data["token"]).decode()
+                request = client.AuthenticationV1TokenRequest(
+                    spec=client.V1TokenRequestSpec(
+                        audiences=[protocol.progress_audience(job.uid)],
+                        expiration_seconds=3600,
+                        bound_object_ref=client.V1BoundObjectReference(
+                            api_version="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid
+                        ),
+                    )
+                )
+                answer = core.create_namespaced_service_account_token(
+                    pod.spec.service_account_name or "default", namespace, request
+                )
+                job.token = answer.status.token
                 pending.remove(job)
             time.sleep(0.5)
         if pending:
-            raise RuntimeError(f"{len(pending)} jobs never got their Secret; log: {log.name}")
+            raise RuntimeError(f"{len(pending)} jobs never got their pod; log: {log.name}")
         asyncio.run(_wait_registered(port=progress_port, jobs=chosen))
         ps = psutil.Process(proc.pid)
 

@@ -1,12 +1,17 @@
-"""Pure builders: a FineTuneJob -> the manifests (dicts) of its batch Job, ConfigMap and Secret.
+"""Pure builders: a FineTuneJob -> the manifests (dicts) of its batch Job and ConfigMap.
 
 No I/O here; the handlers send what these return. Every object is owned by the FineTuneJob
 (ownerReferences), so deleting the FineTuneJob deletes them all.
+
+The trainer's progress credential needs no object of its own: the pod gets a projected
+ServiceAccount token, bound to the pod, whose audience is unique to the FineTuneJob
+(`protocol.progress_audience(uid)`); the kubelet makes and rotates it, the operator checks it
+with a TokenReview. It opens nothing in the Kubernetes API (the API server accepts only its
+own audiences) and `automountServiceAccountToken` stays false.
 """
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
 from collections.abc import Mapping, Sequence
@@ -25,19 +30,21 @@ __all__ = [
     "KUEUE_QUEUE_LABEL",
     "METRICS_PORT",
     "NON_RETRYABLE_EXIT_CODES",
+    "PROGRESS_TOKEN_FILE",
     "Owner",
     "build_config_map",
     "build_job",
-    "build_secret",
     "config_map_name",
     "labels",
-    "secret_name",
 ]
 
 CONTAINER_NAME = "trainer"
 CONFIG_DIR = "/etc/finetune"
 CONFIG_FILE = f"{CONFIG_DIR}/job.yaml"
 METRICS_PORT = 9090
+PROGRESS_TOKEN_DIR = "/var/run/secrets/finetune.dev/progress"
+PROGRESS_TOKEN_FILE = f"{PROGRESS_TOKEN_DIR}/token"
+PROGRESS_TOKEN_SECONDS = 3600  # the kubelet refreshes it at 80 % of this
 GPU_RESOURCE = "nvidia.com/gpu"
 JOB_NAME_LABEL = "finetune.dev/job"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -88,10 +95,6 @@ def config_map_name(name: str) -> str:
     return f"{name}-config"
 
 
-def secret_name(name: str) -> str:
-    return f"{name}-progress"
-
-
 def _metadata(*, owner: Owner, name: str) -> dict[str, Any]:
     return {
         "name": name,
@@ -119,27 +122,12 @@ def build_config_map(*, owner: Owner, spec: Mapping[str, Any]) -> dict[str, Any]
     }
 
 
-def build_secret(*, owner: Owner, token: str) -> dict[str, Any]:
-    """The Secret with the job's progress token (random per job; the caller makes it)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": _metadata(owner=owner, name=secret_name(owner.name)),
-        "data": {"token": base64.b64encode(token.encode()).decode()},
-        "immutable": True,
-    }
-
-
 def _env(*, owner: Owner, progress_url: str | None, extra: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": protocol.ENV_JOB_NAMESPACE, "value": owner.namespace},
         {"name": protocol.ENV_JOB_NAME, "value": owner.name},
         {"name": protocol.ENV_JOB_UID, "value": owner.uid},
-        {
-            "name": protocol.ENV_PROGRESS_TOKEN,
-            "valueFrom": {"secretKeyRef": {"name": secret_name(owner.name), "key": "token"}},
-        },
+        {"name": protocol.ENV_PROGRESS_TOKEN_FILE, "value": PROGRESS_TOKEN_FILE},
         {"name": protocol.ENV_METRICS_PORT, "value": str(METRICS_PORT)},
         # The root filesystem is read-only: Keras and friends keep their caches under /tmp.
         {"name": "HOME", "value": "/tmp"},
@@ -184,6 +172,7 @@ def build_job(
         "resources": _resources(runtime),
         "volumeMounts": [
             {"name": "finetune-config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "finetune-progress-token", "mountPath": PROGRESS_TOKEN_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
             *(copy.deepcopy(dict(m)) for m in runtime.volume_mounts),
         ],
@@ -215,6 +204,21 @@ def build_job(
             {
                 "name": "finetune-config",
                 "configMap": {"name": config_map_name(owner.name), "defaultMode": 0o444},
+            },
+            {
+                "name": "finetune-progress-token",
+                "projected": {
+                    "defaultMode": 0o444,
+                    "sources": [
+                        {
+                            "serviceAccountToken": {
+                                "audience": protocol.progress_audience(owner.uid),
+                                "expirationSeconds": PROGRESS_TOKEN_SECONDS,
+                                "path": "token",
+                            }
+                        }
+                    ],
+                },
             },
             {"name": "tmp", "emptyDir": {}},
             *(copy.deepcopy(dict(v)) for v in runtime.volumes),

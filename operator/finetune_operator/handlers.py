@@ -9,8 +9,9 @@ the trainer's reports. What lives here is the I/O and its ordering:
 - Every event only enqueues its FineTuneJob's key; one worker per key reconciles it (a key
   enqueued while it runs is reconciled once more afterwards). A failed reconcile is retried
   with backoff; a spec only the operator can reject becomes Failed/InvalidSpec, once.
-- Writes are few: the Secret, ConfigMap and Job at creation, a status patch only when the
-  operator-owned fields change, a Job patch on suspend/resume. No Kopf handler state is
+- Writes are few: the ConfigMap and Job at creation, a status patch only when the
+  operator-owned fields change, a Job patch on suspend/resume. The trainer's progress
+  credential is a projected ServiceAccount token the kubelet makes: no Secret to write. No Kopf handler state is
   written (on.event handlers keep none); Kopf's storages are still set to annotations under
   `finetune.dev` so that nothing of Kopf's ever lands in `status`.
 """
@@ -18,11 +19,9 @@ the trainer's reports. What lives here is the I/O and its ordering:
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
 import json
 import logging
-import secrets
 import socket
 import time
 from collections.abc import Mapping
@@ -33,7 +32,7 @@ import kopf
 from finetune_trainer import config as trainer_config
 from pydantic import ValidationError
 
-from finetune_operator import api, builders, kube, metrics, models, status
+from finetune_operator import api, builders, kube, metrics, models, status, tokens
 from finetune_operator import settings as config_mod
 
 if TYPE_CHECKING:
@@ -242,7 +241,6 @@ class Operator:
             await self._apply(key, ftj, outcome, previous)
             return
         assert parsed is not None or job is not None
-        token: str | None = None
         if job is None and parsed is not None:
             job_or_refusal = await self._create(owner, ftj, parsed)
             if isinstance(job_or_refusal, str):
@@ -251,15 +249,13 @@ class Operator:
                 )
                 await self._apply(key, ftj, outcome, previous)
                 return
-            job, token = job_or_refusal
+            job = job_or_refusal
             self._created[ftj.uid] = job
         assert job is not None
 
         if ftj.uid not in self._registered and self.hub is not None:
-            if token is None:
-                token = await self._read_token(owner)
             total = parsed.training.total_epochs if parsed is not None else 0
-            self.hub.register(namespace=namespace, name=name, uid=ftj.uid, token=token, total_epochs=total)
+            self.hub.register(namespace=namespace, name=name, uid=ftj.uid, total_epochs=total)
             self._registered.add(ftj.uid)
 
         suspend = ftj.suspend
@@ -381,10 +377,9 @@ class Operator:
 
     async def _create(
         self, owner: builders.Owner, ftj: FtjView, parsed: api.FineTuneJobSpec
-    ) -> tuple[status.JobView, str] | str:
-        """Creates (or adopts) the Secret, ConfigMap and Job; returns the Job and the token, or a refusal."""
+    ) -> status.JobView | str:
+        """Creates (or adopts) the ConfigMap and the Job; returns the Job, or a refusal."""
         ns = owner.namespace
-        token = secrets.token_urlsafe(32)
         manifest = builders.build_job(
             owner=owner,
             spec=parsed,
@@ -393,15 +388,10 @@ class Operator:
             trainer_command=self.config.trainer_command,
             run_as_user=self.config.run_as_user,
         )
-        # The Secret and ConfigMap go out together; the Job after them, so its pod finds both.
-        secret, _ = await asyncio.gather(
-            self._create_or_exists(f"/api/v1/namespaces/{ns}/secrets", builders.build_secret(owner=owner, token=token)),
-            self._create_or_exists(
-                f"/api/v1/namespaces/{ns}/configmaps", builders.build_config_map(owner=owner, spec=ftj.spec)
-            ),
+        # The ConfigMap first, so that the Job's pod finds it.
+        await self._create_or_exists(
+            f"/api/v1/namespaces/{ns}/configmaps", builders.build_config_map(owner=owner, spec=ftj.spec)
         )
-        if not secret:
-            token = await self._read_token(owner)
         path = f"/apis/batch/v1/namespaces/{ns}/jobs"
         try:
             body = await self.client.create(path, manifest)
@@ -411,7 +401,7 @@ class Operator:
                 if _controller_uid(body) != owner.uid:
                     return f"a batch Job named {owner.name} already exists and is not owned by this FineTuneJob"
                 logger.info("adopted the existing Job %s/%s", ns, owner.name)
-                return status.job_view(body), token
+                return status.job_view(body)
             if exc.status in (400, 422):
                 return f"the batch Job was refused: {exc.message}"
             raise
@@ -419,7 +409,7 @@ class Operator:
         self.post_event(
             (ns, owner.name), owner.uid, status.Event("Normal", "JobCreated", f"created batch Job {owner.name}")
         )
-        return status.job_view(body), token
+        return status.job_view(body)
 
     async def _create_or_exists(self, path: str, body: Mapping[str, Any]) -> bool:
         """Creates the object; False when it already exists (made by an earlier run of the operator)."""
@@ -430,10 +420,6 @@ class Operator:
                 raise
             return False
         return True
-
-    async def _read_token(self, owner: builders.Owner) -> str:
-        body = await self.client.get(f"/api/v1/namespaces/{owner.namespace}/secrets/{builders.secret_name(owner.name)}")
-        return base64.b64decode(str((body.get("data") or {}).get("token", ""))).decode()
 
     async def _creation_failure(self, owner: builders.Owner) -> str | None:
         """The message of the newest FailedCreate event of the job's batch Job (the Job controller's reason)."""
@@ -477,7 +463,7 @@ class Operator:
 
         With several replicas only the active one reconciles (and registers) jobs, but reports
         reach every replica. None when the FineTuneJob is gone, being deleted, finished or
-        refused, or when its Secret is missing or not owned by it.
+        refused.
         """
         from finetune_operator.progress import Registration
 
@@ -489,20 +475,14 @@ class Operator:
                 return None
             if (body.get("status") or {}).get("phase") in status.TERMINAL:
                 return None
-            parsed, _ = operator_refusal(name=name, spec=body.get("spec") or {})
-            if parsed is None:
-                return None
-            secret = await self.client.get(f"/api/v1/namespaces/{namespace}/secrets/{builders.secret_name(name)}")
         except kube.ApiError as exc:
             if exc.status == 404:
                 return None
             raise
-        if _controller_uid(secret) != uid:
+        parsed, _ = operator_refusal(name=name, spec=body.get("spec") or {})
+        if parsed is None:
             return None
-        token = base64.b64decode(str((secret.get("data") or {}).get("token", ""))).decode()
-        if not token:
-            return None
-        return Registration(uid=uid, token=token, total_epochs=parsed.training.total_epochs)
+        return Registration(uid=uid, total_epochs=parsed.training.total_epochs)
 
     def post_event(self, key: Key, uid: str, event: status.Event) -> None:
         """Posts a core/v1 Event on the FineTuneJob, in the background (an event never blocks a reconcile)."""
@@ -594,7 +574,11 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.peering.clusterwide = not STATE.config.namespaces
     from finetune_operator import progress
 
-    hub = progress.ProgressHub(patch_status=STATE.patch_status, resolve=STATE.resolve_job)
+    hub = progress.ProgressHub(
+        patch_status=STATE.patch_status,
+        authenticate=tokens.TokenChecker(client=STATE.client),
+        resolve=STATE.resolve_job,
+    )
     port = await hub.start(host=STATE.config.progress_host, port=STATE.config.progress_port)
     STATE.hub = hub
     metrics_port = metrics.start_metrics_server(host=STATE.config.metrics_host, port=STATE.config.metrics_port)

@@ -75,6 +75,7 @@ REPORT_RESULTS: tuple[str, ...] = (
     "rate_limited",
     "unknown_job",
     "finished",
+    "unavailable",
 )
 STATUS_WRITE_SOURCES: tuple[str, ...] = ("reconcile", "progress")
 SPLITS: tuple[str, ...] = ("train", "validation")

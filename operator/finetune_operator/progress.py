@@ -9,9 +9,11 @@ Every report passes, in order:
    reading and again while reading (chunked bodies have no length);
 2. a bearer token must be present (401);
 3. the body must be a valid `protocol.ProgressReport` (400, with pydantic's errors);
-4. the job the body names must be registered (404, `unknown_job`), the token must be that
-   job's (compared with `hmac.compare_digest`; 401), and a token that belongs to another job
-   is refused with 403, so a credential for job A can never write job B;
+4. the job the body names must be registered (404, `unknown_job`), and the token must be
+   that job's: the injected `authenticate` (`tokens.TokenChecker`: a TokenReview with the
+   job's own audience, then the token's pod must belong to the job) answers 401 for an
+   invalid token and 403 for another job's, so a credential for job A can never write job B
+   (503 when the check itself fails);
 5. reports for a finished job are dropped (410);
 6. a per-job token bucket (`rate_per_s`, `burst`) answers 429 with Retry-After;
 7. reports made more than `max_report_age_s` ago (or that far in the future) are expired,
@@ -33,8 +35,8 @@ times, and never reaches the HTTP client.
 
 Several replicas: only the active (Kopf peering) replica reconciles, so only it registers
 jobs, but the Service spreads reports over every replica. The operator therefore injects
-`resolve` too: for a report naming a job the hub does not know, the hub asks it once (reads
-of the FineTuneJob and its `<name>-progress` Secret) and, if the job exists and has not
+`resolve` too: for a report naming a job the hub does not know, the hub asks it once (a read
+of the FineTuneJob) and, if the job exists and has not
 finished, registers it as *resolved* and goes on with the usual checks. Lookups are
 deduplicated per job, at most `max_resolves` run at a time (more are refused at once, not
 queued), and each job is looked up at most once per `resolve_ttl_s` (a negative cache), so a
@@ -50,7 +52,6 @@ a call from another thread is handed to the loop.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import math
@@ -68,7 +69,7 @@ from pydantic import ValidationError
 
 from finetune_operator import metrics
 
-__all__ = ["PatchStatus", "ProgressHub", "Registration", "Resolve", "build_status"]
+__all__ = ["Authenticate", "PatchStatus", "ProgressHub", "Registration", "Resolve", "build_status"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +82,11 @@ class Registration:
     """What `resolve` returns for a job this replica does not know: what `register` takes."""
 
     uid: str
-    token: str
     total_epochs: int
 
+
+Authenticate = Callable[..., Awaitable[Any]]
+"""`async def authenticate(*, token: str, namespace: str, name: str, uid: str) -> tokens.Verdict`."""
 
 Resolve = Callable[..., Awaitable[Registration | None]]
 """`async def resolve(*, namespace: str, name: str) -> Registration | None` (None: no such running job)."""
@@ -99,7 +102,6 @@ class _Job:
     namespace: str
     name: str
     uid: str
-    token: bytes
     total_epochs: int
     tokens: float
     refilled_at: float
@@ -133,6 +135,7 @@ class ProgressHub:
         self,
         *,
         patch_status: PatchStatus,
+        authenticate: Authenticate,
         min_write_interval_s: float = 5.0,
         max_body_bytes: int = protocol.MAX_REPORT_BYTES,
         rate_per_s: float = 2.0,
@@ -145,6 +148,7 @@ class ProgressHub:
         resolved_idle_s: float = 600.0,
     ) -> None:
         self._patch_status = patch_status
+        self._authenticate = authenticate
         self._interval = float(min_write_interval_s)
         self._max_body = int(max_body_bytes)
         self._rate = float(rate_per_s)
@@ -167,13 +171,13 @@ class ProgressHub:
 
     # ---- job lifecycle (called by the operator's handlers) ----
 
-    def register(self, *, namespace: str, name: str, uid: str, token: str, total_epochs: int) -> None:
+    def register(self, *, namespace: str, name: str, uid: str, total_epochs: int) -> None:
         """Accept reports for this job from now on (on create, adopt and resume).
 
-        Registering again updates the token and the plan; a new uid (the job was deleted and
-        made again under the same name) starts from a clean state.
+        Registering again updates the plan; a new uid (the job was deleted and made again
+        under the same name) starts from a clean state.
         """
-        self._in_loop(lambda: self._register(namespace, name, uid, token, total_epochs, resolved=False))
+        self._in_loop(lambda: self._register(namespace, name, uid, total_epochs, resolved=False))
 
     def finish(self, *, namespace: str, name: str) -> None:
         """The job reached Succeeded or Failed: flush its pending write, drop later reports.
@@ -267,18 +271,23 @@ class ProgressHub:
 
         key = (report.namespace, report.name)
         job = self._jobs.get(key)
-        if job is None and self._token_owner(token) is not None:
-            return _Refusal("forbidden", 403, "token is not valid for this job")
         if job is None or (job.resolved and report.uid and job.uid and report.uid != job.uid):
             # Unknown here (another replica reconciles it?) or a newer incarnation: ask once.
             await self._lookup(key)
             job = self._jobs.get(key)
         if job is None:
             return _Refusal("unknown_job", 404, "no such job")
-        if not hmac.compare_digest(token, job.token):
-            if self._token_owner(token) is not None:
-                return _Refusal("forbidden", 403, "token is not valid for this job")
-            return _Refusal("unauthorized", 401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+        try:
+            verdict = await self._authenticate(
+                token=token.decode(), namespace=job.namespace, name=job.name, uid=job.uid
+            )
+        except Exception as exc:
+            logger.warning("could not check the progress token of %s/%s: %s", *key, exc)
+            return _Refusal("unavailable", 503, "could not check the token; try again", headers={"Retry-After": "5"})
+        if not verdict.ok:
+            headers = {"WWW-Authenticate": "Bearer"} if verdict.result == "unauthorized" else None
+            status_code = 401 if verdict.result == "unauthorized" else 403
+            return _Refusal(verdict.result, status_code, verdict.message, headers=headers)
         if report.uid and job.uid and report.uid != job.uid:
             return _Refusal("forbidden", 403, "report is for another incarnation of this job")
         if job.finished:
@@ -332,7 +341,7 @@ class ProgressHub:
         current = self._jobs.get(key)
         if current is not None and not current.resolved:
             return  # the operator registered it meanwhile: its registration wins
-        self._register(key[0], key[1], found.uid, found.token, found.total_epochs, resolved=True)
+        self._register(key[0], key[1], found.uid, found.total_epochs, resolved=True)
 
     def _sweep(self, now: float) -> None:
         """Drop resolved jobs without reports for `resolved_idle_s` (checked at most once a minute)."""
@@ -343,14 +352,6 @@ class ProgressHub:
             if job.resolved and job.pending is None and now - job.last_seen > self._resolved_idle:
                 _cancel(job)
                 del self._jobs[key]
-
-    def _token_owner(self, token: bytes) -> _Job | None:
-        """The registered job this token belongs to, checking every job (no early exit)."""
-        owner = None
-        for job in list(self._jobs.values()):
-            if hmac.compare_digest(token, job.token):
-                owner = job
-        return owner
 
     def _take_token(self, job: _Job) -> float | None:
         now = time.monotonic()
@@ -451,9 +452,7 @@ class ProgressHub:
 
     # ---- lifecycle internals (always on the loop) ----
 
-    def _register(
-        self, namespace: str, name: str, uid: str, token: str, total_epochs: int, *, resolved: bool
-    ) -> None:
+    def _register(self, namespace: str, name: str, uid: str, total_epochs: int, *, resolved: bool) -> None:
         key = (namespace, name)
         job = self._jobs.get(key)
         if job is not None and job.uid and uid and job.uid != uid:
@@ -464,7 +463,6 @@ class ProgressHub:
                 namespace=namespace,
                 name=name,
                 uid=uid,
-                token=token.encode(),
                 total_epochs=int(total_epochs),
                 tokens=float(self._burst),
                 refilled_at=time.monotonic(),
@@ -474,7 +472,6 @@ class ProgressHub:
             return
         job.resolved = job.resolved and resolved
         job.uid = uid or job.uid
-        job.token = token.encode()
         job.total_epochs = int(total_epochs)
 
     def _finish(self, namespace: str, name: str) -> None:

@@ -35,10 +35,12 @@ def report(*, epoch: int, stage_epochs: int) -> None:
         "bestValAccuracy": 0.75,
         "timestamp": time.time(),
     }
+    # The projected ServiceAccount token the kubelet (here: the pod runner) wrote for this pod.
+    token = Path(os.environ["FINETUNE_PROGRESS_TOKEN_FILE"]).read_text(encoding="utf-8").strip()
     request = urllib.request.Request(
         os.environ["FINETUNE_PROGRESS_URL"],
         data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {os.environ['FINETUNE_PROGRESS_TOKEN']}", "Content-Type": "application/json"},
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=5) as answer:
         print(f"progress report: HTTP {answer.status}")

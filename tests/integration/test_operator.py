@@ -8,7 +8,6 @@ operator with one RBAC rule removed (the least-privilege proof).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import copy
 import json
@@ -243,10 +242,14 @@ def test_job_shape_and_pod_admitted_by_pod_security(env: Env) -> None:
     container = pod_spec["containers"][0]
     assert container["command"][-2:] == ["--config", "/etc/finetune/job.yaml"]
     assert container["resources"]["requests"] == {"cpu": "100m"}
-    for name in ("shape-config", "shape-progress"):
-        kind = "configmap" if name.endswith("config") else "secret"
-        obj = env.get(kind, name)
-        assert obj is not None and obj["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
+    config_map = env.get("configmap", "shape-config")
+    assert config_map is not None
+    assert config_map["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
+    # The progress credential is a projected token for this job's audience: no Secret is made.
+    (token,) = [v for v in pod_spec["volumes"] if "projected" in v]
+    audience = token["projected"]["sources"][0]["serviceAccountToken"]["audience"]
+    assert audience == protocol.progress_audience(owner["metadata"]["uid"])
+    assert env.get("secret", "shape-progress") is None
     # PodSecurity `restricted` admitted the pod, and the fake trainer read the mounted config.
     env.wait_phase("shape", "Succeeded")
     pods = json.loads(env.kubectl("get", "pods", "-l", "finetune.dev/job=shape", "-o", "json").stdout)["items"]
@@ -382,12 +385,11 @@ def test_deleting_the_finetunejob_collects_its_objects(env: Env) -> None:
     env.kubectl("delete", "ftj", "doomed", "--wait=true")
 
     def gone() -> bool:
-        left = [env.get(kind, name) for kind, name in
-                (("job", "doomed"), ("configmap", "doomed-config"), ("secret", "doomed-progress"))]  # fmt: skip
+        left = [env.get(kind, name) for kind, name in (("job", "doomed"), ("configmap", "doomed-config"))]
         pods = json.loads(env.kubectl("get", "pods", "-l", "finetune.dev/job=doomed", "-o", "json").stdout)["items"]
         return all(o is None for o in left) and not pods
 
-    wait_for(gone, timeout=WAIT, message="Job, pods, ConfigMap and Secret of ftj/doomed garbage-collected")
+    wait_for(gone, timeout=WAIT, message="Job, pods and ConfigMap of ftj/doomed garbage-collected")
 
 
 def test_operator_restart_mid_flight_adopts_and_converges(env: Env) -> None:
@@ -432,22 +434,25 @@ def test_two_replicas_with_peering_make_one_job(env: Env) -> None:
         )
         jobs = cluster.kubectl_json("get", "jobs", "-n", namespace, "-l", "finetune.dev/job=peered")["items"]
         assert len(jobs) == 1
-        # The paused replica takes a valid report (the Service may send it there): it looks the job up.
-        held = ftj("held")
-        held["spec"]["suspend"] = True
-        cluster.kubectl_run("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(held))
+        # The paused replica takes a valid report (the Service may send it there): it looks the job up
+        # and checks the pod's token like the active one would.
+        cluster.kubectl_run("apply", "-n", namespace, "-f", "-",
+                            input=yaml.safe_dump(ftj("held", env={"FAKE_SLEEP": "120"})))  # fmt: skip
         wait_for(
             lambda: (cluster.kubectl_json("get", "ftj", "held", "-n", namespace).get("status") or {}).get("phase")
-            == "Suspended",
+            == "Running",
             timeout=WAIT,
-            message="ftj/held Suspended",
+            message="ftj/held Running",
         )
-        secret = cluster.kubectl_json("get", "secret", "held-progress", "-n", namespace)
-        token = base64.b64decode(secret["data"]["token"]).decode()
+        uid = cluster.kubectl_json("get", "ftj", "held", "-n", namespace)["metadata"]["uid"]
+        pod = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "finetune.dev/job=held")["items"][0]
+        token = cluster.pod_token(
+            namespace=namespace, pod=pod["metadata"]["name"], audience=protocol.progress_audience(uid)
+        )
         standby = f"http://127.0.0.1:{replicas[0].progress_port}/v1/progress"
         assert post_report(standby, namespace=namespace, name="held", token=token) == 202
-        assert post_report(standby, namespace=namespace, name="no-such-job", token=token) == 403
-        assert post_report(standby, namespace=namespace, name="no-such-job", token="made-up") == 404
+        assert post_report(standby, namespace=namespace, name="held", token="made-up") == 401
+        assert post_report(standby, namespace=namespace, name="no-such-job", token=token) == 404
         wait_for(
             lambda: (cluster.kubectl_json("get", "ftj", "held", "-n", namespace).get("status") or {}).get("epochs")
             == "1/1",

@@ -3,8 +3,9 @@
 The operator runs as a subprocess (`python -m finetune_operator`, only in the test's
 namespace), as its ServiceAccount under deploy/base/rbac.yaml, like the other operator tests. Each
 FineTuneJob's trainer image is on a `.invalid` registry, so its pod waits in ErrImagePull and
-no trainer ever reports: every report here is one the test sends itself, with the token read
-from the job's Secret, to the operator's real endpoint. A watch records every version of the
+no trainer ever reports: every report here is one the test sends itself to the operator's real
+endpoint, with the token the kubelet would project into that pod (a TokenRequest bound to the
+pod, for the job's audience), so the operator's TokenReview and pod-ownership checks are real. A watch records every version of the
 jobs' status, so "changes no status" is checked against all writes, not a last snapshot.
 """
 
@@ -131,13 +132,21 @@ def ftj(name: str) -> dict[str, Any]:
     }
 
 
-def token_of(cluster: Cluster, *, namespace: str, name: str) -> str:
-    def read() -> str | None:
-        got = cluster.get(f"/api/v1/namespaces/{namespace}/secrets/{name}-progress")
-        data = (got or {}).get("data") or {}
-        return base64.b64decode(data["token"]).decode() if "token" in data else None
+def pod_of(cluster: Cluster, *, namespace: str, name: str) -> dict[str, Any]:
+    """The trainer pod of FineTuneJob `name` (waits until the Job controller made it)."""
 
-    return wait_for(read, timeout=60, message=f"Secret {name}-progress with a token")
+    def find() -> dict[str, Any] | None:
+        pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", f"finetune.dev/job={name}")["items"]
+        return pods[0] if pods else None
+
+    return wait_for(find, timeout=60, message=f"the pod of ftj/{name}")
+
+
+def token_of(cluster: Cluster, *, namespace: str, name: str, pod: str | None = None) -> str:
+    """The progress token of job `name`, bound to its pod (or to `pod`): as the kubelet projects it."""
+    uid = cluster.kubectl_json("get", "ftj", name, "-n", namespace)["metadata"]["uid"]
+    bound = pod or pod_of(cluster, namespace=namespace, name=name)["metadata"]["name"]
+    return cluster.pod_token(namespace=namespace, pod=bound, audience=protocol.progress_audience(uid))
 
 
 def body(namespace: str, name: str, **overrides: Any) -> dict[str, Any]:
@@ -188,7 +197,7 @@ def test_reports_move_kubectl_get_and_the_metrics(
     token = token_of(cluster, namespace=namespace, name="flowers")
     url = operator.progress_url
 
-    # The Secret is made just before the operator registers the job with its hub: until then, 404.
+    # The pod exists once the Job does, made after the operator registered the job with its hub.
     first = body(namespace, "flowers", event="stage-start", epoch=0, epochsDone=0)
     wait_for(lambda: post(url, first, token=token)[0] == 202, timeout=30, message="first report accepted")
     wait_for(
@@ -251,24 +260,25 @@ def test_reports_move_kubectl_get_and_the_metrics(
     late = body(namespace, "flowers", epoch=1, stage="fine-tune", epochsDone=3)
     assert post(url, late, token=token)[0] == 404
 
-    # Made again under the same name: a new Secret, a new token; the old one has expired.
-    def new_token() -> str | None:
-        fresh = token_of(cluster, namespace=namespace, name="flowers")
-        return fresh if fresh != token else None
-
+    # Made again under the same name: a new uid, a new audience; the old token is another job's.
+    wait_for(
+        lambda: not cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "finetune.dev/job=flowers")["items"],
+        timeout=60,
+        message="the old flowers pod garbage-collected",
+    )
     apply_yaml(ftj("flowers"), namespace=namespace)
-    fresh = wait_for(new_token, timeout=60, message="a new token for the new flowers")
+    fresh = token_of(cluster, namespace=namespace, name="flowers")
     again = body(namespace, "flowers", event="stage-start", epoch=0, epochsDone=0)
     wait_for(
         lambda: post(url, again, token=fresh)[0] == 202, timeout=30, message="the new flowers registered"
     )
-    assert post(url, body(namespace, "flowers", epoch=1), token=token)[0] == 401
+    assert post(url, body(namespace, "flowers", epoch=1), token=token)[0] == 403
 
 
 def test_bad_reports_are_refused_and_change_no_status(
     cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, operator: OperatorProcess, status_watch: StatusWatch
 ) -> None:
-    apply_yaml([ftj("alpha"), ftj("beta")], namespace=namespace)
+    apply_yaml([ftj("alpha"), ftj("beta"), ftj("decoy")], namespace=namespace)
     token_a = token_of(cluster, namespace=namespace, name="alpha")
     token_b = token_of(cluster, namespace=namespace, name="beta")
     assert token_a != token_b
@@ -296,8 +306,22 @@ def test_bad_reports_are_refused_and_change_no_status(
     expired = post(url, body(namespace, "alpha", timestamp=time.time() - 3600), token=token_a)
     cross_unknown = post(url, body(namespace, "gamma"), token=token_b)
     unknown = post(url, body(namespace, "gamma"), token=secrets.token_urlsafe(32))
-    codes = [forged, missing, cross, oversized, malformed, schema, expired, cross_unknown, unknown]
-    assert [c[0] for c in codes] == [401, 401, 403, 413, 400, 400, 400, 403, 404]
+    # alpha's audience, but bound to beta's pod: the TokenReview passes, the pod is not alpha's.
+    beta_pod = pod_of(cluster, namespace=namespace, name="beta")["metadata"]["name"]
+    wrong_pod = post(url, body(namespace, "alpha", epoch=1), token=token_of(
+        cluster, namespace=namespace, name="alpha", pod=beta_pod))  # fmt: skip
+    # A token whose pod is gone no longer passes the TokenReview.
+    decoy = pod_of(cluster, namespace=namespace, name="decoy")["metadata"]["name"]
+    orphan = token_of(cluster, namespace=namespace, name="alpha", pod=decoy)
+    cluster.kubectl_run("delete", "ftj", "decoy", "-n", namespace, "--wait=true")
+    wait_for(
+        lambda: cluster.get(f"/api/v1/namespaces/{namespace}/pods/{decoy}") is None,
+        timeout=60,
+        message="the decoy pod deleted",
+    )
+    gone = post(url, body(namespace, "alpha", epoch=1), token=orphan)
+    codes = [forged, missing, cross, oversized, malformed, schema, expired, cross_unknown, unknown, wrong_pod, gone]
+    assert [c[0] for c in codes] == [401, 401, 403, 413, 400, 400, 400, 404, 404, 403, 401]
 
     # Flooding: the burst is accepted (epoch 1), then reports are refused with 429 (epoch 2).
     flood = []
@@ -314,12 +338,12 @@ def test_bad_reports_are_refused_and_change_no_status(
     after = {
         r: operator.sample("finetune_progress_reports_total", {"result": r}) or 0 for r in metrics.REPORT_RESULTS
     }
-    assert after["unauthorized"] - before["unauthorized"] == 2
+    assert after["unauthorized"] - before["unauthorized"] == 3
     assert after["forbidden"] - before["forbidden"] == 2
     assert after["too_large"] - before["too_large"] == 1
     assert after["invalid"] - before["invalid"] == 3
     assert after["rate_limited"] - before["rate_limited"] == 4
-    assert after["unknown_job"] - before["unknown_job"] == 1
+    assert after["unknown_job"] - before["unknown_job"] == 2
 
     # beta's accepted burst shows (epoch 1); the refused epoch-2 reports never do.
     wait_for(lambda: status_watch.latest("beta").get("epoch") == 1, timeout=30, message="beta at epoch 1")
@@ -347,11 +371,14 @@ def test_the_trainer_credential_is_scoped_to_its_job_and_worthless_to_kubernetes
     pod = wait_for(job_of_alpha, timeout=60, message="alpha's Job")["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     env = {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
-    assert env[protocol.ENV_PROGRESS_TOKEN]["valueFrom"]["secretKeyRef"] == {
-        "name": "alpha-progress",
-        "key": "token",
-    }
+    token_file = env[protocol.ENV_PROGRESS_TOKEN_FILE]["value"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[token_file.rsplit("/", 1)[0]])
+    uid = cluster.kubectl_json("get", "ftj", "alpha", "-n", namespace)["metadata"]["uid"]
+    assert volume["projected"]["sources"][0]["serviceAccountToken"]["audience"] == protocol.progress_audience(uid)
     assert env[protocol.ENV_PROGRESS_URL]["value"] == operator.progress_url
+    # No Secret holds a credential of the job.
+    assert not cluster.kubectl_json("get", "secrets", "-n", namespace)["items"]
 
     # The Kubernetes API does not accept the progress token.
     kubeconfig = yaml.safe_load(cluster.kubeconfig.read_text())["clusters"][0]["cluster"]

@@ -2,9 +2,13 @@
 
 Both sides import this module: the trainer builds `ProgressReport`s and POSTs them as JSON
 (camelCase keys) to `{FINETUNE_PROGRESS_URL}` with the header
-`Authorization: Bearer {FINETUNE_PROGRESS_TOKEN}`; the operator validates the body with the
-same model. The token is random, per job, kept in a Secret the FineTuneJob owns, and is
-worthless to the Kubernetes API.
+`Authorization: Bearer <token>`; the operator validates the body with the same model.
+
+In a pod the token is a projected ServiceAccount token bound to the pod, with an audience
+unique to the job (`progress_audience(uid)`), read from `$FINETUNE_PROGRESS_TOKEN_FILE` at
+every report (the kubelet rotates it). The operator checks it with a TokenReview and against
+the pod's owning job; the Kubernetes API itself refuses it (wrong audience). Outside a
+cluster a fixed token may come from `$FINETUNE_PROGRESS_TOKEN` instead.
 
 No TensorFlow, Keras, Kopf or Kubernetes imports here: it must stay cheap for both sides.
 """
@@ -22,25 +26,30 @@ __all__ = [
     "ENV_JOB_UID",
     "ENV_METRICS_PORT",
     "ENV_PROGRESS_TOKEN",
+    "ENV_PROGRESS_TOKEN_FILE",
     "ENV_PROGRESS_URL",
     "MAX_REPORT_BYTES",
+    "PROGRESS_AUDIENCE_PREFIX",
     "PROGRESS_PATH",
     "STAGES",
     "TERMINATION_MESSAGE_MAX_BYTES",
     "ProgressReport",
     "Stage",
     "TerminationSummary",
+    "progress_audience",
 ]
 
 # Environment the operator gives each trainer container.
 ENV_PROGRESS_URL = "FINETUNE_PROGRESS_URL"  # e.g. http://finetune-operator.finetune-system.svc:8081/v1/progress
-ENV_PROGRESS_TOKEN = "FINETUNE_PROGRESS_TOKEN"  # from the job's Secret (secretKeyRef), key "token"
+ENV_PROGRESS_TOKEN_FILE = "FINETUNE_PROGRESS_TOKEN_FILE"  # the projected token's path, re-read per report
+ENV_PROGRESS_TOKEN = "FINETUNE_PROGRESS_TOKEN"  # a fixed token instead (local runs, tests)
 ENV_JOB_NAMESPACE = "FINETUNE_JOB_NAMESPACE"
 ENV_JOB_NAME = "FINETUNE_JOB_NAME"
 ENV_JOB_UID = "FINETUNE_JOB_UID"
 ENV_METRICS_PORT = "FINETUNE_METRICS_PORT"  # the trainer's own /metrics; 0 or unset: not served
 
 PROGRESS_PATH = "/v1/progress"
+PROGRESS_AUDIENCE_PREFIX = "progress.finetune.dev/"
 MAX_REPORT_BYTES = 64 * 1024
 TERMINATION_MESSAGE_MAX_BYTES = 4096
 
@@ -48,6 +57,11 @@ Stage = Literal["head", "fine-tune"]
 STAGES: tuple[Stage, ...] = ("head", "fine-tune")
 
 Event = Literal["stage-start", "epoch-end", "heartbeat", "stage-end", "final"]
+
+
+def progress_audience(uid: str) -> str:
+    """The audience of a job's progress token: unique to the FineTuneJob (its uid)."""
+    return f"{PROGRESS_AUDIENCE_PREFIX}{uid}"
 
 
 class _Wire(BaseModel):

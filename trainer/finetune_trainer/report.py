@@ -39,6 +39,7 @@ from finetune_trainer.protocol import (
     ENV_JOB_UID,
     ENV_METRICS_PORT,
     ENV_PROGRESS_TOKEN,
+    ENV_PROGRESS_TOKEN_FILE,
     ENV_PROGRESS_URL,
     PROGRESS_PATH,
     STAGES,
@@ -125,7 +126,8 @@ class ProgressReporter:
         self,
         *,
         url: str,
-        token: str,
+        token: str = "",
+        token_file: Path | None = None,
         namespace: str,
         name: str,
         uid: str = "",
@@ -140,7 +142,9 @@ class ProgressReporter:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._url = _progress_endpoint(url)
-        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        if not token and token_file is None:
+            raise ValueError("a progress token or token file is required")
+        self._token, self._token_file = token, token_file
         self._namespace, self._name, self._uid = namespace, name, uid
         self._heartbeat_s = heartbeat_s
         self._timeout_s = timeout_s
@@ -320,7 +324,11 @@ class ProgressReporter:
 
     def _post(self, body: bytes) -> tuple[bool, str | None]:
         """(retryable, why it failed); why is None when the operator accepted the report."""
-        request = urllib.request.Request(self._url, data=body, headers=self._headers, method="POST")
+        try:
+            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self._current_token()}"}
+        except OSError as exc:
+            return True, f"token file unreadable: {exc}"
+        request = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
         try:
             with self._opener.open(request, timeout=self._timeout_s) as response:
                 response.read(4096)
@@ -332,6 +340,12 @@ class ProgressReporter:
             return exc.code in _RETRYABLE_STATUS, f"HTTP {exc.code} {exc.reason}"
         except Exception as exc:  # refused, reset, timed out, DNS: all worth another try
             return True, f"{type(exc).__name__}: {exc}"
+
+    def _current_token(self) -> str:
+        """The fixed token, or the token file's content now (the kubelet rotates projected tokens)."""
+        if self._token_file is None:
+            return self._token
+        return self._token_file.read_text().strip()
 
     def _count(self, result: ReportResult) -> None:
         if self._on_result is not None:
@@ -475,7 +489,7 @@ def build_observers(*, progress_url: str | None) -> list[TrainingObserver]:
 
     /metrics is served when $FINETUNE_METRICS_PORT is a port; a port already taken is logged
     and skipped. Progress goes to `progress_url` (else $FINETUNE_PROGRESS_URL) when the job's
-    token ($FINETUNE_PROGRESS_TOKEN) and identity ($FINETUNE_JOB_NAMESPACE, _NAME, _UID) are known.
+    token ($FINETUNE_PROGRESS_TOKEN_FILE, or a fixed $FINETUNE_PROGRESS_TOKEN) and identity ($FINETUNE_JOB_NAMESPACE, _NAME, _UID) are known.
     """
     observers: list[TrainingObserver] = []
     metrics: TrainerMetrics | None = None
@@ -491,13 +505,15 @@ def build_observers(*, progress_url: str | None) -> list[TrainingObserver]:
 
     url = progress_url or os.environ.get(ENV_PROGRESS_URL, "").strip()
     token = os.environ.get(ENV_PROGRESS_TOKEN, "").strip()
+    token_file = os.environ.get(ENV_PROGRESS_TOKEN_FILE, "").strip()
     namespace = os.environ.get(ENV_JOB_NAMESPACE, "").strip()
     name = os.environ.get(ENV_JOB_NAME, "").strip()
-    if url and token and namespace and name:
+    if url and (token or token_file) and namespace and name:
         observers.append(
             ProgressReporter(
                 url=url,
                 token=token,
+                token_file=Path(token_file) if token_file else None,
                 namespace=namespace,
                 name=name,
                 uid=os.environ.get(ENV_JOB_UID, "").strip(),
@@ -508,7 +524,7 @@ def build_observers(*, progress_url: str | None) -> list[TrainingObserver]:
         missing = [
             env
             for env, value in (
-                (ENV_PROGRESS_TOKEN, token),
+                (f"{ENV_PROGRESS_TOKEN_FILE} (or {ENV_PROGRESS_TOKEN})", token or token_file),
                 (ENV_JOB_NAMESPACE, namespace),
                 (ENV_JOB_NAME, name),
             )

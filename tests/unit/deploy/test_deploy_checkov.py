@@ -18,11 +18,6 @@ import yaml
 from deploy_helpers import CHECKOV, OVERLAYS, ROOT, Render, find, run_tool, uv_tool
 
 TRAINER_JOB_SKIPS = {
-    "CKV_K8S_35": (
-        "The per-job progress token reaches the trainer as FINETUNE_PROGRESS_TOKEN from a Secret "
-        "(secretKeyRef), as the progress protocol defines; it is worthless to the Kubernetes API and "
-        "scoped to one job."
-    ),
     "CKV_K8S_43": "Images are released by tag; a digest exists only once the image is pushed (set runtime.image).",
     "CKV_K8S_15": (
         "IfNotPresent: trainer images are several GB and version-tagged (never :latest); pulling one again "

@@ -1,8 +1,7 @@
-"""The pure builders: the Job, ConfigMap and Secret made for a FineTuneJob, for every runtime option."""
+"""The pure builders: the Job and ConfigMap made for a FineTuneJob, for every runtime option."""
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 import pytest
@@ -113,7 +112,8 @@ def test_progress_environment_and_metrics_port() -> None:
     job = job_for()
     env = env_of(job)
     assert env["FINETUNE_PROGRESS_URL"] == "http://op:8081/v1/progress"
-    assert env["FINETUNE_PROGRESS_TOKEN"] == {"secretKeyRef": {"name": "flowers-progress", "key": "token"}}
+    assert env["FINETUNE_PROGRESS_TOKEN_FILE"] == "/var/run/secrets/finetune.dev/progress/token"
+    assert "FINETUNE_PROGRESS_TOKEN" not in env
     assert (env["FINETUNE_JOB_NAMESPACE"], env["FINETUNE_JOB_NAME"], env["FINETUNE_JOB_UID"]) == ("ml", "flowers", "uid-1")
     assert env["FINETUNE_METRICS_PORT"] == "9090"
     assert container(job)["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
@@ -182,11 +182,27 @@ def test_config_map_holds_the_manifest_the_trainer_reads() -> None:
     assert parsed.output.path == "/models/flowers"
 
 
-def test_secret_holds_the_token() -> None:
-    secret = builders.build_secret(owner=OWNER, token="s3cr3t")
-    assert secret["metadata"]["name"] == "flowers-progress"
-    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
-    assert base64.b64decode(secret["data"]["token"]).decode() == "s3cr3t"
+def test_the_progress_token_is_a_projected_token_for_this_job_only() -> None:
+    job = job_for()
+    pod = job["spec"]["template"]["spec"]
+    mount = next(m for m in container(job)["volumeMounts"] if m["mountPath"] == "/var/run/secrets/finetune.dev/progress")
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    (source,) = volume["projected"]["sources"]
+    assert source == {
+        "serviceAccountToken": {"audience": "progress.finetune.dev/uid-1", "expirationSeconds": 3600, "path": "token"}
+    }
+    # Nothing the Kubernetes API accepts: no automounted token, no Secret.
+    assert pod["automountServiceAccountToken"] is False
+    assert not any("secret" in v for v in pod["volumes"])
+    other = builders.build_job(
+        owner=builders.Owner(namespace="ml", name="flowers", uid="uid-2", labels={}),
+        spec=api.FineTuneJobSpec.model_validate(BASE_SPEC),
+        default_image="i",
+        progress_url=None,
+    )
+    other_volume = next(v for v in other["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert other_volume["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "progress.finetune.dev/uid-2"
 
 
 def test_builders_do_not_mutate_the_spec() -> None:

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from finetune_operator.progress import ProgressHub
 from finetune_trainer import protocol
-from progress_helpers import Live, MakeLive, StatusRecorder
+from progress_helpers import Live, MakeLive, StatusRecorder, TokenTable
 
 
 @pytest.fixture
@@ -19,7 +19,8 @@ async def make_live() -> AsyncIterator[MakeLive]:
 
     async def make(**kwargs: Any) -> Live:
         recorder = StatusRecorder()
-        hub = ProgressHub(patch_status=recorder, **kwargs)
+        tokens = TokenTable()
+        hub = ProgressHub(patch_status=recorder, authenticate=kwargs.pop("authenticate", tokens), **kwargs)
         port = await hub.start(host="127.0.0.1", port=0)
         session = aiohttp.ClientSession()
         live = Live(
@@ -27,6 +28,7 @@ async def make_live() -> AsyncIterator[MakeLive]:
             recorder=recorder,
             url=f"http://127.0.0.1:{port}{protocol.PROGRESS_PATH}",
             session=session,
+            tokens=tokens,
         )
         started.append(live)
         return live

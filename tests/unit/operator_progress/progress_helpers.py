@@ -1,4 +1,9 @@
-"""Helpers for the progress hub tests: a status recorder (the injected `patch_status` seam), report bodies, a live hub."""
+"""Helpers for the progress hub tests: the injected seams (`patch_status`, `authenticate`), report bodies, a live hub.
+
+`TokenTable` stands in for `tokens.TokenChecker` (whose TokenReview needs a real API server:
+tests/integration/test_progress_endpoint.py checks it there) with the same verdicts: the
+job's own token is accepted, another known job's is forbidden, anything else unauthorized.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from typing import Any
 
 import aiohttp
 from finetune_operator.progress import ProgressHub
+from finetune_operator.tokens import Verdict
 from finetune_trainer import protocol
 
 
@@ -53,6 +59,25 @@ class StatusRecorder:
         raise AssertionError(
             f"{namespace}/{name}: wanted {count} writes, saw {self.for_job(namespace, name)}"
         )
+
+
+@dataclass
+class TokenTable:
+    """Stands in for the operator's `authenticate`: one token per job (namespace, name, uid)."""
+
+    tokens: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    calls: int = 0
+
+    def add(self, *, namespace: str, name: str, uid: str, token: str) -> None:
+        self.tokens[(namespace, name, uid)] = token
+
+    async def __call__(self, *, token: str, namespace: str, name: str, uid: str) -> Verdict:
+        self.calls += 1
+        if self.tokens.get((namespace, name, uid)) == token:
+            return Verdict("ok")
+        if token in self.tokens.values():
+            return Verdict("forbidden", "token is not valid for this job")
+        return Verdict("unauthorized", "invalid token")
 
 
 def report(
@@ -101,6 +126,12 @@ class Live:
     recorder: StatusRecorder
     url: str
     session: aiohttp.ClientSession
+    tokens: TokenTable
+
+    def register(self, *, namespace: str, name: str, uid: str, token: str, total_epochs: int) -> None:
+        """Registers the job with the hub and its token with the stand-in checker."""
+        self.tokens.add(namespace=namespace, name=name, uid=uid, token=token)
+        self.hub.register(namespace=namespace, name=name, uid=uid, total_epochs=total_epochs)
 
     async def post(
         self, body: Any, *, token: str | None, raw: bytes | None = None, headers: dict[str, str] | None = None

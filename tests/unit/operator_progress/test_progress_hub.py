@@ -18,7 +18,7 @@ def reports_total(result: str) -> float:
 async def barrier(live: Live, *, namespace: str = "ml", name: str = "barrier") -> None:
     """Send a valid report for another job and wait for its write: anything the refused
     reports could have triggered would have been spawned before it."""
-    live.hub.register(namespace=namespace, name=name, uid="", token="barrier-token", total_epochs=10)
+    live.register(namespace=namespace, name=name, uid="", token="barrier-token", total_epochs=10)
     before = len(live.recorder.for_job(namespace, name))
     resp = await live.post(report(namespace=namespace, name=name), token="barrier-token")
     assert resp.status == 202
@@ -28,8 +28,8 @@ async def barrier(live: Live, *, namespace: str = "ml", name: str = "barrier") -
 
 async def test_auth_missing_wrong_cross_job_and_valid(make_live: MakeLive) -> None:
     live = await make_live(min_write_interval_s=0.0)
-    live.hub.register(namespace="ml", name="a", uid="u-a", token="token-a", total_epochs=10)
-    live.hub.register(namespace="ml", name="b", uid="u-b", token="token-b", total_epochs=10)
+    live.register(namespace="ml", name="a", uid="u-a", token="token-a", total_epochs=10)
+    live.register(namespace="ml", name="b", uid="u-b", token="token-b", total_epochs=10)
     before = {r: reports_total(r) for r in ("unauthorized", "forbidden", "accepted")}
 
     missing = await live.post(report(name="a"), token=None)
@@ -42,7 +42,7 @@ async def test_auth_missing_wrong_cross_job_and_valid(make_live: MakeLive) -> No
     cross = await live.post(report(name="b"), token="token-a")
     assert cross.status == 403
     cross_unknown = await live.post(report(name="nope"), token="token-a")
-    assert cross_unknown.status == 403
+    assert cross_unknown.status == 404  # an unknown job is never authenticated against
     wrong_uid = await live.post(report(name="a", uid="someone-else"), token="token-a")
     assert wrong_uid.status == 403
 
@@ -50,7 +50,7 @@ async def test_auth_missing_wrong_cross_job_and_valid(make_live: MakeLive) -> No
     assert live.recorder.for_job("ml", "a") == []
     assert live.recorder.for_job("ml", "b") == []
     assert reports_total("unauthorized") - before["unauthorized"] == 3
-    assert reports_total("forbidden") - before["forbidden"] == 3
+    assert reports_total("forbidden") - before["forbidden"] == 2
 
     ok = await live.post(report(name="a", uid="u-a", epoch=3), token="token-a")
     assert ok.status == 202
@@ -61,7 +61,7 @@ async def test_auth_missing_wrong_cross_job_and_valid(make_live: MakeLive) -> No
 
 async def test_oversized_by_header_and_by_streamed_body(make_live: MakeLive) -> None:
     live = await make_live(min_write_interval_s=0.0, max_body_bytes=65536)
-    live.hub.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
+    live.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
     before = reports_total("too_large")
     big = json.dumps(report(name="a")).encode() + b" " * 65536
 
@@ -89,7 +89,7 @@ async def test_oversized_by_header_and_by_streamed_body(make_live: MakeLive) -> 
 
 async def test_malformed_json_and_schema_are_400_with_the_error(make_live: MakeLive) -> None:
     live = await make_live(min_write_interval_s=0.0)
-    live.hub.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
+    live.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
     before = reports_total("invalid")
 
     async with live.session.post(
@@ -121,7 +121,7 @@ async def test_malformed_json_and_schema_are_400_with_the_error(make_live: MakeL
 
 async def test_flooding_gets_429_with_retry_after(make_live: MakeLive) -> None:
     live = await make_live(min_write_interval_s=60.0, rate_per_s=0.05, burst=3)
-    live.hub.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
+    live.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
     before = reports_total("rate_limited")
     statuses = []
     for i in range(8):
@@ -134,7 +134,7 @@ async def test_flooding_gets_429_with_retry_after(make_live: MakeLive) -> None:
     assert statuses[3:] == [429] * 5
     assert reports_total("rate_limited") - before == 5
     # The flood of one job does not limit another.
-    live.hub.register(namespace="ml", name="b", uid="", token="token-b", total_epochs=10)
+    live.register(namespace="ml", name="b", uid="", token="token-b", total_epochs=10)
     assert (await live.post(report(name="b"), token="token-b")).status == 202
     await live.hub.stop()  # writes what is pending: the latest accepted report
     assert [s["epoch"] for s in live.recorder.for_job("ml", "a")] == [1, 3]
@@ -145,13 +145,13 @@ async def test_unknown_forgotten_and_finished_jobs_are_dropped(make_live: MakeLi
     before = {r: reports_total(r) for r in ("unknown_job", "finished")}
     assert (await live.post(report(name="ghost"), token="whatever")).status == 404
 
-    live.hub.register(namespace="ml", name="a", uid="u1", token="token-a", total_epochs=10)
+    live.register(namespace="ml", name="a", uid="u1", token="token-a", total_epochs=10)
     assert (await live.post(report(name="a", epoch=1), token="token-a")).status == 202
     await live.recorder.wait_for(1, namespace="ml", name="a")
     live.hub.finish(namespace="ml", name="a")
     assert (await live.post(report(name="a", epoch=2), token="token-a")).status == 410
 
-    live.hub.register(namespace="ml", name="c", uid="u3", token="token-c", total_epochs=10)
+    live.register(namespace="ml", name="c", uid="u3", token="token-c", total_epochs=10)
     live.hub.forget(namespace="ml", name="c")
     assert (await live.post(report(name="c"), token="token-c")).status == 404
 
@@ -165,16 +165,17 @@ async def test_unknown_forgotten_and_finished_jobs_are_dropped(make_live: MakeLi
 
 async def test_expired_stale_and_old_incarnation_reports_are_refused(make_live: MakeLive) -> None:
     live = await make_live(min_write_interval_s=0.0, max_report_age_s=60.0)
-    live.hub.register(namespace="ml", name="a", uid="u1", token="old-token", total_epochs=10)
+    live.register(namespace="ml", name="a", uid="u1", token="old-token", total_epochs=10)
     assert (await live.post(report(name="a", timestamp=time.time() - 3600), token="old-token")).status == 400
     assert (await live.post(report(name="a", epoch=2), token="old-token")).status == 202
     await live.recorder.wait_for(1, namespace="ml", name="a")
     assert (
         await live.post(report(name="a", epoch=1, timestamp=time.time() - 30), token="old-token")
     ).status == 409
-    # The job is deleted and made again under the same name: the old token is worthless.
-    live.hub.register(namespace="ml", name="a", uid="u2", token="new-token", total_epochs=10)
-    assert (await live.post(report(name="a", epoch=5), token="old-token")).status == 401
+    # The job is deleted and made again under the same name: the old token (its audience names
+    # the old uid) is another job's.
+    live.register(namespace="ml", name="a", uid="u2", token="new-token", total_epochs=10)
+    assert (await live.post(report(name="a", epoch=5), token="old-token")).status == 403
     await barrier(live)
     assert [s["epoch"] for s in live.recorder.for_job("ml", "a")] == [2]
 
@@ -182,7 +183,7 @@ async def test_expired_stale_and_old_incarnation_reports_are_refused(make_live: 
 async def test_coalescing_latest_report_wins_when_the_window_closes(make_live: MakeLive) -> None:
     interval = 1.0
     live = await make_live(min_write_interval_s=interval)
-    live.hub.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
+    live.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
 
     assert (await live.post(report(name="a", epoch=1), token="token-a")).status == 202
     await live.recorder.wait_for(1, namespace="ml", name="a")
@@ -202,7 +203,7 @@ async def test_coalescing_latest_report_wins_when_the_window_closes(make_live: M
 
 async def test_stage_change_and_final_bypass_the_window(make_live: MakeLive) -> None:
     live = await make_live(min_write_interval_s=60.0)
-    live.hub.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
+    live.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
     assert (await live.post(report(name="a", epoch=1), token="token-a")).status == 202
     await live.recorder.wait_for(1, namespace="ml", name="a")
     assert (await live.post(report(name="a", epoch=2), token="token-a")).status == 202  # held back
@@ -220,7 +221,7 @@ async def test_stage_change_and_final_bypass_the_window(make_live: MakeLive) -> 
 
 async def test_finish_flushes_the_pending_write_without_final_fields(make_live: MakeLive) -> None:
     live = await make_live(min_write_interval_s=60.0)
-    live.hub.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
+    live.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
     assert (await live.post(report(name="a", epoch=1), token="token-a")).status == 202
     await live.recorder.wait_for(1, namespace="ml", name="a")
     assert (await live.post(report(name="a", epoch=4), token="token-a")).status == 202
@@ -233,7 +234,7 @@ async def test_finish_flushes_the_pending_write_without_final_fields(make_live: 
 
 async def test_a_failing_status_write_is_counted_and_retried(make_live: MakeLive) -> None:
     live = await make_live(min_write_interval_s=0.2)
-    live.hub.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
+    live.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
     errors_before = (
         metrics.REGISTRY.get_sample_value("finetune_reconcile_errors_total", {"handler": "progress"}) or 0
     )
@@ -249,7 +250,7 @@ async def test_a_failing_status_write_is_counted_and_retried(make_live: MakeLive
 
 async def test_accepted_report_updates_the_job_series(make_live: MakeLive) -> None:
     live = await make_live(min_write_interval_s=0.0)
-    live.hub.register(namespace="mx", name="a", uid="", token="token-a", total_epochs=8)
+    live.register(namespace="mx", name="a", uid="", token="token-a", total_epochs=8)
     body = report(
         namespace="mx", name="a", epoch=2, total_epochs=8, metrics={"loss": 0.4, "val_accuracy": 0.7}
     )
@@ -280,7 +281,7 @@ async def test_accepted_report_updates_the_job_series(make_live: MakeLive) -> No
 
 async def test_stop_writes_what_is_pending(make_live: MakeLive) -> None:
     live = await make_live(min_write_interval_s=60.0)
-    live.hub.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
+    live.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
     assert (await live.post(report(name="a", epoch=1), token="token-a")).status == 202
     await live.recorder.wait_for(1, namespace="ml", name="a")
     assert (await live.post(report(name="a", epoch=2), token="token-a")).status == 202
@@ -292,7 +293,7 @@ async def test_stop_writes_what_is_pending(make_live: MakeLive) -> None:
 async def test_lifecycle_calls_from_another_thread_reach_the_loop(make_live: MakeLive) -> None:
     live = await make_live(min_write_interval_s=0.0)
     await asyncio.to_thread(
-        lambda: live.hub.register(namespace="ml", name="t", uid="", token="token-t", total_epochs=4)
+        lambda: live.register(namespace="ml", name="t", uid="", token="token-t", total_epochs=4)
     )
     deadline = time.monotonic() + 5
     while not live.hub.is_registered(namespace="ml", name="t") and time.monotonic() < deadline:
@@ -306,7 +307,7 @@ async def test_lifecycle_calls_from_another_thread_reach_the_loop(make_live: Mak
 
 async def test_eta_uses_the_current_stage_epochs_once_there_is_one(make_live: MakeLive) -> None:
     live = await make_live(min_write_interval_s=0.0)
-    live.hub.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
+    live.register(namespace="ml", name="a", uid="", token="token-a", total_epochs=10)
     for epoch in (1, 2, 3, 4, 5):
         body = report(name="a", epoch=epoch, epoch_seconds=2.0)
         assert (await live.post(body, token="token-a")).status == 202
@@ -322,3 +323,17 @@ async def test_eta_uses_the_current_stage_epochs_once_there_is_one(make_live: Ma
     assert (await live.post(slow, token="token-a")).status == 202
     latest = await live.recorder.wait_latest(lambda s: s["epoch"] == 1, namespace="ml", name="a")
     assert latest["etaSeconds"] == 32  # 4 epochs left x 8 s, the fine-tune pace
+
+
+async def test_a_failing_token_check_is_503_and_writes_nothing(make_live: MakeLive) -> None:
+    async def broken(*, token: str, namespace: str, name: str, uid: str) -> object:
+        raise RuntimeError("apiserver unreachable")
+
+    live = await make_live(min_write_interval_s=0.0, authenticate=broken)
+    live.hub.register(namespace="ml", name="a", uid="u-a", total_epochs=10)
+    before = reports_total("unavailable")
+    resp = await live.post(report(name="a", uid="u-a"), token="token-a")
+    assert resp.status == 503
+    assert resp.headers.get("Retry-After") == "5"
+    assert reports_total("unavailable") == before + 1
+    assert live.recorder.for_job("ml", "a") == []

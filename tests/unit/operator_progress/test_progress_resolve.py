@@ -1,7 +1,7 @@
 """Two replicas: a hub that does not know a job looks it up through the injected `resolve`.
 
-The fake resolver stands in for the operator's reads of the FineTuneJob and its Secret (the
-seam the operator injects); it counts its calls so the caching and the cap are checked.
+The fake resolver stands in for the operator's read of the FineTuneJob (the seam the operator
+injects); it counts its calls so the caching and the cap are checked.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ def _epoch_series(name: str) -> float | None:
 
 
 async def test_a_job_another_replica_reconciles_is_resolved_once_and_written(make_live: MakeLive) -> None:
-    resolver = FakeResolver(jobs={("ml", "r1"): Registration(uid="u1", token="tok-r1", total_epochs=10)})
+    resolver = FakeResolver(jobs={("ml", "r1"): Registration(uid="u1", total_epochs=10)})
     live = await make_live(min_write_interval_s=0.0, resolve=resolver)
+    live.tokens.add(namespace="ml", name="r1", uid="u1", token="tok-r1")
     assert (await live.post(report(name="r1", uid="u1", epoch=1), token="tok-r1")).status == 202
     assert (await live.post(report(name="r1", uid="u1", epoch=2), token="tok-r1")).status == 202
     written = await live.recorder.wait_latest(lambda s: s["epoch"] == 2, namespace="ml", name="r1")
@@ -60,7 +61,7 @@ async def test_a_job_another_replica_reconciles_is_resolved_once_and_written(mak
     assert (await live.post(report(name="r1", uid="u1", epoch=3), token="forged")).status == 401
     assert resolver.calls == [("ml", "r1")]
     # The operator registers it (this replica became the active one): series appear.
-    live.hub.register(namespace="ml", name="r1", uid="u1", token="tok-r1", total_epochs=10)
+    live.register(namespace="ml", name="r1", uid="u1", token="tok-r1", total_epochs=10)
     assert (await live.post(report(name="r1", uid="u1", epoch=4), token="tok-r1")).status == 202
     assert _epoch_series("r1") == 4
 
@@ -75,12 +76,13 @@ async def test_unknown_and_finished_jobs_are_looked_up_at_most_once_per_ttl(make
     assert not live.hub.is_registered(namespace="ml", name="ghost")
 
 
-async def test_a_token_of_another_known_job_is_forbidden_without_a_lookup(make_live: MakeLive) -> None:
-    resolver = FakeResolver(jobs={("ml", "b"): Registration(uid="ub", token="tok-b", total_epochs=10)})
+async def test_a_token_of_another_known_job_is_forbidden_for_a_resolved_one(make_live: MakeLive) -> None:
+    resolver = FakeResolver(jobs={("ml", "b"): Registration(uid="ub", total_epochs=10)})
     live = await make_live(min_write_interval_s=0.0, resolve=resolver)
-    live.hub.register(namespace="ml", name="a", uid="ua", token="tok-a", total_epochs=10)
+    live.tokens.add(namespace="ml", name="b", uid="ub", token="tok-b")
+    live.register(namespace="ml", name="a", uid="ua", token="tok-a", total_epochs=10)
     assert (await live.post(report(name="b"), token="tok-a")).status == 403
-    assert resolver.calls == []
+    assert resolver.calls == [("ml", "b")]
     assert live.recorder.for_job("ml", "b") == []
 
 
@@ -113,11 +115,13 @@ async def test_a_failing_lookup_is_an_unknown_job_and_counted(make_live: MakeLiv
 
 
 async def test_a_new_incarnation_is_looked_up_again(make_live: MakeLive) -> None:
-    resolver = FakeResolver(jobs={("ml", "n"): Registration(uid="old", token="tok-old", total_epochs=10)})
+    resolver = FakeResolver(jobs={("ml", "n"): Registration(uid="old", total_epochs=10)})
     live = await make_live(min_write_interval_s=0.0, resolve=resolver, resolve_ttl_s=0.0)
+    live.tokens.add(namespace="ml", name="n", uid="old", token="tok-old")
     assert (await live.post(report(name="n", uid="old"), token="tok-old")).status == 202
     # Deleted and made again under the same name: the new pod's report names the new uid.
-    resolver.jobs[("ml", "n")] = Registration(uid="new", token="tok-new", total_epochs=4)
+    resolver.jobs[("ml", "n")] = Registration(uid="new", total_epochs=4)
+    live.tokens.add(namespace="ml", name="n", uid="new", token="tok-new")
     assert (await live.post(report(name="n", uid="new", epoch=1), token="tok-new")).status == 202
     written = await live.recorder.wait_latest(lambda s: s["totalEpochs"] == 4, namespace="ml", name="n")
     assert written["progress"] == 25

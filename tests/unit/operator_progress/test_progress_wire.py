@@ -46,7 +46,7 @@ def _train(reporter: ProgressReporter) -> None:
 
 async def test_a_real_trainer_run_lands_in_status(make_live: MakeLive) -> None:
     live = await make_live(min_write_interval_s=0.0)
-    live.hub.register(namespace="ml", name="flowers", uid="u1", token="s3cret", total_epochs=4)
+    live.register(namespace="ml", name="flowers", uid="u1", token="s3cret", total_epochs=4)
     results: list[object] = []
     reporter = ProgressReporter(
         url=live.url, token="s3cret", namespace="ml", name="flowers", uid="u1", on_result=results.append
@@ -70,8 +70,8 @@ async def test_a_real_trainer_run_lands_in_status(make_live: MakeLive) -> None:
 
 async def test_a_trainer_with_the_wrong_token_changes_nothing(make_live: MakeLive) -> None:
     live = await make_live(min_write_interval_s=0.0)
-    live.hub.register(namespace="ml", name="flowers", uid="u1", token="s3cret", total_epochs=4)
-    live.hub.register(namespace="ml", name="other", uid="u2", token="other-token", total_epochs=4)
+    live.register(namespace="ml", name="flowers", uid="u1", token="s3cret", total_epochs=4)
+    live.register(namespace="ml", name="other", uid="u2", token="other-token", total_epochs=4)
     results: list[object] = []
     forged = ProgressReporter(
         url=live.url, token="guess", namespace="ml", name="flowers", on_result=results.append

@@ -370,6 +370,7 @@ class TestBuildObservers:
         for name in (
             "FINETUNE_PROGRESS_URL",
             "FINETUNE_PROGRESS_TOKEN",
+            "FINETUNE_PROGRESS_TOKEN_FILE",
             "FINETUNE_JOB_NAMESPACE",
             "FINETUNE_JOB_NAME",
             "FINETUNE_JOB_UID",
@@ -424,6 +425,23 @@ class TestBuildObservers:
         monkeypatch.delenv("FINETUNE_PROGRESS_TOKEN")
         assert report.build_observers(progress_url=None) == []
         assert "FINETUNE_PROGRESS_TOKEN" in caplog.text
+
+    def test_the_token_file_is_read_at_every_report(
+        self, monkeypatch: pytest.MonkeyPatch, endpoint: Endpoint, tmp_path: Path
+    ) -> None:
+        # In a pod the token is a projected ServiceAccount token that the kubelet rotates.
+        self.job_env(monkeypatch, endpoint.url)
+        monkeypatch.delenv("FINETUNE_PROGRESS_TOKEN")
+        token_file = tmp_path / "token"
+        token_file.write_text("first\n")
+        monkeypatch.setenv("FINETUNE_PROGRESS_TOKEN_FILE", str(token_file))
+        (observer,) = report.build_observers(progress_url=None)
+        assert isinstance(observer, report.ProgressReporter)
+        observer.on_stage_start(stage="head", stage_epochs=1, epochs_done=0, total_epochs=1)
+        wait_until(lambda: endpoint.count() == 1)
+        token_file.write_text("rotated\n")
+        observer.on_finish(result="succeeded", metrics={}, message="")
+        assert [h["Authorization"] for _, h, _ in endpoint.requests] == ["Bearer first", "Bearer rotated"]
 
     def test_a_taken_metrics_port_is_skipped(self, monkeypatch: pytest.MonkeyPatch) -> None:
         with socket.socket() as taken:
