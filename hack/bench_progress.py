@@ -706,6 +706,23 @@ def main(argv: list[str]) -> int:
         global KUBECONFIG
         KUBECONFIG = Path(args.kubeconfig)
 
+    started = False
+    if not args.recorder and not args.kubeconfig:
+        cluster_py = [sys.executable, str(ROOT / "hack" / "cluster.py")]
+        if subprocess.run([*cluster_py, "status"], capture_output=True, check=False, cwd=ROOT).returncode != 0:
+            # (d) and the apiserver backend need the local control plane: bring it up for this run.
+            up = subprocess.run([*cluster_py, "up"], capture_output=True, text=True, check=False, cwd=ROOT)
+            started = up.returncode == 0
+            if not started:
+                print(f"local control plane did not start: {up.stderr.strip()[-300:]}", flush=True)
+    try:
+        return _run(args)
+    finally:
+        if started:
+            subprocess.run([*cluster_py, "down"], capture_output=True, check=False, cwd=ROOT)
+
+
+def _run(args: argparse.Namespace) -> int:
     quick = args.quick
     backend = Backend(force_recorder=args.recorder, count=100)
     where = (
