@@ -8,8 +8,10 @@ that fits to it, and runs each container's command as a local process:
   secretKeyRef / configMapKeyRef / fieldRef / resourceFieldRef, envFrom), `$(VAR)` expanded;
 - in a mount namespace of its own (hack/localcluster_exec.py): every volume bind-mounted at
   its mountPath (hostPath as is; a PVC as .cluster/volumes/<ns>/<claim>; emptyDir a per-pod
-  folder; configMap/secret/projected/downwardAPI materialised as files, read-only), the
-  termination-message path a per-pod file, `readOnly` honoured;
+  folder; configMap/secret/projected/downwardAPI materialised as files, read-only; a projected
+  serviceAccountToken minted by TokenRequest, bound to the pod, and minted again at 80 % of
+  its lifetime as the kubelet does), the termination-message path a per-pod file, `readOnly`
+  honoured;
 - logging to .cluster/logs/<ns>_<pod>_<container>.log;
 - pod IP 127.0.0.1 (pods share the machine's network, as with hostNetwork).
 
@@ -465,6 +467,7 @@ class PodRun:
     mounts: dict[str, list[Obj]] = field(default_factory=dict)
     next_retry: float = 0.0
     last_written: str = ""
+    tokens: list[tuple[Path, Obj, float]] = field(default_factory=list)  # file, source, monotonic renew time
 
     @property
     def namespace(self) -> str:
@@ -964,6 +967,28 @@ class PodRunner:
         )
         return str(got["status"]["token"]).encode()
 
+    @staticmethod
+    def renew_at(source: Obj) -> float:
+        """When a projected token is minted again: at 80 % of its lifetime, like the kubelet."""
+        return time.monotonic() + 0.8 * int(source.get("expirationSeconds", 3607))
+
+    def renew_tokens(self, run: PodRun, now: float) -> None:
+        """Mints the run's projected tokens again when due, replacing each file atomically."""
+        for i, (path, source, due) in enumerate(run.tokens):
+            if now < due:
+                continue
+            try:
+                data = self.token(run.pod, source)
+            except Exception as err:  # retried in a minute; the old token is still valid meanwhile
+                log.warning("renewing the token of pod %s/%s: %s", run.namespace, run.name, err)
+                run.tokens[i] = (path, source, now + 60.0)
+                continue
+            fresh = path.with_name(f".{path.name}.new")
+            fresh.write_bytes(data)
+            os.chmod(fresh, path.stat().st_mode & 0o777)
+            fresh.replace(path)
+            run.tokens[i] = (path, source, self.renew_at(source))
+
     def volume_source(self, run: PodRun, vol: Obj) -> tuple[Path, bool]:
         """Makes the volume's host folder; returns it and whether it is always read-only."""
         pod, ns = run.pod, run.namespace
@@ -1012,7 +1037,9 @@ class PodRunner:
             projected: dict[str, bytes] = {}
             for s in src.get("sources") or []:
                 if "serviceAccountToken" in s:
-                    projected[s["serviceAccountToken"]["path"]] = self.token(pod, s["serviceAccountToken"])
+                    token_source = s["serviceAccountToken"]
+                    projected[token_source["path"]] = self.token(pod, token_source)
+                    run.tokens.append((vdir / token_source["path"], token_source, self.renew_at(token_source)))
                 elif "configMap" in s or "secret" in s:
                     is_secret = "secret" in s
                     ref = s["secret" if is_secret else "configMap"]
@@ -1167,6 +1194,8 @@ class PodRunner:
             return
         now = time.monotonic()
         for run in list(self.runs.values()):
+            if run.tokens and run.stage != "done" and not run.terminating:
+                self.renew_tokens(run, now)
             changed = False
             for c in run.init + run.main:
                 if c.proc is not None and c.proc.poll() is not None:

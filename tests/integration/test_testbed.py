@@ -523,3 +523,48 @@ def test_pod_runner_volume_over_a_parent_of_other_sources(cluster: Cluster, appl
         for f in source.iterdir():
             f.unlink()
         source.rmdir()
+
+
+def test_pod_runner_renews_projected_tokens_like_the_kubelet(
+    cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, tmp_path: Path
+) -> None:
+    """A projected serviceAccountToken is minted again when due (80 % of its lifetime); the new
+    file replaces the old one atomically and is a valid token bound to the same pod."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fto_hack_podrunner", cluster.root / "hack" / "podrunner.py")
+    assert spec is not None and spec.loader is not None
+    podrunner = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = podrunner  # its dataclasses look their module up
+    spec.loader.exec_module(podrunner)
+    # A pod object for the runner to mint for (its image "fails to pull", so nothing runs it).
+    (pod,) = apply_yaml({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "holder"},
+        "spec": {"automountServiceAccountToken": False, "containers": [{
+            "name": "c", "image": "registry.invalid/none:0",
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                "runAsNonRoot": True, "runAsUser": 1000,
+                                "seccompProfile": {"type": "RuntimeDefault"}}}]},
+    }, namespace=namespace)  # fmt: skip
+    runner = podrunner.PodRunner(
+        api=podrunner.Api(kubeconfig=str(cluster.kubeconfig)), cluster_dir=tmp_path, node_name="renewal-test",
+        capacity={}, simulate=None, kubelet_port=0, bind=False,
+    )  # fmt: skip
+    run = podrunner.PodRun(uid=pod["metadata"]["uid"], pod=pod, dir=tmp_path / "run")
+    source = {"audience": "renewal.test", "expirationSeconds": 600, "path": "token"}
+    volume = {"name": "t", "projected": {"sources": [{"serviceAccountToken": source}]}}
+    folder, _ = runner.volume_source(run, volume)
+    first = (folder / "token").read_text()
+    ((path, _, due),) = run.tokens
+    assert path == folder / "token" and due - time.monotonic() == pytest.approx(480, abs=30)
+    runner.renew_tokens(run, time.monotonic())  # not due yet: unchanged
+    assert (folder / "token").read_text() == first
+    runner.renew_tokens(run, due + 1)
+    second = (folder / "token").read_text()
+    assert second != first
+    status, review = cluster.request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", body={
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+        "spec": {"token": second, "audiences": ["renewal.test"]}})  # fmt: skip
+    assert status == 201 and review["status"]["authenticated"] is True
+    assert review["status"]["user"]["extra"]["authentication.kubernetes.io/pod-name"] == ["holder"]
+    assert run.tokens[0][2] - time.monotonic() == pytest.approx(480, abs=30)  # the next renewal
