@@ -342,7 +342,8 @@ def derive(
 
     `previous` is the FineTuneJob's current status. Succeeded and Failed are final: once
     written they never change. `counted_pods` are the pods already counted in `attempts`
-    (None after an operator restart: the pods visible now are taken as counted).
+    (None after an operator restart: the pods visible now are taken as counted, and the
+    Job's failed and succeeded counters bound `attempts` from below).
     `creation_failure` is the message of the Job's newest FailedCreate event, when the caller
     looked it up (see `creation_stalled`).
     """
@@ -354,6 +355,11 @@ def derive(
     if counted_pods is None:
         counted = frozenset(started)
         attempts = max(attempts, len(started))
+        if job is not None:
+            # Pods that ended while the operator was away and are gone since (pod GC, a node
+            # lost) are still in the Job controller's counters.
+            running = sum(1 for p in live if p.started and p.exit_code is None)
+            attempts = max(attempts, job.failed + job.succeeded + running)
         new_pods = 0
     else:
         new_pods = len(started - counted_pods)

@@ -225,6 +225,17 @@ def test_after_a_restart_visible_pods_are_taken_as_counted() -> None:
     assert out.status["attempts"] == 3 and out.counted_pods == frozenset({"uid-a"}) and out.retried == 0
 
 
+def test_after_a_restart_pods_gone_meanwhile_still_count_through_the_jobs_counters() -> None:
+    # While the operator was down, attempts 2 and 3 failed and their pods were garbage-collected;
+    # the fourth runs. The Job controller's counters still have them.
+    out = derive(job(active=1, failed=3), [pod("d")], previous={"phase": "Running", "attempts": 1}, counted=None)
+    assert out.status["attempts"] == 4 and out.counted_pods == frozenset({"uid-d"})
+    # Without a restart the counters are not needed: pods are counted as they are seen.
+    seen = derive(job(active=1, failed=3), [pod("d")], previous={"phase": "Running", "attempts": 4},
+                  counted=frozenset({"uid-d"}))
+    assert seen.status["attempts"] == 4
+
+
 def test_resume_is_an_event_and_a_new_attempt() -> None:
     suspended = derive(job(suspend=True, conditions=[("Suspended", "", "")]), [], previous={"phase": "Running",
                        "attempts": 1}, suspend=True, counted=frozenset({"uid-a"}))
