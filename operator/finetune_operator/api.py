@@ -12,23 +12,28 @@ PodSpec would add thousands of lines to the CRD for no gain in the user's error 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from finetune_trainer import config
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
+
+from finetune_operator.models import KERAS_APPLICATIONS
 
 __all__ = [
     "API_GROUP",
     "API_VERSION",
     "CONDITION_TYPES",
     "KIND",
+    "MAX_NAME_LENGTH",
     "PHASES",
     "PLURAL",
     "Condition",
     "FineTuneJobSpec",
     "FineTuneJobStatus",
     "RuntimeSpec",
+    "operator_refusal",
 ]
 
 API_GROUP = config.API_GROUP
@@ -227,3 +232,24 @@ class FineTuneJobStatus(_StatusModel):
         ),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
+
+
+MAX_NAME_LENGTH = 52  # Job names become pod labels (63) and pod names get a 6-char suffix and more.
+
+
+def operator_refusal(*, name: str, spec: Mapping[str, Any]) -> tuple[FineTuneJobSpec | None, str | None]:
+    """The parsed spec, or why the operator refuses it (what admission could not know)."""
+    if len(name) > MAX_NAME_LENGTH:
+        return None, f"metadata.name: at most {MAX_NAME_LENGTH} characters (it names the Job and its pods)"
+    try:
+        parsed = FineTuneJobSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        return None, config.format_validation_error(exc)
+    if parsed.model.base not in KERAS_APPLICATIONS:
+        return None, (
+            f"spec.model.base: unknown keras.applications model {parsed.model.base!r} "
+            f"(known: {', '.join(sorted(KERAS_APPLICATIONS)[:6])}, ...)"
+        )
+    if parsed.runtime.workers > 1:
+        return None, "spec.runtime.workers: multi-worker training is not supported yet; use 1"
+    return parsed, None

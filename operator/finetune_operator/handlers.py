@@ -1,7 +1,7 @@
 """Kopf registrations: watch FineTuneJobs, their Jobs and pods; reconcile each job level-based.
 
 Thin on purpose: builders make the manifests, `status` decides the status, `progress` folds
-the trainer's reports. What lives here is the I/O and its ordering:
+the trainer's reports, `actions` makes the API calls. What lives here is their ordering:
 
 - Kopf indexes keep a compact view of every FineTuneJob, owned Job and trainer pod in
   memory. Kopf calls no handler before every index has its initial listing, so after a
@@ -11,9 +11,9 @@ the trainer's reports. What lives here is the I/O and its ordering:
   with backoff; a spec only the operator can reject becomes Failed/InvalidSpec, once.
 - Writes are few: the ConfigMap and Job at creation, a status patch only when the
   operator-owned fields change, a Job patch on suspend/resume. The trainer's progress
-  credential is a projected ServiceAccount token the kubelet makes: no Secret to write. No Kopf handler state is
-  written (on.event handlers keep none); Kopf's storages are still set to annotations under
-  `finetune.dev` so that nothing of Kopf's ever lands in `status`.
+  credential is a projected ServiceAccount token the kubelet makes: no Secret to write.
+  No Kopf handler state is written (on.event handlers keep none); Kopf's storages are still
+  set to annotations under `finetune.dev` so that nothing of Kopf's ever lands in `status`.
 """
 
 from __future__ import annotations
@@ -22,21 +22,15 @@ import asyncio
 import datetime
 import json
 import logging
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import kopf
-from finetune_trainer import config as trainer_config
-from pydantic import ValidationError
 
-from finetune_operator import api, builders, kube, metrics, models, status, tokens
+from finetune_operator import actions, api, builders, kube, metrics, status, tokens
 from finetune_operator import settings as config_mod
-
-if TYPE_CHECKING:
-    from finetune_operator.progress import Registration
 
 __all__ = ["STATE", "Operator", "configure"]
 
@@ -44,7 +38,6 @@ logger = logging.getLogger("finetune_operator")
 
 MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
 GROUP, VERSION, PLURAL = api.API_GROUP, api.API_VERSION, api.PLURAL
-MAX_NAME_LENGTH = 52  # Job names become pod labels (63) and pod names get a 6-char suffix and more.
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 Key = tuple[str, str]
@@ -91,37 +84,13 @@ def ftj_view(body: Mapping[str, Any]) -> FtjView:
     )
 
 
-def _controller_uid(body: Mapping[str, Any]) -> str:
-    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller"):
-            return str(ref.get("uid", ""))
-    return ""
-
-
-def operator_refusal(*, name: str, spec: Mapping[str, Any]) -> tuple[api.FineTuneJobSpec | None, str | None]:
-    """The parsed spec, or why the operator refuses it (what admission could not know)."""
-    if len(name) > MAX_NAME_LENGTH:
-        return None, f"metadata.name: at most {MAX_NAME_LENGTH} characters (it names the Job and its pods)"
-    try:
-        parsed = api.FineTuneJobSpec.model_validate(dict(spec))
-    except ValidationError as exc:
-        return None, trainer_config.format_validation_error(exc)
-    if parsed.model.base not in models.KERAS_APPLICATIONS:
-        return None, (
-            f"spec.model.base: unknown keras.applications model {parsed.model.base!r} "
-            f"(known: {', '.join(sorted(models.KERAS_APPLICATIONS)[:6])}, ...)"
-        )
-    if parsed.runtime.workers > 1:
-        return None, "spec.runtime.workers: multi-worker training is not supported yet; use 1"
-    return parsed, None
-
-
 class Operator:
     """The operator's in-memory state and its reconcile loop."""
 
     def __init__(self) -> None:
         self.config = config_mod.OperatorConfig()
         self.client = kube.KubeClient(pool_size=64)
+        self.actions = actions.KubeActions(client=self.client)
         self.hub: Any = None  # progress.ProgressHub, once started
         self.ftjs: Any = None  # the Kopf indexes, captured from the first handler call
         self.jobs: Any = None
@@ -140,7 +109,6 @@ class Operator:
         self._last_write: dict[str, float] = {}  # FineTuneJob uid -> monotonic time of the last status write
         self._limit = asyncio.Semaphore(64)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._host = socket.gethostname()
 
     # ----- queueing -----
 
@@ -242,7 +210,9 @@ class Operator:
             return
         assert parsed is not None or job is not None
         if job is None and parsed is not None:
-            job_or_refusal = await self._create(owner, ftj, parsed)
+            job_or_refusal = await self.actions.create_job(
+                owner=owner, spec=ftj.spec, parsed=parsed, config=self.config
+            )
             if isinstance(job_or_refusal, str):
                 outcome = status.invalid_spec(
                     generation=ftj.generation, message=job_or_refusal, previous=previous, now=now
@@ -262,13 +232,13 @@ class Operator:
         kueue = builders.KUEUE_QUEUE_LABEL in ftj.labels
         finished = "Complete" in job.conditions or "Failed" in job.conditions
         if not finished and job.suspend != suspend and (suspend or not kueue):
-            await self._patch_job(owner, suspend=suspend)
+            await self.actions.patch_job(owner=owner, suspend=suspend)
 
         pods = self._pods(key, job.uid)
         creation_failure = None
         if not suspend and status.creation_stalled(job, pods, now=now, timeout_s=self.config.pending_timeout_s):
             # Looked up once: the job turns Failed on this pass.
-            creation_failure = await self._creation_failure(owner)
+            creation_failure = await self.actions.creation_failure(owner=owner)
         outcome = status.derive(
             generation=ftj.generation,
             suspend=suspend,
@@ -288,7 +258,7 @@ class Operator:
             return
         self._counted[ftj.uid] = outcome.counted_pods
         if outcome.stop_job:
-            await self._patch_job(owner, suspend=True)
+            await self.actions.patch_job(owner=owner, suspend=True)
         await self._apply(key, ftj, outcome, previous)
         for _ in range(outcome.retried):
             metrics.job_retried(namespace=namespace)
@@ -321,7 +291,7 @@ class Operator:
         """`operator_refusal`, once per generation of a job."""
         cached = self._parsed.get(ftj.uid)
         if cached is None or cached[0] != ftj.generation:
-            cached = (ftj.generation, *operator_refusal(name=name, spec=ftj.spec))
+            cached = (ftj.generation, *api.operator_refusal(name=name, spec=ftj.spec))
             self._parsed[ftj.uid] = cached
         return cached[1], cached[2]
 
@@ -329,7 +299,7 @@ class Operator:
         namespace, name = key
         patch = status.diff(desired=outcome.status, current=previous)
         if patch:
-            await self.patch_status(namespace=namespace, name=name, status=patch, source="reconcile")
+            await self.actions.patch_status(namespace=namespace, name=name, status=patch, source="reconcile")
             self._written.setdefault(ftj.uid, {}).update(patch)
             self._last_write[ftj.uid] = time.monotonic()
         phase = outcome.status.get("phase")
@@ -347,7 +317,7 @@ class Operator:
                 duration_s=duration,
             )
         for event in outcome.events:
-            self.post_event(key, ftj.uid, event)
+            self.actions.post_event(namespace=namespace, name=name, uid=ftj.uid, event=event)
         if phase in status.TERMINAL:
             self._finish(key, ftj.uid)
 
@@ -372,152 +342,6 @@ class Operator:
             self.hub.forget(namespace=key[0], name=key[1])
         metrics.set_phase(namespace=key[0], name=key[1], phase=None)
         metrics.forget_job(namespace=key[0], name=key[1])
-
-    # ----- API writes -----
-
-    async def _create(
-        self, owner: builders.Owner, ftj: FtjView, parsed: api.FineTuneJobSpec
-    ) -> status.JobView | str:
-        """Creates (or adopts) the ConfigMap and the Job; returns the Job, or a refusal."""
-        ns = owner.namespace
-        manifest = builders.build_job(
-            owner=owner,
-            spec=parsed,
-            default_image=self.config.trainer_image,
-            progress_url=self.config.progress_url,
-            trainer_command=self.config.trainer_command,
-            run_as_user=self.config.run_as_user,
-        )
-        # The ConfigMap first, so that the Job's pod finds it.
-        await self._create_or_exists(
-            f"/api/v1/namespaces/{ns}/configmaps", builders.build_config_map(owner=owner, spec=ftj.spec)
-        )
-        path = f"/apis/batch/v1/namespaces/{ns}/jobs"
-        try:
-            body = await self.client.create(path, manifest)
-        except kube.ApiError as exc:
-            if exc.status == 409:
-                body = await self.client.get(f"{path}/{owner.name}")
-                if _controller_uid(body) != owner.uid:
-                    return f"a batch Job named {owner.name} already exists and is not owned by this FineTuneJob"
-                logger.info("adopted the existing Job %s/%s", ns, owner.name)
-                return status.job_view(body)
-            if exc.status in (400, 422):
-                return f"the batch Job was refused: {exc.message}"
-            raise
-        metrics.job_created(namespace=ns)
-        self.post_event(
-            (ns, owner.name), owner.uid, status.Event("Normal", "JobCreated", f"created batch Job {owner.name}")
-        )
-        return status.job_view(body)
-
-    async def _create_or_exists(self, path: str, body: Mapping[str, Any]) -> bool:
-        """Creates the object; False when it already exists (made by an earlier run of the operator)."""
-        try:
-            await self.client.create(path, body)
-        except kube.ApiError as exc:
-            if exc.status != 409:
-                raise
-            return False
-        return True
-
-    async def _creation_failure(self, owner: builders.Owner) -> str | None:
-        """The message of the newest FailedCreate event of the job's batch Job (the Job controller's reason)."""
-        selector = f"involvedObject.kind=Job,involvedObject.name={owner.name},reason=FailedCreate"
-        try:
-            body = await self.client.request(
-                "GET", f"/api/v1/namespaces/{owner.namespace}/events", params={"fieldSelector": selector}
-            )
-        except kube.ApiError as exc:
-            logger.warning("could not list the events of Job %s/%s: %s", owner.namespace, owner.name, exc)
-            return None
-        items = [e for e in body.get("items") or [] if isinstance(e, dict)]
-        if not items:
-            return None
-
-        def stamp(event: Mapping[str, Any]) -> str:
-            return str(
-                event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp")
-                or (event.get("metadata") or {}).get("creationTimestamp") or ""
-            )
-
-        newest = max(items, key=stamp)
-        return str(newest.get("message") or "") or None
-
-    async def _patch_job(self, owner: builders.Owner, *, suspend: bool) -> None:
-        await self.client.merge_patch(
-            f"/apis/batch/v1/namespaces/{owner.namespace}/jobs/{owner.name}", {"spec": {"suspend": suspend}}
-        )
-
-    async def patch_status(
-        self, *, namespace: str, name: str, status: dict[str, Any], source: str = "progress"
-    ) -> None:
-        """JSON merge patch of a FineTuneJob's status subresource (the progress hub calls it too)."""
-        await self.client.merge_patch(
-            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status", {"status": status}
-        )
-        metrics.status_write(source=source)
-
-    async def resolve_job(self, *, namespace: str, name: str) -> Registration | None:
-        """A job's progress credentials read from the API, for a report this replica's hub does not know.
-
-        With several replicas only the active one reconciles (and registers) jobs, but reports
-        reach every replica. None when the FineTuneJob is gone, being deleted, finished or
-        refused.
-        """
-        from finetune_operator.progress import Registration
-
-        try:
-            body = await self.client.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
-            meta = body.get("metadata") or {}
-            uid = str(meta.get("uid") or "")
-            if not uid or meta.get("deletionTimestamp"):
-                return None
-            if (body.get("status") or {}).get("phase") in status.TERMINAL:
-                return None
-        except kube.ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        parsed, _ = operator_refusal(name=name, spec=body.get("spec") or {})
-        if parsed is None:
-            return None
-        return Registration(uid=uid, total_epochs=parsed.training.total_epochs)
-
-    def post_event(self, key: Key, uid: str, event: status.Event) -> None:
-        """Posts a core/v1 Event on the FineTuneJob, in the background (an event never blocks a reconcile)."""
-        namespace, name = key
-        stamp = status.rfc3339(datetime.datetime.now(datetime.UTC))
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{name}.", "namespace": namespace},
-            "involvedObject": {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": api.KIND,
-                "name": name,
-                "namespace": namespace,
-                "uid": uid,
-            },
-            "type": event.type,
-            "reason": event.reason,
-            "message": event.message[:1024],
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-            "source": {"component": "finetune-operator"},
-            "reportingComponent": "finetune.dev/operator",
-            "reportingInstance": self._host,
-        }
-
-        async def send() -> None:
-            try:
-                await self.client.create(f"/api/v1/namespaces/{namespace}/events", body)
-            except Exception as exc:
-                logger.warning("could not post event %s on %s/%s: %s", event.reason, namespace, name, exc)
-
-        self._spawn(send())
-
 
 STATE = Operator()
 
@@ -575,9 +399,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     from finetune_operator import progress
 
     hub = progress.ProgressHub(
-        patch_status=STATE.patch_status,
+        patch_status=STATE.actions.patch_status,
         authenticate=tokens.TokenChecker(client=STATE.client),
-        resolve=STATE.resolve_job,
+        resolve=STATE.actions.resolve_job,
     )
     port = await hub.start(host=STATE.config.progress_host, port=STATE.config.progress_port)
     STATE.hub = hub
@@ -606,14 +430,14 @@ async def ftj_index(namespace: str | None, name: str, body: kopf.Body, **_: Any)
 async def job_index(
     namespace: str | None, name: str, body: kopf.Body, **_: Any
 ) -> dict[Key, tuple[str, status.JobView]]:
-    return {(namespace or "", name): (_controller_uid(body), status.job_view(body))}
+    return {(namespace or "", name): (actions.controller_uid(body), status.job_view(body))}
 
 
 @kopf.index("", "v1", "pods", labels={**MANAGED, builders.JOB_NAME_LABEL: kopf.PRESENT})
 async def pod_index(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[Key, tuple[str, status.PodView]]:
-    return {(namespace or "", labels[builders.JOB_NAME_LABEL]): (_controller_uid(body), status.pod_view(body))}
+    return {(namespace or "", labels[builders.JOB_NAME_LABEL]): (actions.controller_uid(body), status.pod_view(body))}
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

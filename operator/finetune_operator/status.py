@@ -358,8 +358,8 @@ def derive(
         if job is not None:
             # Pods that ended while the operator was away and are gone since (pod GC, a node
             # lost) are still in the Job controller's counters.
-            running = sum(1 for p in live if p.started and p.exit_code is None)
-            attempts = max(attempts, job.failed + job.succeeded + running)
+            in_flight = sum(1 for p in live if p.started and p.exit_code is None)
+            attempts = max(attempts, job.failed + job.succeeded + in_flight)
         new_pods = 0
     else:
         new_pods = len(started - counted_pods)

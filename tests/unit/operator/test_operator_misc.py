@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_operator import api, handlers, models, settings
+from finetune_operator import api, models, settings
 from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -52,7 +52,7 @@ BASE = {"data": {"train": "/d", "validationSplit": 0.2}, "output": {"path": "/m"
     ],
 )
 def test_operator_refusals(name: str, spec: dict[str, object], fragment: str | None) -> None:
-    parsed, refusal = handlers.operator_refusal(name=name, spec=spec)
+    parsed, refusal = api.operator_refusal(name=name, spec=spec)
     if fragment is None:
         assert refusal is None and parsed is not None
     else:
@@ -99,7 +99,7 @@ def _keys(document: dict[str, Any], prefix: str = "") -> set[str]:
 def test_full_example_is_valid_and_sets_every_field() -> None:
     document = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
     spec = document["spec"]
-    parsed, refusal = handlers.operator_refusal(name=document["metadata"]["name"], spec=spec)
+    parsed, refusal = api.operator_refusal(name=document["metadata"]["name"], spec=spec)
     assert refusal is None and parsed is not None
     # validation and validationSplit are exclusive: the example names the other in a comment.
     missing = _fields(api.FineTuneJobSpec) - _keys(spec) - {"data.validationSplit"}
