@@ -25,27 +25,20 @@ import datetime
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import operator_proc  # hack/operator_proc.py, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_PY = ROOT / "hack" / "cluster.py"
 USER = "system:serviceaccount:finetune-system:finetune-operator"
 NAMESPACE = "bench"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _stamp(text: str) -> float:
@@ -75,11 +68,11 @@ class Bench:
         self.dir = Path(tempfile.mkdtemp(prefix="fto-bench-"))
         self.env = {
             **os.environ,
-            "FTO_APISERVER_PORT": str(_free_port()),
-            "FTO_ETCD_PORT": str(_free_port()),
-            "FTO_ETCD_PEER_PORT": str(_free_port()),
-            "FTO_KCM_PORT": str(_free_port()),
-            "FTO_KUBELET_PORT": str(_free_port()),
+            "FTO_APISERVER_PORT": str(operator_proc.free_port()),
+            "FTO_ETCD_PORT": str(operator_proc.free_port()),
+            "FTO_ETCD_PEER_PORT": str(operator_proc.free_port()),
+            "FTO_KCM_PORT": str(operator_proc.free_port()),
+            "FTO_KUBELET_PORT": str(operator_proc.free_port()),
         }
         self.kubeconfig = self.dir / "kubeconfig"
         self.kubectl_bin = self.dir / "bin" / "kubectl"
@@ -104,37 +97,18 @@ class Bench:
         self.kubectl("create", "namespace", "finetune-system")
         self.kubectl("create", "namespace", NAMESPACE)
         self.kubectl("apply", "-f", str(ROOT / "deploy" / "base" / "rbac.yaml"))
-        token = self.kubectl("create", "token", "finetune-operator", "-n", "finetune-system", "--duration=2h").strip()
-        admin = yaml.safe_load(self.kubeconfig.read_text())
-        sa = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "bench", "cluster": admin["clusters"][0]["cluster"]}],
-            "users": [{"name": USER, "user": {"token": token}}],
-            "contexts": [{"name": "bench", "context": {"cluster": "bench", "user": USER}}],
-            "current-context": "bench",
-        }
-        (self.dir / "operator.kubeconfig").write_text(yaml.safe_dump(sa))
+        operator_proc.write_service_account_kubeconfig(
+            kubectl=self.kubectl_bin, admin_kubeconfig=self.kubeconfig, path=self.dir / "operator.kubeconfig",
+            namespace="finetune-system", name="finetune-operator", duration="2h",
+        )  # fmt: skip
 
     def start_operator(self) -> None:
-        health = _free_port()
-        env = {**self.env, "KUBECONFIG": str(self.dir / "operator.kubeconfig")}
         profile = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
-        argv = [
-            sys.executable, *profile, "-m", "finetune_operator", "--namespace", NAMESPACE,
-            "--progress-port", "0", "--metrics-port", "0", "--health-port", str(health),
-            "--pending-timeout", "0",
-        ]  # fmt: skip
-        log = (self.dir / "operator.log").open("wb")
-        self.operator = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=1):
-                return
-            if self.operator.poll() is not None:
-                break
-            time.sleep(0.3)
-        raise RuntimeError(f"operator did not start; see {self.dir / 'operator.log'}")
+        self.operator = operator_proc.start(
+            args=["--namespace", NAMESPACE, "--progress-port", "0", "--metrics-port", "0", "--pending-timeout", "0"],
+            kubeconfig=self.dir / "operator.kubeconfig", health_port=operator_proc.free_port(),
+            log=self.dir / "operator.log", python_args=profile, env=self.env, timeout_s=60,
+        )  # fmt: skip
 
     def create_all(self) -> float:
         from kubernetes import client, config

@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import operator_proc  # hack/operator_proc.py, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_DIR = Path(os.environ.get("FTO_CLUSTER_DIR", ROOT / ".cluster"))
@@ -135,21 +137,13 @@ def install_api_and_rbac() -> None:
 
 def service_account_kubeconfig(*, path: Path) -> None:
     """Writes a kubeconfig that authenticates as the operator's ServiceAccount (TokenRequest)."""
-    token = kubectl(
-        "create", "token", OPERATOR_ACCOUNT, "-n", OPERATOR_NAMESPACE, "--duration=24h"
-    ).stdout.strip()
-    admin = yaml.safe_load(ADMIN_KUBECONFIG.read_text(encoding="utf-8"))
-    cluster_entry = admin["clusters"][0]["cluster"]
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "local", "cluster": cluster_entry}],
-        "users": [{"name": OPERATOR_ACCOUNT, "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "local", "user": OPERATOR_ACCOUNT}}],
-        "current-context": "operator",
-    }
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    path.chmod(0o600)
+    try:
+        operator_proc.write_service_account_kubeconfig(
+            kubectl=KUBECTL, admin_kubeconfig=ADMIN_KUBECONFIG, path=path,
+            namespace=OPERATOR_NAMESPACE, name=OPERATOR_ACCOUNT,
+        )  # fmt: skip
+    except operator_proc.OperatorStartError as exc:
+        raise DemoError(str(exc)) from exc
     who = kubectl(
         "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}", kubeconfig=path, check=False
     )
@@ -157,53 +151,24 @@ def service_account_kubeconfig(*, path: Path) -> None:
         say(f"operator credentials: {who.stdout.strip()}")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
 def start_operator(*, kubeconfig: Path, ports: dict[str, int], log: Path) -> subprocess.Popen[bytes]:
     """Starts `finetune-operator` as the ServiceAccount and waits for its health endpoint."""
-    argv = [
-        str(VENV_BIN / "finetune-operator"),
+    args = [
         f"--namespace={NAMESPACE}",
         "--progress-host=127.0.0.1",
         f"--progress-port={ports['progress']}",
         f"--progress-url=http://127.0.0.1:{ports['progress']}/v1/progress",
         f"--metrics-port={ports['metrics']}",
-        f"--health-port={ports['health']}",
     ]
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(kubeconfig),
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    env = {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    try:
+        process = operator_proc.start(
+            args=args, kubeconfig=kubeconfig, health_port=ports["health"], log=log, env=env
         )
-    health = f"http://127.0.0.1:{ports['health']}/healthz"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise DemoError(f"finetune-operator exited with {process.returncode}:\n{tail(log)}")
-        if http_ok(health):
-            say(
-                f"operator running (pid {process.pid}), log {log.relative_to(ROOT) if log.is_relative_to(ROOT) else log}"
-            )
-            return process
-        time.sleep(0.5)
-    raise DemoError(f"finetune-operator did not answer {health} within 90 s:\n{tail(log)}")
+    except operator_proc.OperatorStartError as exc:
+        raise DemoError(f"{exc}:\n{tail(log)}") from exc
+    say(f"operator running (pid {process.pid}), log {log.relative_to(ROOT) if log.is_relative_to(ROOT) else log}")
+    return process
 
 
 def operator_pidfile() -> Path:
@@ -392,7 +357,7 @@ def main() -> int:
     was_up = cluster_is_up()
     operator: subprocess.Popen[bytes] | None = None
     operator_log = CLUSTER_DIR / "logs" / "demo-operator.log"
-    ports = {"progress": free_port(), "metrics": free_port(), "health": free_port()}
+    ports = {"progress": operator_proc.free_port(), "metrics": operator_proc.free_port(), "health": operator_proc.free_port()}
     phase = ""
     try:
         if not was_up:

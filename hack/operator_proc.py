@@ -1,0 +1,96 @@
+"""Starting `finetune-operator` outside a cluster, as its ServiceAccount: shared by hack/ tools.
+
+`make demo` (hack/demo.py) and `make bench` (hack/bench_operator.py) run the operator as a
+local process against the local control plane, under the RBAC of deploy/ like a real
+deployment: `write_service_account_kubeconfig` mints a TokenRequest token for the operator's
+ServiceAccount and writes a kubeconfig holding only that token; `start` launches the
+operator and returns once its health endpoint answers. (The tests have their own launcher,
+tests/fixtures/operator.py, with pytest's fixtures around it.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import yaml
+
+__all__ = ["OperatorStartError", "free_port", "start", "write_service_account_kubeconfig"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class OperatorStartError(RuntimeError):
+    """The operator exited, or did not answer its health endpoint in time."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_service_account_kubeconfig(
+    *, kubectl: Path, admin_kubeconfig: Path, path: Path, namespace: str, name: str, duration: str = "24h"
+) -> Path:
+    """Writes `path`: a kubeconfig that authenticates as ServiceAccount namespace/name (TokenRequest)."""
+    minted = subprocess.run(
+        [str(kubectl), f"--kubeconfig={admin_kubeconfig}", "create", "token", name, "-n", namespace,
+         f"--duration={duration}"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    if minted.returncode != 0:
+        raise OperatorStartError(f"kubectl create token {namespace}/{name}: {minted.stderr.strip()}")
+    admin = yaml.safe_load(admin_kubeconfig.read_text(encoding="utf-8"))
+    user = f"system:serviceaccount:{namespace}:{name}"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
+        "users": [{"name": user, "user": {"token": minted.stdout.strip()}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "local", "user": user}}],
+        "current-context": "operator",
+    }
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def start(
+    *,
+    args: Sequence[str],
+    kubeconfig: Path,
+    health_port: int,
+    log: Path,
+    python_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 90.0,
+) -> subprocess.Popen[bytes]:
+    """`python [python_args] -m finetune_operator --health-port=P ARGS` with KUBECONFIG set, in
+    its own session, logging to `log`; returns once /healthz answers (OperatorStartError if not)."""
+    argv = [sys.executable, *python_args, "-m", "finetune_operator", f"--health-port={health_port}", *args]
+    environ = {**os.environ, **(env or {}), "KUBECONFIG": str(kubeconfig)}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            argv, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    health = f"http://127.0.0.1:{health_port}/healthz"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise OperatorStartError(f"finetune-operator exited with {process.returncode}; see {log}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(health, timeout=2) as answer:
+            if answer.status == 200:
+                return process
+        time.sleep(0.3)
+    process.terminate()
+    raise OperatorStartError(f"finetune-operator did not answer {health} within {timeout_s:g} s; see {log}")
