@@ -528,26 +528,24 @@ def part_d(*, jobs: int, seconds: float, flat_seconds: float) -> dict[str, Any]:
     namespace = f"bench-operator-{uuid.uuid4().hex[:6]}"
     core.create_namespace({"metadata": {"name": namespace, "labels": {"finetune.dev/bench": "progress"}}})
     progress_port, metrics_port, health_port = _free_port(), _free_port(), _free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "finetune_operator",
-        f"--namespace={namespace}",
-        "--progress-host=127.0.0.1",
-        f"--progress-port={progress_port}",
-        f"--progress-url=http://127.0.0.1:{progress_port}/v1/progress",
-        "--metrics-host=127.0.0.1",
-        f"--metrics-port={metrics_port}",
-        f"--health-port={health_port}",
-        "--pending-timeout=3600",
-    ]
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(KUBECONFIG),
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "trainer")]),
-    }
-    log = tempfile.NamedTemporaryFile(prefix="bench-operator-", suffix=".log", delete=False)  # noqa: SIM115
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    import operator_proc  # hack/operator_proc.py, beside this file
+
+    log = Path(tempfile.mkstemp(prefix="bench-operator-", suffix=".log")[1])
+    proc = operator_proc.start(
+        args=[
+            f"--namespace={namespace}",
+            "--progress-host=127.0.0.1",
+            f"--progress-port={progress_port}",
+            f"--progress-url=http://127.0.0.1:{progress_port}/v1/progress",
+            "--metrics-host=127.0.0.1",
+            f"--metrics-port={metrics_port}",
+            "--pending-timeout=3600",
+        ],
+        kubeconfig=KUBECONFIG,
+        health_port=health_port,
+        log=log,
+        env={"PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "trainer")])},
+    )
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     chosen = [
         Job(namespace=namespace, name=f"op-{i:03d}", uid="", token="", total_epochs=20) for i in range(jobs)
@@ -576,7 +574,7 @@ def part_d(*, jobs: int, seconds: float, flat_seconds: float) -> dict[str, Any]:
         pending = list(chosen)
         while pending and time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"operator exited {proc.returncode}; log: {log.name}")
+                raise RuntimeError(f"operator exited {proc.returncode}; log: {log}")
             pods = {
                 (p.metadata.labels or {}).get("finetune.dev/job"): p
                 for p in core.list_namespaced_pod(namespace, label_selector="finetune.dev/job").items
@@ -601,7 +599,7 @@ def part_d(*, jobs: int, seconds: float, flat_seconds: float) -> dict[str, Any]:
                 pending.remove(job)
             time.sleep(0.5)
         if pending:
-            raise RuntimeError(f"{len(pending)} jobs never got their pod; log: {log.name}")
+            raise RuntimeError(f"{len(pending)} jobs never got their pod; log: {log}")
         asyncio.run(_wait_registered(port=progress_port, jobs=chosen))
         ps = psutil.Process(proc.pid)
 
@@ -614,7 +612,7 @@ def part_d(*, jobs: int, seconds: float, flat_seconds: float) -> dict[str, Any]:
         time.sleep(settle)
         idle = 100.0 * (cpu() - c0) / (time.monotonic() - t0)
 
-        results: dict[str, Any] = {"jobs": jobs, "idle_cpu_percent": idle, "log": log.name}
+        results: dict[str, Any] = {"jobs": jobs, "idle_cpu_percent": idle, "log": str(log)}
         for label, flat, span in (("steady", False, seconds), ("flat", True, flat_seconds)):
             before = _scrape(metrics_url)
             load = Load()
