@@ -53,6 +53,7 @@ __all__ = [
     "PHASES",
     "REGISTRY",
     "REPORT_RESULTS",
+    "TOKEN_REVIEW_RESULTS",
     "forget_job",
     "job_created",
     "job_finished",
@@ -63,6 +64,7 @@ __all__ = [
     "set_phase",
     "start_metrics_server",
     "status_write",
+    "token_review",
 ]
 
 PHASES: tuple[str, ...] = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
@@ -78,6 +80,7 @@ REPORT_RESULTS: tuple[str, ...] = (
     "unavailable",
 )
 STATUS_WRITE_SOURCES: tuple[str, ...] = ("reconcile", "progress")
+TOKEN_REVIEW_RESULTS: tuple[str, ...] = ("ok", "unauthorized", "forbidden", "error")
 SPLITS: tuple[str, ...] = ("train", "validation")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -168,11 +171,19 @@ STATUS_WRITES = Counter(
 RECONCILE_ERRORS = Counter(
     "finetune_reconcile_errors", "Errors raised by operator handlers.", ["handler"], registry=REGISTRY
 )
+TOKEN_REVIEWS = Counter(
+    "finetune_progress_token_reviews",
+    "Progress tokens checked with the API server (TokenReview, then the token's pod), by verdict.",
+    ["result"],
+    registry=REGISTRY,
+)
 
 for _result in REPORT_RESULTS:
     PROGRESS_REPORTS.labels(result=_result)
 for _source in STATUS_WRITE_SOURCES:
     STATUS_WRITES.labels(source=_source)
+for _result in TOKEN_REVIEW_RESULTS:
+    TOKEN_REVIEWS.labels(result=_result)
 
 # The per-job gauges, each with the label names after (namespace, name).
 _PER_JOB: tuple[Gauge, ...] = (
@@ -260,6 +271,11 @@ def reconcile_error(*, handler: str) -> None:
 def progress_report(*, result: str) -> None:
     """Count one progress report by outcome (one of `REPORT_RESULTS`)."""
     PROGRESS_REPORTS.labels(result=result).inc()
+
+
+def token_review(*, result: str) -> None:
+    """Count one token check that reached the API server, by verdict (one of `TOKEN_REVIEW_RESULTS`)."""
+    TOKEN_REVIEWS.labels(result=result).inc()
 
 
 def observe_progress(

@@ -16,7 +16,8 @@ may write the progress of the job a report names:
 A verdict is kept (by the token's SHA-256): an accepted token for at most `ttl_s` and never
 past its own expiry, a refused one for `negative_ttl_s`; at most `max_reviews` reviews run at
 once. A running trainer therefore costs one review and two reads per pod and token rotation,
-not one per report.
+not one per report. Each check that reaches the API server is counted in
+`finetune_progress_token_reviews_total{result}`.
 
 The checker is I/O (a `kube.KubeClient`); `unverified_claims` and `bound_pod` are pure.
 """
@@ -37,7 +38,7 @@ from typing import Any, Literal
 
 from finetune_trainer import protocol
 
-from finetune_operator import kube
+from finetune_operator import kube, metrics
 
 __all__ = ["POD_NAME_EXTRA", "POD_UID_EXTRA", "TokenChecker", "Verdict", "bound_pod", "unverified_claims"]
 
@@ -142,7 +143,12 @@ class TokenChecker:
                 return Verdict("forbidden", "token is not valid for this job")
             return Verdict("unauthorized", "invalid token")
         async with self._limit:
-            verdict = await self._check(token=token, namespace=namespace, uid=uid, audience=audience)
+            try:
+                verdict = await self._check(token=token, namespace=namespace, uid=uid, audience=audience)
+            except Exception:
+                metrics.token_review(result="error")
+                raise
+        metrics.token_review(result=verdict.result)
         if verdict.ok:
             expiry = claims.get("exp")
             until = now + self._ttl

@@ -294,6 +294,10 @@ def test_bad_reports_are_refused_and_change_no_status(
     before = {
         r: operator.sample("finetune_progress_reports_total", {"result": r}) or 0 for r in metrics.REPORT_RESULTS
     }
+    reviews_before = {
+        r: operator.sample("finetune_progress_token_reviews_total", {"result": r}) or 0
+        for r in metrics.TOKEN_REVIEW_RESULTS
+    }
 
     forged = post(url, body(namespace, "alpha", epoch=1), token=secrets.token_urlsafe(32))
     missing = post(url, body(namespace, "alpha", epoch=1), token=None)
@@ -344,6 +348,12 @@ def test_bad_reports_are_refused_and_change_no_status(
     assert after["invalid"] - before["invalid"] == 3
     assert after["rate_limited"] - before["rate_limited"] == 4
     assert after["unknown_job"] - before["unknown_job"] == 2
+    # Only the two tokens that passed the claims check cost a TokenReview (token_a's was cached).
+    reviews = {
+        r: (operator.sample("finetune_progress_token_reviews_total", {"result": r}) or 0) - reviews_before[r]
+        for r in metrics.TOKEN_REVIEW_RESULTS
+    }
+    assert reviews == {"ok": 0, "unauthorized": 1, "forbidden": 1, "error": 0}
 
     # beta's accepted burst shows (epoch 1); the refused epoch-2 reports never do.
     wait_for(lambda: status_watch.latest("beta").get("epoch") == 1, timeout=30, message="beta at epoch 1")
