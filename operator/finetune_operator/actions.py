@@ -88,15 +88,13 @@ class KubeActions:
         )
         return status.job_view(body)
 
-    async def _create_or_exists(self, path: str, body: Mapping[str, Any]) -> bool:
-        """Creates the object; False when it already exists (made by an earlier run of the operator)."""
+    async def _create_or_exists(self, path: str, body: Mapping[str, Any]) -> None:
+        """Creates the object, unless it exists already (made by an earlier run of the operator)."""
         try:
             await self.client.create(path, body)
         except kube.ApiError as exc:
             if exc.status != 409:
                 raise
-            return False
-        return True
 
     async def creation_failure(self, *, owner: builders.Owner) -> str | None:
         """The message of the newest FailedCreate event of the job's batch Job (the Job controller's reason)."""

@@ -61,13 +61,16 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from finetune_trainer import protocol
 from pydantic import ValidationError
 
 from finetune_operator import metrics
+
+if TYPE_CHECKING:
+    from finetune_operator.tokens import Verdict
 
 __all__ = ["Authenticate", "PatchStatus", "ProgressHub", "Registration", "Resolve", "build_status"]
 
@@ -85,7 +88,7 @@ class Registration:
     total_epochs: int
 
 
-Authenticate = Callable[..., Awaitable[Any]]
+Authenticate = Callable[..., Awaitable["Verdict"]]
 """`async def authenticate(*, token: str, namespace: str, name: str, uid: str) -> tokens.Verdict`."""
 
 Resolve = Callable[..., Awaitable[Registration | None]]
