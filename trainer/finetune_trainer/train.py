@@ -201,6 +201,13 @@ class _Run:
             _write_history(self.out / "history.csv", self.state.history)
 
 
+def _add_timing(summary: dict[str, Any], *, extraction: float, cpu_started: float) -> None:
+    """A stage's timing in metrics.json: wall seconds with feature extraction, and CPU seconds."""
+    summary["durationSeconds"] = round(summary["durationSeconds"] + extraction, 3)
+    summary["extractionSeconds"] = round(extraction, 3)
+    summary["cpuSeconds"] = round(time.process_time() - cpu_started, 3)
+
+
 def _make_stage_callback(run: _Run, *, stage: Stage, stage_epochs: int, epochs_before: int, steps: int) -> Any:
     import keras
 
@@ -677,10 +684,8 @@ def _run(
             steps=steps,
             fit_kwargs=fit_kwargs,
         )
-        summary["durationSeconds"] = round(summary["durationSeconds"] + extraction, 3)
-        summary["extractionSeconds"] = round(extraction, 3)
+        _add_timing(summary, extraction=extraction, cpu_started=cpu_started)
         summary["fastPath"] = "features" if augmentation is None else "validation-features"
-        summary["cpuSeconds"] = round(time.process_time() - cpu_started, 3)
         summary["trainableLayers"] = [layer.name for layer in network.head.layers if layer.trainable and layer.weights]
         _finish_stage(run_ctx, stage="head", network=network, summary=summary)
         stages["head"] = summary
@@ -733,10 +738,8 @@ def _run(
                 steps=steps,
                 fit_kwargs=fit_kwargs,
             )
-            summary["durationSeconds"] = round(summary["durationSeconds"] + extraction, 3)
-            summary["extractionSeconds"] = round(extraction, 3)
+            _add_timing(summary, extraction=extraction, cpu_started=cpu_started)
             summary["fastPath"] = mode
-            summary["cpuSeconds"] = round(time.process_time() - cpu_started, 3)
             summary["cachedBelow"] = split.cut if split is not None else None
             summary["trainableLayers"] = unfrozen
             _finish_stage(run_ctx, stage="fine-tune", network=network, summary=summary)
