@@ -1,8 +1,17 @@
 """`finetune-train --config FILE [--output DIR] [--progress-url URL]`: one training run.
 
 Exit codes (API.md): 0 trained and saved, 2 invalid configuration, 3 data error, 4 diverged,
-anything else an unexpected error the Job may retry. Every exit prints a one-line reason on
-stderr and writes a JSON `TerminationSummary` to the termination-message path.
+anything else an unexpected error the Job may retry: 1 an unexpected error, 143 (128 + SIGTERM,
+what a shell reports) terminated by SIGTERM (suspend, preemption, node drain), reason
+`Terminated`. Every exit prints a one-line reason on stderr and writes a JSON
+`TerminationSummary` to the termination-message path.
+
+SIGTERM: the handler is installed before anything slow happens; it raises `train.Terminated`
+(a BaseException, so no `except Exception` in an observer or a callback swallows it), held back
+only while a finished epoch's or stage's state is being saved (see `train`). The process then
+exits within a second or two (the current batch, the epoch-end saves, a bounded flush of the
+progress reporter) with the summary written. A SIGTERM after training has ended no longer
+interrupts: the summary is written and the process exits as it would have.
 TensorFlow is imported only once the config is valid, so a bad config fails in a second.
 """
 
@@ -19,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from finetune_trainer import errors, report
+from finetune_trainer import errors, report, train
 from finetune_trainer.config import ConfigError, TrainerSpec, load_config
 from finetune_trainer.observer import TrainingObserver
 from finetune_trainer.protocol import ENV_PROGRESS_URL, TerminationSummary
@@ -29,10 +38,9 @@ __all__ = ["main", "parse_args"]
 log = logging.getLogger("finetune_trainer")
 
 EXIT_TERMINATED = 143  # SIGTERM: the pod is going away; retryable, resumes from checkpoints/
+REASON_TERMINATED = "Terminated"
 
-
-class _Terminated(Exception):
-    """SIGTERM arrived."""
+_Terminated = train.Terminated  # a BaseException: never swallowed by `except Exception`
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -46,8 +54,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated("terminated by SIGTERM")
+class _Handler:
+    """The SIGTERM handler: terminates training while armed; afterwards only notes the signal."""
+
+    def __init__(self) -> None:
+        self.armed = True
+        self.received: int | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        if self.armed:
+            train.terminate(signum)
 
 
 def _build_observers(progress_url: str | None) -> list[TrainingObserver]:
@@ -86,27 +103,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"path": str(Path(args.output))})})
 
+    handler = _Handler()
     previous: Any = None
     try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread (tests calling main in a thread)
         previous = None
     try:
-        observers = _build_observers(args.progress_url or os.environ.get(ENV_PROGRESS_URL) or None)
-        from finetune_trainer import train  # heavy: TensorFlow
+        return _train(spec=spec, output=output, progress_url=args.progress_url, handler=handler)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
-        result = train.run(spec=spec, output_dir=output, observers=observers)
+
+def _train(*, spec: TrainerSpec, output: str, progress_url: str | None, handler: _Handler) -> int:
+    """Runs training under the armed handler; disarms it before the summary is written."""
+    try:
+        try:
+            observers = _build_observers(progress_url or os.environ.get(ENV_PROGRESS_URL) or None)
+            result = train.run(spec=spec, output_dir=output, observers=observers)
+        finally:
+            handler.armed = False
     except errors.TrainerError as exc:
         return _finish(code=exc.exit_code, reason=exc.reason, message=str(exc))
     except _Terminated as exc:
-        return _finish(code=EXIT_TERMINATED, reason="Error", message=str(exc))
+        return _finish(code=EXIT_TERMINATED, reason=REASON_TERMINATED,
+                       message=f"{exc}; checkpoints/ holds every finished epoch, a new pod resumes from them")
     except Exception as exc:
         traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return _finish(code=errors.EXIT_ERROR, reason="Error", message=f"{type(exc).__name__}: {first}"[:1000])
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     return _finish(
         code=errors.EXIT_OK,
         reason="Succeeded",

@@ -23,6 +23,13 @@ part of the network computes from images that never change is computed once.
 - Phase 2: the base is cut just below its first unfrozen layer (model.split_below_trainable);
   the frozen prefix's output is cached for validation, and without augmentation for training
   too, when it fits the cache budget.
+
+Termination (SIGTERM: suspend, preemption, node drain): `terminate()` is what the signal
+handler calls. It raises `Terminated`, a BaseException, so that no `except Exception` on the
+way (observer fan-outs, Keras callbacks) can swallow it, at once, unless training is inside
+an epoch's end or a stage's end (history, BackupAndRestore, the callbacks' state, the final
+weights), where it is held until that state is saved consistently. The epoch in progress is
+lost; every finished epoch is on disk, so a rerun repeats at most one epoch.
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,13 +59,70 @@ from finetune_trainer.errors import DivergedError, InvalidSpecError
 from finetune_trainer.observer import TrainingObserver
 from finetune_trainer.protocol import Stage
 
-__all__ = ["HISTORY_FIELDS", "RunResult", "resolve_policy", "run"]
+__all__ = ["HISTORY_FIELDS", "RunResult", "Terminated", "resolve_policy", "run", "shielded", "terminate"]
 
 log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
 STATE_VERSION = 1
 _SLOW_OBSERVER_S = 1.0
+
+
+class Terminated(BaseException):
+    """A termination signal arrived; not an Exception, so no `except Exception` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class _Shield:
+    """Holds a termination back while the state of a finished epoch or stage is being saved."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+
+    def enter(self) -> None:
+        self.depth += 1
+
+    def exit(self) -> None:
+        self.depth = max(0, self.depth - 1)
+        if self.depth == 0 and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Terminated(signum)
+
+    def reset(self) -> None:
+        """Leaves every section (after an error inside one); a held termination stays pending."""
+        self.depth = 0
+
+
+_SHIELD = _Shield()
+
+
+def terminate(signum: int) -> None:
+    """Called by the signal handler (main thread): raises Terminated now, or when the saving ends."""
+    if _SHIELD.depth > 0:
+        if _SHIELD.pending is None:
+            log.info("%s: finishing the epoch's checkpoint first", signal.Signals(signum).name)
+        _SHIELD.pending = signum
+        return
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """A section whose writes a termination must not cut in half (it is raised at the end)."""
+    _SHIELD.enter()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if ok:
+            _SHIELD.exit()
+        else:
+            _SHIELD.depth = max(0, _SHIELD.depth - 1)
 
 
 @dataclass(frozen=True)
@@ -269,6 +334,22 @@ def _make_stage_callback(run: _Run, *, stage: Stage, stage_epochs: int, epochs_b
     return StageCallback()
 
 
+def _make_shield_callback(*, begin: bool) -> Any:
+    """Opens (begin) or closes the shielded section around the epoch-end callbacks."""
+    import keras
+
+    class EpochEndShield(keras.callbacks.Callback):  # type: ignore[misc]
+        """A termination during the epoch-end saves waits for the last of them."""
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            if begin:
+                _SHIELD.enter()
+            else:
+                _SHIELD.exit()
+
+    return EpochEndShield()
+
+
 def _make_nan_guard() -> Any:
     import keras
 
@@ -457,6 +538,7 @@ def _fit_stage(
     cached = validation if isinstance(validation, _CachedValidation) else None
     callbacks = [
         *([_make_cached_validation_callback(cached)] if cached is not None else []),
+        _make_shield_callback(begin=True),  # from here to the end: the epoch's state, saved whole
         nan_guard,
         early,
         reduce,
@@ -468,17 +550,21 @@ def _fit_stage(
         keras.callbacks.TensorBoard(
             log_dir=str(run.out / "tensorboard" / stage), write_graph=False, profile_batch=0
         ),
+        _make_shield_callback(begin=False),
     ]
     _compile(model, learning_rate=learning_rate)
     started = time.monotonic()
-    model.fit(
-        train,
-        validation_data=None if cached is not None else validation,
-        epochs=epochs,
-        callbacks=callbacks,
-        verbose=run.verbose,
-        **fit_kwargs,
-    )
+    try:
+        model.fit(
+            train,
+            validation_data=None if cached is not None else validation,
+            epochs=epochs,
+            callbacks=callbacks,
+            verbose=run.verbose,
+            **fit_kwargs,
+        )
+    finally:
+        _SHIELD.reset()  # an error inside the epoch-end section must not hold later signals forever
     duration = time.monotonic() - started
     if nan_guard.diverged is not None:
         shutil.rmtree(backup_dir, ignore_errors=True)  # never resume from NaN weights
@@ -513,13 +599,14 @@ def _fit_stage(
 def _finish_stage(run: _Run, *, stage: Stage, network: model_lib.Network, summary: dict[str, Any]) -> None:
     """Marks a stage done: its final weights and summary saved, its backup dropped."""
     checkpoints = run.out / "checkpoints"
-    weights = network.model.get_weights()
-    tmp = checkpoints / f"{stage}-final.tmp.npz"
-    np.savez(tmp, *weights)
-    os.replace(tmp, checkpoints / f"{stage}-final.npz")
-    run.state.completed[stage] = summary
-    run.state.save()
-    shutil.rmtree(checkpoints / stage, ignore_errors=True)
+    with shielded():
+        weights = network.model.get_weights()
+        tmp = checkpoints / f"{stage}-final.tmp.npz"
+        np.savez(tmp, *weights)
+        os.replace(tmp, checkpoints / f"{stage}-final.npz")
+        run.state.completed[stage] = summary
+        run.state.save()
+        shutil.rmtree(checkpoints / stage, ignore_errors=True)
     run.observers.call(
         "on_stage_end",
         stage=stage,
