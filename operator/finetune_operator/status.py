@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,22 @@ __all__ = [
 
 EXIT_REASONS = {2: "InvalidSpec", 3: "DataError", 4: "Diverged"}
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+# Container waiting reasons of a pod that can never start -> the FineTuneJob's reason.
+START_FAILURE_REASONS = {
+    "CreateContainerConfigError": "ContainerConfigError",  # a missing ConfigMap/Secret (env, volume)
+    "CreateContainerError": "PodStartError",
+    "RunContainerError": "PodStartError",
+    "PreCreateHookError": "PodStartError",
+    "PreStartHookError": "PodStartError",
+}
+# The scheduler's words for a pod whose PersistentVolumeClaim is missing, going or unbound.
+_VOLUME_UNSCHEDULABLE = re.compile(r"persistentvolumeclaim|unbound immediate|volume node affinity", re.IGNORECASE)
+# What the trainer's termination message may put into status (it is untrusted pod output):
+# a reason as the CRD's Condition.reason admits (api.Condition), short, else the exit code's.
+REASON_PATTERN = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+MAX_REASON_LENGTH = 64
+MAX_MESSAGE_LENGTH = 1024
+MAX_SUMMARY_CHARS = 16 * 1024  # the kubelet keeps 4 KiB of a termination message; more is not a summary
 TERMINAL = frozenset({"Succeeded", "Failed"})
 OWNED_FIELDS = (
     "observedGeneration",
@@ -142,7 +160,10 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
             running_since = (state["running"] or {}).get("startedAt") or status.get("startTime") or ""
         if "terminated" in state or last:
             term = state.get("terminated") or last
-            exit_code = int(term.get("exitCode", 0))
+            try:
+                exit_code = int(term.get("exitCode", 0))
+            except (TypeError, ValueError):
+                exit_code = 1
             message = str(term.get("message") or "")
             finished_at = term.get("finishedAt")
             running_since = running_since or term.get("startedAt") or finished_at or ""
@@ -191,13 +212,39 @@ class Outcome:
 
 
 def _summary(pod: PodView | None) -> protocol.TerminationSummary | None:
-    """The trainer's JSON termination summary, when the pod's message is one."""
-    if pod is None or not pod.termination_message.strip().startswith("{"):
+    """The trainer's JSON termination summary, when the pod's message is one; cleaned for status.
+
+    The message is pod output: anything that is not a JSON object of the summary's shape is no
+    summary (None); a reason the CRD would refuse becomes "" (callers fall back to the exit
+    code's); message and model path are cleaned and bounded (`_short`).
+    """
+    text = pod.termination_message.strip() if pod is not None else ""
+    if not text.startswith("{") or len(text) > MAX_SUMMARY_CHARS:
         return None
     try:
-        return protocol.TerminationSummary.model_validate(json.loads(pod.termination_message))
-    except (ValueError, ValidationError):
+        parsed = protocol.TerminationSummary.model_validate(json.loads(text))
+    except (ValueError, ValidationError, RecursionError):
         return None
+    model_path = _short(parsed.model_path) if parsed.model_path is not None else None
+    return parsed.model_copy(
+        update={"reason": _reason(parsed.reason, ""), "message": _short(parsed.message), "model_path": model_path or None}
+    )
+
+
+def _reason(text: str, fallback: str) -> str:
+    """`text` when the CRD admits it as a reason (api.Condition.reason) and it is short, else `fallback`."""
+    return text if len(text) <= MAX_REASON_LENGTH and REASON_PATTERN.match(text) else fallback
+
+
+def _clean(text: str) -> str:
+    """Printable text: control characters, lone surrogates and other unencodable code points go."""
+    out = []
+    for char in text:
+        if char in "\n\r\t":
+            out.append(" ")
+        elif unicodedata.category(char) not in ("Cc", "Cs", "Co", "Cn"):
+            out.append(char)
+    return "".join(out)
 
 
 def _last_finished(pods: Sequence[PodView]) -> PodView | None:
@@ -205,8 +252,9 @@ def _last_finished(pods: Sequence[PodView]) -> PodView | None:
     return max(done, key=lambda p: (p.finished_at or "", p.created or "")) if done else None
 
 
-def _short(text: str, limit: int = 1024) -> str:
-    text = text.strip()
+def _short(text: str, limit: int = MAX_MESSAGE_LENGTH) -> str:
+    """`text` fit for a status message: cleaned (`_clean`), trimmed, at most `limit` characters."""
+    text = " ".join(_clean(text[: limit * 4]).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -216,24 +264,39 @@ def _failure(job: JobView, pods: Sequence[PodView]) -> tuple[str, str]:
     last = _last_finished(pods)
     summary = _summary(last)
     if reason == "PodFailurePolicy":
-        if summary is not None and summary.reason not in ("", "Error", "Succeeded"):
-            return summary.reason, _short(summary.message)
         code = last.exit_code if last is not None else None
-        named = EXIT_REASONS.get(code or -1, "Failed")
+        named = EXIT_REASONS.get(code if code is not None else -1, "Failed")
+        if summary is not None and summary.reason not in ("", "Error", "Succeeded"):
+            return summary.reason, summary.message or f"trainer exited with code {code}"
         detail = summary.message if summary else (last.termination_message if last else message)
-        return named, _short(detail or f"trainer exited with code {code}")
+        return named, _short(detail) or f"trainer exited with code {code}"
     if reason == "BackoffLimitExceeded":
         detail = summary.message if summary else (last.termination_message if last else "")
-        tail = f"; last attempt: {_short(detail, 512)}" if detail.strip() else ""
+        tail = f"; last attempt: {_short(detail, 512)}" if _short(detail) else ""
         exit_note = f" (exit code {last.exit_code})" if last is not None else ""
-        return reason, f"retried {job.failed} times, backoff limit reached{exit_note}{tail}"
+        return reason, _short(f"{_attempts_failed(job.failed)}, backoff limit reached{exit_note}{tail}")
     if reason == "DeadlineExceeded":
-        return reason, message or "the job ran past runtime.activeDeadlineSeconds"
-    return reason or "Failed", message or "the batch Job failed"
+        return reason, _short(message) or "the job ran past runtime.activeDeadlineSeconds"
+    return _reason(reason, "Failed"), _short(message) or "the batch Job failed"
+
+
+def _attempts_failed(failed: int) -> str:
+    """"1 attempt failed (no retries)", "3 attempts failed (2 retries)"."""
+    if failed <= 0:
+        return "no attempt failed"
+    retries = failed - 1
+    retried = "no retries" if retries == 0 else f"{retries} retr{'y' if retries == 1 else 'ies'}"
+    return f"{failed} attempt{'' if failed == 1 else 's'} failed ({retried})"
 
 
 def _stuck(pods: Sequence[PodView], *, now: datetime.datetime, timeout_s: float) -> tuple[str, str] | None:
-    """(reason, message) when a pod has waited on its image or on scheduling for too long."""
+    """(reason, message) when a pod has waited too long on something that will not come by itself.
+
+    Its image (ImagePullError), its container's configuration: a missing ConfigMap or Secret
+    (ContainerConfigError), a container the runtime cannot create or start (PodStartError),
+    a missing or unbound PersistentVolumeClaim (VolumeError, the scheduler's words), or a node
+    (Unschedulable); the message quotes the kubelet or the scheduler.
+    """
     if timeout_s <= 0:
         return None
     for pod in pods:
@@ -244,7 +307,13 @@ def _stuck(pods: Sequence[PodView], *, now: datetime.datetime, timeout_s: float)
             continue
         if pod.waiting_reason in IMAGE_PULL_REASONS:
             return "ImagePullError", _short(f"pod {pod.name}: {pod.waiting_reason}: {pod.waiting_message}")
+        if pod.waiting_reason in START_FAILURE_REASONS:
+            return START_FAILURE_REASONS[pod.waiting_reason], _short(
+                f"pod {pod.name}: {pod.waiting_reason}: {pod.waiting_message or 'the container could not be created'}"
+            )
         if pod.unschedulable_message is not None:
+            if _VOLUME_UNSCHEDULABLE.search(pod.unschedulable_message):
+                return "VolumeError", _short(f"pod {pod.name}: {pod.unschedulable_message}")
             return "Unschedulable", _short(f"pod {pod.name}: {pod.unschedulable_message}")
     return None
 

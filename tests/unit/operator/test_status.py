@@ -274,3 +274,163 @@ def test_while_running_the_message_is_the_progress_hubs() -> None:
     later = derive(job(active=1), [pod()], previous=hub, counted=first.counted_pods)
     assert later.status["message"] == "phase 1/2, epoch 3/10"
     assert status.diff(desired=later.status, current=hub) == {}
+
+
+# ----- untrusted termination messages, pods that can never start, wording -----
+
+HOSTILE_REASONS = ["Not A Valid Reason!! ", "R" * 2000, "Bad\nReason", "", "9Lives", "Trailing_,", "Dätä", "Ok:"]
+HOSTILE_MESSAGES = [
+    "m" * 10_000,
+    "bell\x07 nul\x00 esc\x1b[31m red \x7f del \x9b csi \udcff lone surrogate \ue000 private \u0378 unassigned",
+    "line one\nline two\r\n\ttabbed",
+    "",
+]
+HOSTILE_RAW = [
+    "not json at all {",
+    "{not json",
+    "[1, 2, 3]",
+    '"just a string"',
+    "{" + '"a":{' * 5000 + "}" * 5001,  # deeper than the JSON decoder's recursion limit
+    '{"exitCode": "three", "reason": "DataError", "message": "m"}',
+    '{"exitCode": 3, "reason": ["DataError"], "message": {"x": 1}}',
+    '{"exitCode": 3, "reason": "DataError", "message": "m", "metrics": {"loss": "NaN-ish"}}',
+    "{" + " " * 20_000 + "}",
+    "\udcff\x00{",
+    "x" * 100_000,
+]
+REASON_RE = status.REASON_PATTERN
+
+
+def _failed_pod(code: int, message: str) -> dict[str, Any]:
+    return pod(phase="Failed", exit_code=code, message=message)
+
+
+def _assert_valid(out: status.Outcome) -> None:
+    """What the API server would take: the CRD's status model, reasons, bounded UTF-8 messages."""
+    from finetune_operator import api
+
+    api.FineTuneJobStatus.model_validate(out.status)
+    assert REASON_RE.match(out.status["reason"]) and len(out.status["reason"]) <= status.MAX_REASON_LENGTH
+    json.dumps(out.status, ensure_ascii=False).encode("utf-8")  # no lone surrogates
+    for text in [out.status["message"], *(c["message"] for c in out.status["conditions"]), *(e.message for e in out.events)]:
+        assert len(text) <= 2 * status.MAX_MESSAGE_LENGTH
+        assert not any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 for ch in text), repr(text[:80])
+
+
+@pytest.mark.parametrize("reason", HOSTILE_REASONS)
+@pytest.mark.parametrize("condition", ["PodFailurePolicy", "BackoffLimitExceeded"])
+def test_a_hostile_summary_reason_falls_back_to_the_exit_codes(reason: str, condition: str) -> None:
+    body = job(failed=1, conditions=[("Failed", condition, "")])
+    out = derive(body, [_failed_pod(3, summary(3, reason, "no images in /data/train"))], previous={"phase": "Running"})
+    _assert_valid(out)
+    assert out.status["phase"] == "Failed"
+    assert out.status["reason"] == ("DataError" if condition == "PodFailurePolicy" else "BackoffLimitExceeded")
+    assert "no images in /data/train" in out.status["message"]
+
+
+def test_a_valid_summary_reason_is_kept() -> None:
+    body = job(failed=1, conditions=[("Failed", "PodFailurePolicy", "")])
+    out = derive(body, [_failed_pod(3, summary(3, "ClassMismatch", "val lacks stripes"))], previous={"phase": "Running"})
+    assert (out.status["reason"], out.status["message"]) == ("ClassMismatch", "val lacks stripes")
+
+
+@pytest.mark.parametrize("message", HOSTILE_MESSAGES, ids=["10k", "controls", "newlines", "empty"])
+@pytest.mark.parametrize("condition", ["PodFailurePolicy", "BackoffLimitExceeded"])
+def test_a_hostile_summary_message_is_cleaned_and_bounded(message: str, condition: str) -> None:
+    body = job(failed=1, conditions=[("Failed", condition, "")])
+    out = derive(body, [_failed_pod(4, summary(4, "Diverged", message))], previous={"phase": "Running"})
+    _assert_valid(out)
+    assert out.status["phase"] == "Failed" and out.status["message"]
+    if message.startswith("bell"):
+        assert "bell nul esc[31m red del csi lone surrogate private unassigned" in out.status["message"]
+    if message.startswith("line"):
+        assert "line one line two tabbed" in out.status["message"]
+
+
+@pytest.mark.parametrize("raw", HOSTILE_RAW, ids=range(len(HOSTILE_RAW)))
+@pytest.mark.parametrize("condition", ["PodFailurePolicy", "BackoffLimitExceeded", "Complete"])
+def test_a_termination_message_that_is_no_summary_still_gives_a_valid_status(raw: str, condition: str) -> None:
+    if condition == "Complete":
+        body, pods = job(succeeded=1, conditions=[("Complete", "", "")]), [pod(phase="Succeeded", exit_code=0, message=raw)]
+    else:
+        body, pods = job(failed=1, conditions=[("Failed", condition, "")]), [_failed_pod(3, raw)]
+    out = derive(body, pods, previous={"phase": "Running"})
+    _assert_valid(out)
+    assert out.status["phase"] == ("Succeeded" if condition == "Complete" else "Failed")
+    if condition == "PodFailurePolicy":
+        assert out.status["reason"] == "DataError"
+
+
+@pytest.mark.parametrize("code", range(256))
+def test_every_exit_code_gives_a_valid_final_status(code: int) -> None:
+    hostile = summary(code, HOSTILE_REASONS[code % len(HOSTILE_REASONS)], HOSTILE_MESSAGES[code % len(HOSTILE_MESSAGES)])
+    for condition in ("PodFailurePolicy", "BackoffLimitExceeded"):
+        out = derive(job(failed=1, conditions=[("Failed", condition, "")]), [_failed_pod(code, hostile)],
+                     previous={"phase": "Running"})  # fmt: skip
+        _assert_valid(out)
+        assert out.status["phase"] == "Failed"
+        if condition == "PodFailurePolicy":
+            assert out.status["reason"] == status.EXIT_REASONS.get(code, "Failed")
+
+
+def test_a_hostile_model_path_is_cleaned() -> None:
+    body = job(succeeded=1, conditions=[("Complete", "", "")])
+    raw = summary(0, "Succeeded", "ok", "/models/x/\x00model\n.keras" + "k" * 5000)
+    out = derive(body, [pod(phase="Succeeded", exit_code=0, message=raw)], previous={"phase": "Running"})
+    _assert_valid(out)
+    assert out.status["modelPath"].startswith("/models/x/model .keras") and len(out.status["modelPath"]) <= 1024
+
+
+@pytest.mark.parametrize(
+    ("failed", "words"),
+    [(1, "1 attempt failed (no retries)"), (2, "2 attempts failed (1 retry)"), (4, "4 attempts failed (3 retries)")],
+)
+def test_backoff_limit_message_counts_attempts_and_retries(failed: int, words: str) -> None:
+    body = job(failed=failed, conditions=[("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")])
+    out = derive(body, [_failed_pod(1, summary(1, "Error", "boom"))], previous={"phase": "Running"})
+    assert out.status["message"] == f"{words}, backoff limit reached (exit code 1); last attempt: boom"
+    assert "retried" not in out.status["message"]
+
+
+def _waiting_pod(reason: str, message: str) -> dict[str, Any]:
+    body = pod(phase="Pending")
+    body["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {"reason": reason, "message": message}}}]
+    return body
+
+
+def _unschedulable_pod(message: str) -> dict[str, Any]:
+    body = pod(phase="Pending")
+    body["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}]
+    return body
+
+
+@pytest.mark.parametrize(
+    ("pod_body", "reason", "quoted"),
+    [
+        (_waiting_pod("CreateContainerConfigError", 'configmap "settings" not found'), "ContainerConfigError",
+         'CreateContainerConfigError: configmap "settings" not found'),
+        (_waiting_pod("CreateContainerConfigError", "couldn't find key token in Secret ns/creds"), "ContainerConfigError",
+         "couldn't find key token in Secret ns/creds"),
+        (_waiting_pod("CreateContainerError", "no command specified"), "PodStartError",
+         "CreateContainerError: no command specified"),
+        (_waiting_pod("RunContainerError", ""), "PodStartError", "RunContainerError: the container could not be created"),
+        (_waiting_pod("InvalidImageName", 'couldn\'t parse image name "Bad Image": invalid reference format'),
+         "ImagePullError", "invalid reference format"),
+        (_unschedulable_pod('0/1 nodes are available: persistentvolumeclaim "data" not found. preemption: 0/1 nodes '
+                            "are available: 1 Preemption is not helpful for scheduling."),
+         "VolumeError", 'persistentvolumeclaim "data" not found'),
+        (_unschedulable_pod("0/1 nodes are available: pod has unbound immediate PersistentVolumeClaims."),
+         "VolumeError", "unbound immediate PersistentVolumeClaims"),
+    ],
+    ids=["configmap", "secret-key", "create", "run", "image-name", "pvc-missing", "pvc-unbound"],
+)
+def test_a_pod_that_can_never_start_fails_after_the_timeout_with_the_kubelets_words(
+    pod_body: dict[str, Any], reason: str, quoted: str
+) -> None:
+    before = derive(job(active=1), [pod_body], previous={"phase": "Pending"}, pending_timeout_s=7200)
+    assert (before.status["phase"], before.status["reason"]) == ("Pending", "Waiting")  # not before the timeout
+    out = derive(job(active=1), [pod_body], previous={"phase": "Pending"}, pending_timeout_s=60)
+    _assert_valid(out)
+    assert (out.status["phase"], out.status["reason"]) == ("Failed", reason)
+    assert quoted in out.status["message"] and out.stop_job
+    assert out.events == (status.Event("Warning", "Failed", f"{reason}: {out.status['message']}"),)
