@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help setup deps-debian control-plane lint crds test test-unit test-integration test-e2e \
+.PHONY: help setup deps-debian control-plane lint crds test test-unit test-lowest test-integration test-e2e \
         bench demo cluster-up cluster-down clean
 
 help:
@@ -52,13 +52,28 @@ crds: setup
 test-unit: setup control-plane
 	$(PYTEST) -q tests/unit
 
+## test-lowest: the operator-side unit tests with every direct dependency at its lower bound
+## (uv --resolution lowest-direct: core + operator extra + test group, into .venv-lowest).
+## The trainer's tests stay out: they need TensorFlow (its lowest CPU wheel set is ~600 MB)
+## and minutes of training; the operator side never imports it (a unit test checks that).
+LOWEST_VENV  := .venv-lowest
+LOWEST_TESTS := tests/unit/lowest tests/unit/operator tests/unit/operator_progress \
+                tests/unit/trainer_report tests/unit/monitoring
+test-lowest: setup deps-debian
+	uv venv --quiet --allow-existing --python 3.11 $(LOWEST_VENV)
+	uv pip compile --quiet --no-header --resolution lowest-direct --python $(LOWEST_VENV)/bin/python \
+	  pyproject.toml --extra operator --group pyproject.toml:test -o $(LOWEST_VENV)/requirements.txt
+	uv pip sync --quiet --python $(LOWEST_VENV)/bin/python $(LOWEST_VENV)/requirements.txt
+	uv pip install --quiet --python $(LOWEST_VENV)/bin/python --no-deps -e .
+	FTO_LOWEST_DIRECT=1 $(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(LOWEST_TESTS)
+
 test-integration: setup control-plane
 	$(PYTEST) -q tests/integration
 
 test-e2e: setup control-plane deps-debian
 	$(PYTEST) -q tests/e2e
 
-test: setup deps-debian control-plane lint test-unit test-integration test-e2e
+test: setup deps-debian control-plane lint test-unit test-lowest test-integration test-e2e
 
 bench: setup control-plane
 	$(PY) hack/bench.py $(BENCH_ARGS)
