@@ -19,6 +19,13 @@ Status is written like a kubelet's: Running with startedAt, then Succeeded/Faile
 exit code, reason and termination message (FallbackToLogsOnError honoured). A deleted pod's
 containers get SIGTERM, then SIGKILL after its grace period, then the pod object is removed.
 
+Pods that cannot start get what a real cluster says: an image reference that does not parse
+waits with InvalidImageName (the kubelet's message); a missing ConfigMap or Secret (env or
+volume) with CreateContainerConfigError; a PersistentVolumeClaim that does not exist (or is
+being deleted) keeps the pod unscheduled with the scheduler's `persistentvolumeclaim "x" not
+found`, re-checked every few seconds so that a claim created later lets it start. Claims are
+not bound to volumes here (no provisioner): a claim that exists is taken as bound.
+
 `--simulate SECONDS` runs nothing: every pod turns Running and then Succeeded (exit 0) after
 SECONDS. Either way there is one watch, one loop thread and a few writer threads; no thread
 per pod. Images are never pulled; an image whose registry host ends in `.invalid` "fails to
@@ -37,6 +44,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -173,6 +181,41 @@ def unschedulable_reason(*, pod: Obj, node_labels: dict[str, str], allocatable: 
         if amount > have:
             return f"0/1 nodes are available: 1 Insufficient {name}."
     return None
+
+
+# The image reference grammar of distribution/reference (what the kubelet parses).
+_REF_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_REF_DOMAIN = re.compile(rf"{_REF_DOMAIN_COMPONENT}(?:\.{_REF_DOMAIN_COMPONENT})*(?::[0-9]+)?")
+_REF_PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_REF_TAG = re.compile(r"[\w][\w.-]{0,127}")
+_REF_DIGEST = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}")
+
+
+def image_name_error(image: str) -> str | None:
+    """The kubelet's InvalidImageName message when `image` is no valid reference, else None."""
+    head = f'Failed to apply default image tag "{image}": couldn\'t parse image name "{image}": invalid reference format'
+    name, _, digest = image.partition("@")
+    if digest and not _REF_DIGEST.fullmatch(digest):
+        return head
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1 :]
+        if not _REF_TAG.fullmatch(tag):
+            return head
+    first, sep, rest = name.partition("/")
+    if not sep or ("." not in first and ":" not in first and first != "localhost" and first.lower() == first):
+        domain, path = "docker.io", name if sep else f"library/{name}"
+    else:
+        domain, path = first, rest
+    if not name or len(name) > 255 or not _REF_DOMAIN.fullmatch(domain):
+        return head
+    components = path.split("/")
+    if all(_REF_PATH_COMPONENT.fullmatch(c) for c in components):
+        return None
+    if all(_REF_PATH_COMPONENT.fullmatch(c.lower()) for c in components):
+        return f"{head}: repository name ({path}) must be lowercase"
+    return head
 
 
 def image_pull_error(image: str) -> str | None:
@@ -522,6 +565,7 @@ class PodRunner:
         self.binding: set[str] = set()
         self.deleting: set[str] = set()
         self.unschedulable: set[str] = set()
+        self.volume_waits: dict[str, tuple[Obj, float]] = {}  # uid -> (pod, when to look again)
         self.sim_heap: list[tuple[float, str]] = []
         self.sim_pods: dict[str, Obj] = {}
         self.api_port = urllib.parse.urlparse(api.host).port or 443
@@ -689,6 +733,7 @@ class PodRunner:
         uid = pod["metadata"]["uid"]
         self.binding.discard(uid)
         self.unschedulable.discard(uid)
+        self.volume_waits.pop(uid, None)
         self.done.discard(uid)
         self.deleting.discard(uid)
         self.sim_pods.pop(uid, None)
@@ -704,12 +749,40 @@ class PodRunner:
 
     # -- scheduling --
 
+    def claim_problem(self, pod: Obj) -> str | None:
+        """The scheduler's VolumeBinding check: every PersistentVolumeClaim must exist and stay."""
+        ns = pod["metadata"]["namespace"]
+        for vol in pod["spec"].get("volumes") or []:
+            claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
+            if not claim:
+                continue
+            found = self.lookup("persistentvolumeclaims", ns, claim)
+            if found is None:
+                return f'persistentvolumeclaim "{claim}" not found'
+            if found["metadata"].get("deletionTimestamp"):
+                return f'persistentvolumeclaim "{claim}" is being deleted'
+        return None
+
     def schedule(self, pod: Obj) -> None:
         uid = pod["metadata"]["uid"]
         if uid in self.binding or uid in self.unschedulable:
             return
-        reason = unschedulable_reason(pod=pod, node_labels=self.labels, allocatable=self.capacity)
         ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        claim = self.claim_problem(pod)
+        if claim is not None:  # retried: the claim may be created later, as the scheduler does
+            self.volume_waits[uid] = (pod, time.monotonic() + 3.0)
+            message = (
+                f"0/1 nodes are available: {claim}. preemption: 0/1 nodes are available: "
+                "1 Preemption is not helpful for scheduling."
+            )
+            shown = [c for c in pod.get("status", {}).get("conditions") or [] if c.get("type") == "PodScheduled"]
+            if not shown or shown[0].get("message") != message:
+                cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+                        "lastTransitionTime": now_rfc3339()}  # fmt: skip
+                self.writers.submit(uid, lambda: self._patch_status(ns, name, {"conditions": [cond]}))
+            return
+        self.volume_waits.pop(uid, None)
+        reason = unschedulable_reason(pod=pod, node_labels=self.labels, allocatable=self.capacity)
         if reason is not None:
             self.unschedulable.add(uid)
             cond = {
@@ -1088,6 +1161,11 @@ class PodRunner:
 
     def start_container(self, run: PodRun, c: ContainerRun) -> None:
         image = c.spec.get("image", "")
+        name_error = image_name_error(image)
+        if name_error is not None:
+            c.waiting = ("InvalidImageName", name_error)
+            run.next_retry = time.monotonic() + 5.0
+            return
         pull_error = image_pull_error(image)
         if pull_error is not None:
             reason = "ImagePullBackOff" if c.waiting and c.waiting[0] == "ErrImagePull" else "ErrImagePull"
@@ -1189,10 +1267,14 @@ class PodRunner:
         return str(run.pod["spec"].get("restartPolicy", "Always"))
 
     def tick(self) -> None:
+        now = time.monotonic()
+        for uid, (pod, when) in list(self.volume_waits.items()):
+            if now >= when:
+                self.volume_waits.pop(uid, None)
+                self.schedule(pod)
         if self.simulate is not None:
             self.tick_simulated()
             return
-        now = time.monotonic()
         for run in list(self.runs.values()):
             if run.tokens and run.stage != "done" and not run.terminating:
                 self.renew_tokens(run, now)

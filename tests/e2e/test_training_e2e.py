@@ -157,7 +157,12 @@ def test_two_phase_training_shows_progress_and_is_scraped(
         ) as prometheus,
     ):
         started = time.time()
-        apply_yaml(fine_tune_job(metrics_port=trainer_metrics_port), namespace=namespace)
+        claims = [
+            {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+            for claim in ("e2e-data", "e2e-models")
+        ]  # fmt: skip
+        apply_yaml([*claims, fine_tune_job(metrics_port=trainer_metrics_port)], namespace=namespace)
 
         # Poll the printer columns the way a user watches them, until the job is over.
         rows: list[dict[str, str]] = []

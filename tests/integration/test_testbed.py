@@ -87,6 +87,16 @@ def terminated(got: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def claim(name: str) -> dict[str, Any]:
+    """A PersistentVolumeClaim (the pod runner mounts .cluster/volumes/<ns>/<name> for it)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Mi"}}},
+    }
+
+
 def test_job_completes(cluster: Cluster, namespace: str, apply_yaml: ApplyYaml) -> None:
     apply_yaml(job_manifest(name="ok", code="raise SystemExit(0)"), namespace=namespace)
     cond = wait_for(lambda: job_condition(cluster, namespace=namespace, name="ok"), timeout=60, message="Job ok ends")
@@ -289,6 +299,7 @@ def test_pod_runner_env_volumes_and_termination_message(
     manifest = [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"greeting": "hello"}},
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sec"}, "stringData": {"token": "s3cret"}},
+        claim("data"),
         {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -568,3 +579,64 @@ def test_pod_runner_renews_projected_tokens_like_the_kubelet(
     assert status == 201 and review["status"]["authenticated"] is True
     assert review["status"]["user"]["extra"]["authentication.kubernetes.io/pod-name"] == ["holder"]
     assert run.tokens[0][2] - time.monotonic() == pytest.approx(480, abs=30)  # the next renewal
+
+
+def test_pod_runner_reports_why_a_pod_cannot_start_as_a_cluster_would(
+    cluster: Cluster, namespace: str, apply_yaml: ApplyYaml
+) -> None:
+    """The kubelet's waiting reasons and messages, and the scheduler's for a missing claim (then it runs)."""
+
+    def make_pod(name: str, *, image: str = "python:3.11-slim", volumes: list[dict[str, Any]] = (),  # type: ignore[assignment]
+                 env: list[dict[str, Any]] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+        return {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {
+                "restartPolicy": "Never", "securityContext": POD_SECURITY, "volumes": list(volumes),
+                "containers": [{
+                    "name": "main", "image": image, "securityContext": CONTAINER_SECURITY,
+                    "command": ["python", "-c", "pass"], "env": list(env),
+                    "volumeMounts": [{"name": v["name"], "mountPath": f"/srv/{v['name']}"} for v in volumes],
+                }],
+            },
+        }  # fmt: skip
+
+    apply_yaml(
+        [
+            make_pod("cm-volume", volumes=[{"name": "cfg", "configMap": {"name": "absent-cm"}}]),
+            make_pod("secret-env", env=[{"name": "T", "valueFrom": {"secretKeyRef": {"name": "absent-sec", "key": "t"}}}]),
+            make_pod("bad-name", image="ghcr.io/Finetune/Trainer:1"),
+            make_pod("no-claim", volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "absent-pvc"}}]),
+        ],
+        namespace=namespace,
+    )
+
+    def waiting(name: str) -> tuple[str, str] | None:
+        statuses = pod(cluster, namespace=namespace, name=name).get("status", {}).get("containerStatuses") or []
+        state = statuses[0]["state"].get("waiting") if statuses else None
+        if not state or state.get("reason") in (None, "ContainerCreating", "PodInitializing"):
+            return None
+        return str(state["reason"]), str(state.get("message", ""))
+
+    expected = {
+        "cm-volume": ("CreateContainerConfigError", 'configmap "absent-cm" not found'),
+        "secret-env": ("CreateContainerConfigError", 'secret "absent-sec" not found'),
+        "bad-name": ("InvalidImageName", 'couldn\'t parse image name "ghcr.io/Finetune/Trainer:1": invalid reference format'),
+    }
+    for name, (reason, words) in expected.items():
+        got = wait_for(lambda name=name: waiting(name), timeout=30, message=f"{name} waits")  # type: ignore[misc]
+        assert got[0] == reason and words in got[1], got
+        assert phase(cluster, namespace=namespace, name=name) == "Pending"
+
+    def unscheduled() -> dict[str, Any] | None:
+        conds = pod(cluster, namespace=namespace, name="no-claim").get("status", {}).get("conditions") or []
+        return next((c for c in conds if c["type"] == "PodScheduled" and c["status"] == "False"), None)
+
+    cond = wait_for(unscheduled, timeout=30, message="no-claim is unschedulable")
+    assert cond["reason"] == "Unschedulable"
+    assert cond["message"].startswith('0/1 nodes are available: persistentvolumeclaim "absent-pvc" not found.')
+    assert not pod(cluster, namespace=namespace, name="no-claim")["spec"].get("nodeName")
+
+    apply_yaml(claim("absent-pvc"), namespace=namespace)  # the scheduler looks again: now it fits
+    done = wait_for(lambda: finished(cluster, namespace=namespace, name="no-claim"), timeout=60,
+                    message="no-claim runs once its claim exists")  # fmt: skip
+    assert done["status"]["phase"] == "Succeeded"
