@@ -5,9 +5,10 @@ The training part of the spec is the trainer's own `finetune_trainer.config.Trai
 `suspend`) and the status the operator and its progress hub write. `crd.py` renders the
 CRD's OpenAPI schema from these models, so descriptions, defaults, ranges and enums live here.
 
-Kubernetes-native sub-objects (resources, volumes, env, affinity, ...) are kept free-form:
-the API server validates them again when the operator creates the Job, and the schema of a
-PodSpec would add thousands of lines to the CRD for no gain in the user's error messages.
+Kubernetes-native sub-objects (resources, volumes, env, affinity, ...) are plain dicts here,
+marked with the Kubernetes type they are (`KUBERNETES_TYPE`): `crd.py` puts that type's own
+OpenAPI schema into the CRD, bounded, so admission checks them like a Pod's fields and names
+an unknown or wrong one, and whatever it admits fits in the batch Job the operator creates.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from finetune_trainer import config
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from pydantic.alias_generators import to_camel
 
 from finetune_operator.models import KERAS_APPLICATIONS
@@ -26,6 +27,7 @@ __all__ = [
     "API_VERSION",
     "CONDITION_TYPES",
     "KIND",
+    "KUBERNETES_TYPE",
     "MAX_NAME_LENGTH",
     "PHASES",
     "PLURAL",
@@ -59,12 +61,42 @@ CONDITION_TYPES: tuple[ConditionType, ...] = (
     "Stalled",
 )
 
-# Free-form Kubernetes objects: the schema keeps them as they are (x-kubernetes-preserve-unknown-fields).
-FreeObject = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
-FreeObjectList = Annotated[
-    list[FreeObject],
-    Field(max_length=64),
-]
+# A Kubernetes object of the named OpenAPI type (io.k8s.api.core.v1.<Kind>): `crd.py` replaces
+# this marker with the type's schema; pydantic keeps it as a dict (admission has checked it).
+KUBERNETES_TYPE = "x-finetune-kubernetes-type"
+
+
+def _kubernetes(kind: str) -> Any:
+    return Field(json_schema_extra={KUBERNETES_TYPE: f"io.k8s.api.core.v1.{kind}"})
+
+
+# Label keys and values as Kubernetes validates them (apimachinery's qualified name and label value).
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+DNS_SUBDOMAIN_OR_EMPTY_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$"
+IMAGE_PATTERN = r"^[!#-\[\]-~]*$"  # printable ASCII, no spaces, quotes or backslashes
+LabelKey = Annotated[str, Field(max_length=317, pattern=LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]
+
+MAX_ENV_VALUES = 6144  # characters of all runtime.env values together (each may have 4096)
+
+
+def total_length_rule(*, field: str, total: int) -> dict[str, JsonValue]:
+    """The CEL rule "the FIELD strings of a list's items total at most TOTAL characters"."""
+    return {
+        "rule": f"self.map(x, has(x.{field}) ? size(x.{field}) : 0).sum() <= {total}",
+        "message": f"the {field}s must total at most {total} characters",
+    }
+
+
+Resources = Annotated[dict[str, Any], _kubernetes("ResourceRequirements")]
+Affinity = Annotated[dict[str, Any], _kubernetes("Affinity")]
+Volume = Annotated[dict[str, Any], _kubernetes("Volume")]
+VolumeMount = Annotated[dict[str, Any], _kubernetes("VolumeMount")]
+EnvVar = Annotated[dict[str, Any], _kubernetes("EnvVar")]
+Toleration = Annotated[dict[str, Any], _kubernetes("Toleration")]
 
 
 class RuntimeSpec(config.SpecModel):
@@ -73,6 +105,7 @@ class RuntimeSpec(config.SpecModel):
     image: str = Field(
         default="",
         max_length=512,
+        pattern=IMAGE_PATTERN,
         description="Trainer container image; empty means the operator's default (--trainer-image).",
     )
     gpus: int = Field(
@@ -87,38 +120,44 @@ class RuntimeSpec(config.SpecModel):
         le=64,
         description="Number of workers; values above 1 (multi-worker training) are not supported yet and fail the job.",
     )
-    resources: FreeObject = Field(
+    resources: Resources = Field(
         default_factory=dict,
         description="Container resources (requests and limits, as in a Pod); the GPU limit is merged in.",
     )
-    volumes: FreeObjectList = Field(
+    volumes: list[Volume] = Field(
         default_factory=list,
+        max_length=8,
         description="Pod volumes, as in a PodSpec (e.g. PVCs holding the data and the models).",
     )
-    volume_mounts: FreeObjectList = Field(
+    volume_mounts: list[VolumeMount] = Field(
         default_factory=list,
+        max_length=16,
         description="Volume mounts of the trainer container, as in a Container.",
     )
-    env: FreeObjectList = Field(
+    env: list[EnvVar] = Field(
         default_factory=list,
+        max_length=64,
+        json_schema_extra={"x-kubernetes-validations": [total_length_rule(field="value", total=MAX_ENV_VALUES)]},
         description="Extra environment variables of the trainer container, as in a Container.",
     )
-    node_selector: dict[Annotated[str, Field(max_length=317)], Annotated[str, Field(max_length=63)]] = Field(
+    node_selector: dict[LabelKey, LabelValue] = Field(
         default_factory=dict,
-        max_length=64,
+        max_length=8,
         description="Node labels the pod must match, as in a PodSpec.",
     )
-    tolerations: FreeObjectList = Field(
+    tolerations: list[Toleration] = Field(
         default_factory=list,
+        max_length=8,
         description="Pod tolerations, as in a PodSpec (e.g. for tainted GPU nodes).",
     )
-    affinity: FreeObject = Field(
+    affinity: Affinity = Field(
         default_factory=dict,
         description="Pod affinity and anti-affinity, as in a PodSpec.",
     )
     priority_class_name: str = Field(
         default="",
         max_length=253,
+        pattern=DNS_SUBDOMAIN_OR_EMPTY_PATTERN,
         description="PriorityClass of the pod; empty means the cluster default.",
     )
     backoff_limit: int = Field(

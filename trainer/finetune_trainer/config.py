@@ -16,9 +16,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
+from typing_extensions import TypedDict
 
 __all__ = [
     "AugmentationSpec",
+    "BaseOptions",
     "ConfigError",
     "DataSpec",
     "EarlyStoppingSpec",
@@ -41,6 +43,9 @@ KIND = "FineTuneJob"
 
 # Keys of a FineTuneJob spec that only the operator reads; a local run ignores them.
 OPERATOR_ONLY_KEYS = frozenset({"runtime", "suspend"})
+
+MAX_PATH_LENGTH = 1024  # folders and files: data, output, weights
+PATH_PATTERN = r"^[^\x00-\x1f\x7f]*$"  # no control characters
 
 LearningRate = Annotated[float, Field(gt=0.0, lt=1.0)]
 
@@ -71,6 +76,36 @@ class HeadSpec(SpecModel):
     )
 
 
+class BaseOptions(TypedDict, total=False):
+    """Keyword arguments of a keras.applications constructor beyond the ones the trainer sets.
+
+    A closed set, named as Keras names them: a map of free keys could not bound the length
+    of its keys at admission (a structural schema types each value, and values that may be a
+    number, a string or a bool are invisible to CEL), so every key is listed with its type.
+    The trainer sets include_top, weights, input_shape and input_tensor itself; classes and
+    classifier_activation only matter with the top it leaves out.
+    """
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+
+    alpha: Annotated[
+        float, Field(gt=0.0, le=4.0, description="Width multiplier of MobileNet, MobileNetV2 and MobileNetV3.")
+    ]
+    depth_multiplier: Annotated[int, Field(ge=1, le=16, description="Depth multiplier of MobileNet.")]
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0, description="Dropout rate of MobileNet.")]
+    dropout_rate: Annotated[float, Field(ge=0.0, lt=1.0, description="Dropout rate of MobileNetV3.")]
+    minimalistic: Annotated[bool, Field(description="MobileNetV3's minimalistic variant (no SE blocks, no hard-swish).")]
+    include_preprocessing: Annotated[
+        bool,
+        Field(description="Whether the base rescales its input itself (MobileNetV3, EfficientNetV2, ConvNeXt)."),
+    ]
+    pooling: Annotated[Literal["avg", "max"], Field(description="Global pooling of the base's output: avg or max.")]
+    name: Annotated[
+        str,
+        Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$", description="Name of the base model."),
+    ]
+
+
 class ModelSpec(SpecModel):
     """The pretrained base model and the head trained on top of it."""
 
@@ -87,6 +122,8 @@ class ModelSpec(SpecModel):
     weights: str = Field(
         default="imagenet",
         min_length=1,
+        max_length=MAX_PATH_LENGTH,
+        pattern=PATH_PATTERN,
         description=(
             "Pretrained weights of the base: 'imagenet', 'none' (random initialisation) or the "
             "path of a weights file for the base without its top (include_top=False)."
@@ -98,9 +135,12 @@ class ModelSpec(SpecModel):
         default=(224, 224, 3),
         description="Input image shape [height, width, channels]; images are resized to it.",
     )
-    base_options: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Extra keyword arguments for the base model's constructor (e.g. alpha for MobileNet).",
+    base_options: BaseOptions = Field(
+        default_factory=lambda: BaseOptions(),
+        description=(
+            "Extra keyword arguments of the base model's constructor, named as in Keras: alpha, "
+            "depth_multiplier, dropout, dropout_rate, minimalistic, include_preprocessing, pooling, name."
+        ),
     )
     head: HeadSpec = Field(default_factory=HeadSpec, description="The classification head.")
 
@@ -134,10 +174,17 @@ class DataSpec(SpecModel):
         }
     )
 
-    train: str = Field(min_length=1, description="Folder of training images, one sub-folder per class.")
+    train: str = Field(
+        min_length=1,
+        max_length=MAX_PATH_LENGTH,
+        pattern=PATH_PATTERN,
+        description="Folder of training images, one sub-folder per class.",
+    )
     validation: str | None = Field(
         default=None,
         min_length=1,
+        max_length=MAX_PATH_LENGTH,
+        pattern=PATH_PATTERN,
         description="Folder of validation images with the same class sub-folders. Exclusive with validationSplit.",
     )
     validation_split: float | None = Field(
@@ -225,7 +272,12 @@ class TrainingSpec(SpecModel):
 class OutputSpec(SpecModel):
     """Where the trainer writes the model, metrics, checkpoints and logs."""
 
-    path: str = Field(min_length=1, description="Output folder: model.keras, saved_model/, metrics.json, ...")
+    path: str = Field(
+        min_length=1,
+        max_length=MAX_PATH_LENGTH,
+        pattern=PATH_PATTERN,
+        description="Output folder: model.keras, saved_model/, metrics.json, ...",
+    )
 
 
 class TrainerSpec(SpecModel):
