@@ -4,6 +4,14 @@ One replica by default (`standalone`). For two or more replicas, pass `--peering
 Kopf's peering CRDs installed (deploy/base/peering.yaml): each replica takes a random
 priority unless `--priority` is given, the highest one works and the others pause until its
 peering record expires (about a minute after it dies).
+
+One object must never stop the operator for all the others: the API server stores JSON nested
+up to 10,000 levels (k8s.io/apimachinery's maxDepth), and Kopf decodes each listed or watched
+object with `json.loads`, which counts every level against Python's recursion limit (1,000 by
+default); a RecursionError there would end the watch, and the operator, on every restart. So
+`main` raises the limit above the API server's own depth before Kopf starts. The CRD bounds a
+FineTuneJob's depth (about 15 levels) anyway; this covers objects stored under an older CRD,
+which the operator then fails as InvalidSpec like any other.
 """
 
 from __future__ import annotations
@@ -17,7 +25,17 @@ import kopf
 
 from finetune_operator import settings
 
-__all__ = ["main"]
+__all__ = ["API_SERVER_MAX_DEPTH", "allow_api_server_nesting", "main"]
+
+API_SERVER_MAX_DEPTH = 10_000  # k8s.io/apimachinery/pkg/util/json maxDepth; Go's encoding/json allows as many
+_STACK_MARGIN = 5_000  # frames of asyncio, aiohttp, Kopf and handlers below and around a decode
+
+
+def allow_api_server_nesting() -> int:
+    """Raises Python's recursion limit so that any object the API server serves decodes; the new limit."""
+    limit = max(sys.getrecursionlimit(), API_SERVER_MAX_DEPTH + _STACK_MARGIN)
+    sys.setrecursionlimit(limit)
+    return limit
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from finetune_operator import handlers  # registers the handlers with Kopf's default registry
 
     handlers.configure(config=config)
+    allow_api_server_nesting()
     priority = config.priority if config.priority is not None else random.randint(1, 1_000_000)
     kopf.run(
         clusterwide=not config.namespaces,
