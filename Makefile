@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help setup deps-debian control-plane lint crds test test-unit test-lowest test-integration test-e2e \
+.PHONY: help setup deps-debian control-plane gotools lint crds test test-unit test-lowest test-integration test-e2e \
         bench demo cluster-up cluster-down clean
 
 help:
@@ -42,6 +42,10 @@ deps-debian:
 control-plane:
 	hack/build-control-plane.sh >/dev/null
 
+## gotools: build (once per source version, cached) gitops-status: real kstatus + Argo CD's Lua runtime
+gotools:
+	hack/build-gotools.sh >/dev/null
+
 lint: setup
 	$(VENV)/bin/ruff check operator trainer tests hack
 	$(VENV)/bin/mypy operator/finetune_operator trainer/finetune_trainer
@@ -49,7 +53,7 @@ lint: setup
 crds: setup
 	$(PY) -m finetune_operator.crd --output crds/finetune.dev_finetunejobs.yaml
 
-test-unit: setup control-plane
+test-unit: setup control-plane gotools
 	$(PYTEST) -q tests/unit
 
 ## test-lowest: the operator-side unit tests with every direct dependency at its lower bound
@@ -67,7 +71,7 @@ test-lowest: setup deps-debian
 	uv pip install --quiet --python $(LOWEST_VENV)/bin/python --no-deps -e .
 	FTO_LOWEST_DIRECT=1 $(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(LOWEST_TESTS)
 
-test-integration: setup control-plane
+test-integration: setup control-plane gotools
 	$(PYTEST) -q tests/integration
 
 test-e2e: setup control-plane deps-debian

@@ -1,10 +1,13 @@
 -- Argo CD health check for finetune.dev/FineTuneJob.
--- Argo CD runs it with the live object as `obj` and reads back {status, message}.
---   generation not yet observed by the operator -> Progressing
---   Pending, Running                             -> Progressing (with stage, epoch, percent)
---   Succeeded                                    -> Healthy
---   Failed                                       -> Degraded (with the failure reason)
---   Suspended                                    -> Suspended
+-- Argo CD runs it with the live object as `obj` and reads back {status, message}; as an
+-- argocd-cm override it gets only Lua's base, package and table libraries (no string or
+-- math; Argo CD adds a restricted os, unused here). tests/unit/deploy/test_deploy_argocd.py
+-- runs it that way (gopher-lua, hack/gotools) over every case in health_test.yaml.
+--   no status, or a generation the operator has not observed yet -> Progressing
+--   Pending, Running                                              -> Progressing (stage, epoch, percent)
+--   Succeeded                                                     -> Healthy
+--   Failed                                                        -> Degraded (with the failure reason)
+--   Suspended                                                     -> Suspended
 local hs = {}
 
 local function condition(status, kind)
@@ -51,13 +54,26 @@ if phase == "Failed" then
   local failed = condition(status, "Failed")
   local reason = status.reason or (failed ~= nil and failed.reason) or "Failed"
   local message = status.message or (failed ~= nil and failed.message) or ""
-  hs.message = reason .. ": " .. message
+  if message == "" then
+    hs.message = reason
+  else
+    hs.message = reason .. ": " .. message
+  end
   return hs
 end
 
-if phase == "Suspended" or (suspended ~= nil and suspended.status == "True") then
+if phase == "Suspended" then
   hs.status = "Suspended"
   hs.message = status.message or "Job is suspended"
+  return hs
+end
+if suspended ~= nil and suspended.status == "True" then
+  hs.status = "Suspended"
+  if suspended.message ~= nil and suspended.message ~= "" then
+    hs.message = suspended.message
+  else
+    hs.message = "Job is suspended"
+  end
   return hs
 end
 
