@@ -338,6 +338,16 @@ def creation_stalled(
 def _conditions(
     *, phase: str, reason: str, message: str, generation: int, previous: Sequence[Mapping[str, Any]], now: str
 ) -> list[dict[str, Any]]:
+    """The `metav1.Condition`s of `phase`, keeping each one's lastTransitionTime while unchanged.
+
+    What GitOps tools read (README, "GitOps"): kstatus decides on Reconciling=True
+    (InProgress: Pending, Running) and Stalled=True (Failed) first, and otherwise on Ready
+    (checkReadyCondition: True -> Current, False -> InProgress). Ready means "the model is
+    trained", so it is True only on Succeeded; a Suspended job, which has reached the state
+    its spec asks for, carries no Ready condition at all, which kstatus reads as Current
+    (Ready=False would keep a Flux `wait: true` waiting until its timeout) while
+    `kubectl wait --for=condition=Ready` still waits for a model.
+    """
     truth = {
         "Ready": phase == "Succeeded",
         "Running": phase == "Running",
@@ -350,6 +360,8 @@ def _conditions(
     before = {str(c.get("type")): c for c in previous}
     out = []
     for kind in api.CONDITION_TYPES:
+        if kind == "Ready" and phase == "Suspended":
+            continue
         status = "True" if truth[kind] else "False"
         if truth[kind]:
             cond_reason, cond_message = reason, message

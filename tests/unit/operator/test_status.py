@@ -133,9 +133,12 @@ def test_status_table(job_body: dict[str, Any] | None, pods: list[dict[str, Any]
     assert (s["phase"], s["reason"]) == (phase, reason)
     assert fragment in s["message"]
     conds = {c["type"]: c for c in s["conditions"]}
-    assert list(conds) == ["Ready", "Running", "Complete", "Failed", "Suspended", "Reconciling", "Stalled"]
+    # A suspended job carries no Ready (kstatus would read Ready=False as InProgress): see _conditions.
+    every = ["Ready", "Running", "Complete", "Failed", "Suspended", "Reconciling", "Stalled"]
+    assert list(conds) == (every[1:] if phase == "Suspended" else every)
     assert all(c["observedGeneration"] == 2 for c in conds.values())
-    assert conds["Ready"]["status"] == ("True" if phase == "Succeeded" else "False")
+    if phase != "Suspended":
+        assert conds["Ready"]["status"] == ("True" if phase == "Succeeded" else "False")
     assert conds["Complete"]["status"] == ("True" if phase == "Succeeded" else "False")
     assert conds["Failed"]["status"] == ("True" if phase == "Failed" else "False")
     assert conds["Running"]["status"] == ("True" if phase == "Running" else "False")
