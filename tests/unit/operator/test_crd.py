@@ -257,3 +257,9 @@ def test_every_map_bounds_its_keys_and_every_list_its_total() -> None:
             _key(node, path)
     env = schema()["properties"]["spec"]["properties"]["runtime"]["properties"]["env"]
     assert env["x-kubernetes-validations"] == [api.total_length_rule(field="value", total=api.MAX_ENV_VALUES)]
+
+
+def test_crd_fits_in_a_client_side_apply() -> None:
+    """`kubectl apply -k deploy/base` (client-side) keeps the whole CRD in an annotation of 256 KiB at most."""
+    size = len(json.dumps(crd.build_crd(), separators=(",", ":")))
+    assert size < 128 * 1024, size
