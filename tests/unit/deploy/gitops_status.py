@@ -7,7 +7,8 @@ Argo CD runs an argocd-cm override. No rule of either tool is re-implemented her
 
 - `classify(objects)`: objects given as dicts (as `kubectl get -o json` shows them);
 - `classify_live(...)`: objects read from an API server by name;
-- `watch_live(...)`: every version of one live object seen for a while (or until a status).
+- `watch_live(...)`: every version of one live object seen for a while (or until a status);
+  `start_watch(...)` does the same in the background (start it, then create the object).
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ class Classified:
     namespace: str
     name: str
     generation: int
+    observed_generation: int | None  # status.observedGeneration; None: the object has none
     resource_version: str
     event: str
+    seen: str  # when a watch delivered this version (RFC 3339), "" outside -watch
     kstatus: Verdict
     argocd: Verdict | None
 
@@ -81,8 +84,10 @@ def _parse(stdout: str) -> list[Classified]:
                 namespace=raw.get("namespace", ""),
                 name=raw["name"],
                 generation=int(raw.get("generation", 0)),
+                observed_generation=raw.get("observedGeneration"),
                 resource_version=raw.get("resourceVersion", ""),
                 event=raw.get("event", ""),
+                seen=raw.get("seen", ""),
                 kstatus=Verdict(ks["status"], ks.get("message", "")),
                 argocd=None if argo is None else Verdict(argo["status"], argo.get("message", "")),
             )
@@ -137,6 +142,26 @@ def classify_live(
     return _parse(proc.stdout)
 
 
+def _watch_args(
+    *,
+    kubeconfig: Path,
+    namespace: str,
+    name: str,
+    seconds: float,
+    until: str | None,
+    gvk: str,
+    lua: Path | None,
+) -> list[str]:
+    args = [*_lua_args(lua), "-kubeconfig", str(kubeconfig), "-gvk", gvk, "-n", namespace]
+    return [*args, "-watch", f"{seconds}s", *(["-until", until] if until else []), name]
+
+
+def _watch_result(proc_rc: int, stdout: str, stderr: str, until: str | None) -> tuple[list[Classified], bool]:
+    if proc_rc not in (0, 3) or (proc_rc == 3 and not until):
+        raise ToolError(f"gitops-status exited {proc_rc}: {stderr.strip()}")
+    return _parse(stdout), proc_rc == 0 and until is not None
+
+
 def watch_live(
     *,
     kubeconfig: Path,
@@ -152,9 +177,54 @@ def watch_live(
     With `until` (a kstatus status, or "argocd:<health>") the watch ends as soon as that
     verdict is seen; the flag says whether it was.
     """
-    args = [*_lua_args(lua), "-kubeconfig", str(kubeconfig), "-gvk", gvk, "-n", namespace]
-    args += ["-watch", f"{seconds}s", *(["-until", until] if until else []), name]
+    args = _watch_args(
+        kubeconfig=kubeconfig, namespace=namespace, name=name, seconds=seconds, until=until, gvk=gvk, lua=lua
+    )
     proc = _run(args, timeout=seconds + 60)
-    if proc.returncode not in (0, 3) or (proc.returncode == 3 and not until):
-        raise ToolError(f"gitops-status exited {proc.returncode}: {proc.stderr.strip()}")
-    return _parse(proc.stdout), proc.returncode == 0 and until is not None
+    return _watch_result(proc.returncode, proc.stdout, proc.stderr, until)
+
+
+@dataclass
+class Watch:
+    """A `watch_live` running in the background; `result()` waits for it."""
+
+    proc: subprocess.Popen[str]
+    seconds: float
+    until: str | None
+
+    def result(self) -> tuple[list[Classified], bool]:
+        try:
+            stdout, stderr = self.proc.communicate(timeout=self.seconds + 60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            stdout, stderr = self.proc.communicate()
+        return _watch_result(self.proc.returncode, stdout, stderr, self.until)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def start_watch(
+    *,
+    kubeconfig: Path,
+    namespace: str,
+    name: str,
+    seconds: float,
+    until: str | None = None,
+    gvk: str = FINETUNEJOB_GVK,
+    lua: Path | None = LUA,
+) -> Watch:
+    """`watch_live` in the background, returned once its watch is open."""
+    args = _watch_args(
+        kubeconfig=kubeconfig, namespace=namespace, name=name, seconds=seconds, until=until, gvk=gvk, lua=lua
+    )
+    proc = subprocess.Popen([str(binary()), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    first = proc.stderr.readline()  # "gitops-status: watching NAME", or an error and EOF
+    watch = Watch(proc=proc, seconds=seconds, until=until)
+    if not first.startswith("gitops-status: watching "):
+        watch.stop()
+        raise ToolError(f"gitops-status did not start watching: {first.strip()}")
+    return watch

@@ -80,9 +80,10 @@ func (s *liveSource) get(ctx context.Context, name string) (*unstructured.Unstru
 
 // watch calls emit for every version of the named object until ctx ends (nil) or emit
 // returns an error (returned). It starts with the current version (if the object exists)
-// and resumes after a closed or expired watch.
+// and resumes after a closed or expired watch. `opened` is called once the first watch is open.
 func (s *liveSource) watch(
 	ctx context.Context, name string, emit func(*unstructured.Unstructured, string) error, done func() bool,
+	opened func(),
 ) error {
 	selector := fields.OneTermEqualSelector("metadata.name", name).String()
 	resourceVersion := ""
@@ -102,6 +103,10 @@ func (s *liveSource) watch(
 			case <-time.After(200 * time.Millisecond):
 			}
 			continue
+		}
+		if opened != nil {
+			opened()
+			opened = nil
 		}
 		err = s.drain(ctx, w, emit, &resourceVersion)
 		w.Stop()

@@ -8,12 +8,14 @@
 //
 // Objects come from YAML or JSON documents (files, or stdin when none is named; a List's
 // items count one by one), or from the API server with -kubeconfig, -gvk, -n and names.
-// With -watch the one named object is watched and every version seen is classified.
+// With -watch the one named object is watched and every version seen is classified (with
+// the watch event and the time it arrived); "gitops-status: watching NAME" on stderr says
+// the watch is open.
 //
 // Output: one JSON object a line, per object (or per watch event):
 //
-//	{"kind":"FineTuneJob","namespace":"ml","name":"flowers","generation":1,
-//	 "resourceVersion":"42","event":"MODIFIED",
+//	{"kind":"FineTuneJob","namespace":"ml","name":"flowers","generation":1,"observedGeneration":1,
+//	 "resourceVersion":"42","event":"MODIFIED","seen":"2026-01-01T12:00:00.123Z",
 //	 "kstatus":{"status":"InProgress","message":"..."},
 //	 "argocd":{"status":"Progressing","message":"..."}}
 //
@@ -49,8 +51,10 @@ type Line struct {
 	Namespace       string   `json:"namespace,omitempty"`
 	Name            string   `json:"name"`
 	Generation      int64    `json:"generation"`
+	Observed        *int64   `json:"observedGeneration,omitempty"`
 	ResourceVersion string   `json:"resourceVersion,omitempty"`
 	Event           string   `json:"event,omitempty"`
+	Seen            string   `json:"seen,omitempty"`
 	Kstatus         Verdict  `json:"kstatus"`
 	ArgoCD          *Verdict `json:"argocd,omitempty"`
 }
@@ -108,7 +112,8 @@ func run(argv []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	if opts.watch > 0 {
 		ctx, cancel := context.WithTimeout(context.Background(), opts.watch)
 		defer cancel()
-		err := live.watch(ctx, opts.args[0], out.emit, out.reached)
+		opened := func() { fmt.Fprintf(stderr, "gitops-status: watching %s\n", opts.args[0]) }
+		err := live.watch(ctx, opts.args[0], out.emit, out.reached, opened)
 		if err != nil && !errors.Is(err, errUntilReached) {
 			fmt.Fprintf(stderr, "gitops-status: %v\n", err)
 			return 1
@@ -195,6 +200,12 @@ func (p *printer) emit(obj *unstructured.Unstructured, event string) error {
 		Generation:      obj.GetGeneration(),
 		ResourceVersion: obj.GetResourceVersion(),
 		Event:           event,
+	}
+	if observed, found, err := unstructured.NestedInt64(obj.Object, "status", "observedGeneration"); err == nil && found {
+		line.Observed = &observed
+	}
+	if event != "" {
+		line.Seen = time.Now().UTC().Format(time.RFC3339Nano)
 	}
 	if event == "DELETED" {
 		line.Kstatus = Verdict{Status: status.NotFoundStatus.String(), Message: "Resource not found"}
