@@ -140,7 +140,7 @@ class KubeActions:
         reach every replica. None when the FineTuneJob is gone, being deleted, finished or
         refused.
         """
-        from finetune_operator.progress import Registration
+        from finetune_operator.progress import Registration, stage_plan
 
         try:
             body = await self.client.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
@@ -157,7 +157,9 @@ class KubeActions:
         parsed, _ = api.operator_refusal(name=name, spec=body.get("spec") or {})
         if parsed is None:
             return None
-        return Registration(uid=uid, total_epochs=parsed.training.total_epochs)
+        return Registration(
+            uid=uid, total_epochs=parsed.training.total_epochs, stage_epochs=stage_plan(parsed.training)
+        )
 
     def post_event(self, *, namespace: str, name: str, uid: str, event: status.Event) -> None:
         """Posts a core/v1 Event on the FineTuneJob, in the background (an event never blocks a reconcile)."""

@@ -224,8 +224,11 @@ class Operator:
         assert job is not None
 
         if ftj.uid not in self._registered and self.hub is not None:
+            from finetune_operator.progress import stage_plan
+
             total = parsed.training.total_epochs if parsed is not None else 0
-            self.hub.register(namespace=namespace, name=name, uid=ftj.uid, total_epochs=total)
+            plan = stage_plan(parsed.training) if parsed is not None else None
+            self.hub.register(namespace=namespace, name=name, uid=ftj.uid, total_epochs=total, stage_epochs=plan)
             self._registered.add(ftj.uid)
 
         suspend = ftj.suspend

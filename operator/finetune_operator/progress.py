@@ -8,7 +8,8 @@ Every report passes, in order:
 1. size: a body over `max_body_bytes` is refused with 413, by its Content-Length before
    reading and again while reading (chunked bodies have no length);
 2. a bearer token must be present (401);
-3. the body must be a valid `protocol.ProgressReport` (400, with pydantic's errors);
+3. the body must be a valid `protocol.ProgressReport`, parsed strictly (400, with pydantic's
+   errors: every number finite and in range, every string bounded, no "5" for 5);
 4. the job the body names must be registered (404, `unknown_job`), and the token must be
    that job's: the injected `authenticate` (`tokens.TokenChecker`: a TokenReview with the
    job's own audience, then the token's pod must belong to the job) answers 401 for an
@@ -16,8 +17,14 @@ Every report passes, in order:
    (503 when the check itself fails);
 5. reports for a finished job are dropped (410);
 6. a per-job token bucket (`rate_per_s`, `burst`) answers 429 with Retry-After;
-7. reports made more than `max_report_age_s` ago (or that far in the future) are expired,
-   and a report older than the job's latest accepted one is stale: both 400 / 409.
+7. what only the hub knows (`report_errors`, 400 naming the field): the epochs must fit the
+   job's plan from its spec (the total as registered, each stage's epochs when known, the
+   epoch within its stage), and the timestamp must be at most `max_report_age_s` old and at
+   most `max_clock_skew_s` ahead of the operator's clock;
+8. a report older than the job's latest accepted one is stale (409).
+
+So whatever is accepted builds a status that the CRD's schema (`api.FineTuneJobStatus`)
+admits: no report can make a status write fail.
 
 Every outcome is counted in `finetune_progress_reports_total{result}`; a refused report
 changes nothing else.
@@ -58,13 +65,13 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from finetune_trainer import protocol
+from finetune_trainer import config, protocol
 from pydantic import ValidationError
 
 from finetune_operator import metrics
@@ -72,7 +79,17 @@ from finetune_operator import metrics
 if TYPE_CHECKING:
     from finetune_operator.tokens import Verdict
 
-__all__ = ["Authenticate", "PatchStatus", "ProgressHub", "Registration", "Resolve", "build_status"]
+__all__ = [
+    "MAX_ETA_SECONDS",
+    "Authenticate",
+    "PatchStatus",
+    "ProgressHub",
+    "Registration",
+    "Resolve",
+    "build_status",
+    "report_errors",
+    "stage_plan",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +103,17 @@ class Registration:
 
     uid: str
     total_epochs: int
+    stage_epochs: Mapping[str, int] | None = None  # planned epochs per stage (`stage_plan`), when known
+
+
+def stage_plan(training: config.TrainingSpec) -> dict[str, int]:
+    """Planned epochs of each stage, as the trainer reports them in `stageEpochs` (pure).
+
+    Phase 2 runs only when it unfreezes layers, so it plans no epochs otherwise (like
+    `TrainingSpec.total_epochs`).
+    """
+    fine_tune = training.fine_tune.epochs if training.fine_tune.unfreeze_last > 0 else 0
+    return {"head": training.head.epochs, "fine-tune": fine_tune}
 
 
 Authenticate = Callable[..., Awaitable["Verdict"]]
@@ -98,6 +126,7 @@ _RECENT_EPOCHS = 5  # epoch durations the ETA averages over
 _MAX_WRITE_RETRIES = 5  # consecutive failed writes of one job before its pending status is dropped
 _FINISH_STRIPPED = ("progress", "etaSeconds", "message")  # the operator's final status owns these
 _MAX_LOOKED_UP = 4096  # entries of the lookup (negative) cache
+MAX_ETA_SECONDS = 10 * 366 * 86400  # etaSeconds is capped at ten years
 
 
 @dataclass
@@ -106,6 +135,7 @@ class _Job:
     name: str
     uid: str
     total_epochs: int
+    stage_epochs: Mapping[str, int] | None
     tokens: float
     refilled_at: float
     finished: bool = False
@@ -144,6 +174,7 @@ class ProgressHub:
         rate_per_s: float = 2.0,
         burst: int = 10,
         max_report_age_s: float = 600.0,
+        max_clock_skew_s: float = 60.0,
         wall_clock: Callable[[], float] = time.time,
         resolve: Resolve | None = None,
         max_resolves: int = 4,
@@ -157,6 +188,7 @@ class ProgressHub:
         self._rate = float(rate_per_s)
         self._burst = int(burst)
         self._max_age = float(max_report_age_s)
+        self._max_skew = float(max_clock_skew_s)
         self._wall = wall_clock
         self._jobs: dict[tuple[str, str], _Job] = {}
         self._resolve = resolve
@@ -174,13 +206,24 @@ class ProgressHub:
 
     # ---- job lifecycle (called by the operator's handlers) ----
 
-    def register(self, *, namespace: str, name: str, uid: str, total_epochs: int) -> None:
+    def register(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        uid: str,
+        total_epochs: int,
+        stage_epochs: Mapping[str, int] | None = None,
+    ) -> None:
         """Accept reports for this job from now on (on create, adopt and resume).
 
-        Registering again updates the plan; a new uid (the job was deleted and made again
-        under the same name) starts from a clean state.
+        `total_epochs` is the job's plan (0: unknown), `stage_epochs` each stage's planned
+        epochs (`stage_plan`; None: unknown): reports must fit them. Registering again updates
+        the plan; a new uid (the job was deleted and made again under the same name) starts
+        from a clean state.
         """
-        self._in_loop(lambda: self._register(namespace, name, uid, total_epochs, resolved=False))
+        plan = dict(stage_epochs) if stage_epochs is not None else None
+        self._in_loop(lambda: self._register(namespace, name, uid, total_epochs, plan, resolved=False))
 
     def finish(self, *, namespace: str, name: str) -> None:
         """The job reached Succeeded or Failed: flush its pending write, drop later reports.
@@ -267,7 +310,7 @@ class ProgressHub:
             if len(body) > self._max_body:
                 return _Refusal("too_large", 413, f"body over {self._max_body} bytes")
         try:
-            report = protocol.ProgressReport.model_validate_json(bytes(body))
+            report = protocol.ProgressReport.model_validate_json(bytes(body), strict=True)
         except ValidationError as exc:
             detail = json.loads(exc.json(include_url=False, include_input=False))
             return _Refusal("invalid", 400, "invalid progress report", detail=detail)
@@ -304,8 +347,16 @@ class ProgressHub:
                 headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
             )
         now = self._wall()
-        if abs(now - report.timestamp) > self._max_age:
-            return _Refusal("invalid", 400, "report expired (timestamp too far from now)")
+        errors = report_errors(
+            report=report,
+            total_epochs=job.total_epochs,
+            stage_epochs=job.stage_epochs,
+            now=now,
+            max_age_s=self._max_age,
+            max_skew_s=self._max_skew,
+        )
+        if errors:
+            return _Refusal("invalid", 400, "invalid progress report", detail=errors)
         if report.timestamp < job.last_timestamp:
             return _Refusal("invalid", 409, "stale report (older than the latest accepted one)")
 
@@ -344,7 +395,8 @@ class ProgressHub:
         current = self._jobs.get(key)
         if current is not None and not current.resolved:
             return  # the operator registered it meanwhile: its registration wins
-        self._register(key[0], key[1], found.uid, found.total_epochs, resolved=True)
+        plan = dict(found.stage_epochs) if found.stage_epochs is not None else None
+        self._register(key[0], key[1], found.uid, found.total_epochs, plan, resolved=True)
 
     def _sweep(self, now: float) -> None:
         """Drop resolved jobs without reports for `resolved_idle_s` (checked at most once a minute)."""
@@ -455,7 +507,16 @@ class ProgressHub:
 
     # ---- lifecycle internals (always on the loop) ----
 
-    def _register(self, namespace: str, name: str, uid: str, total_epochs: int, *, resolved: bool) -> None:
+    def _register(
+        self,
+        namespace: str,
+        name: str,
+        uid: str,
+        total_epochs: int,
+        stage_epochs: dict[str, int] | None,
+        *,
+        resolved: bool,
+    ) -> None:
         key = (namespace, name)
         job = self._jobs.get(key)
         if job is not None and job.uid and uid and job.uid != uid:
@@ -467,6 +528,7 @@ class ProgressHub:
                 name=name,
                 uid=uid,
                 total_epochs=int(total_epochs),
+                stage_epochs=stage_epochs,
                 tokens=float(self._burst),
                 refilled_at=time.monotonic(),
                 resolved=resolved,
@@ -476,6 +538,7 @@ class ProgressHub:
         job.resolved = job.resolved and resolved
         job.uid = uid or job.uid
         job.total_epochs = int(total_epochs)
+        job.stage_epochs = stage_epochs
 
     def _finish(self, namespace: str, name: str) -> None:
         job = self._jobs.get((namespace, name))
@@ -505,6 +568,47 @@ class ProgressHub:
         task.add_done_callback(self._tasks.discard)
 
 
+def report_errors(
+    *,
+    report: protocol.ProgressReport,
+    total_epochs: int,
+    stage_epochs: Mapping[str, int] | None,
+    now: float,
+    max_age_s: float,
+    max_skew_s: float,
+) -> list[dict[str, Any]]:
+    """Why a well-formed report cannot be true for this job, in pydantic's error shape (pure).
+
+    Each error names the field (`loc`, as on the wire). `total_epochs` is the job's plan (0:
+    unknown, then only the report's own figures must agree), `stage_epochs` each stage's plan
+    (None: unknown); `now` is the operator's clock, which the timestamp may trail by at most
+    `max_age_s` and lead by at most `max_skew_s`. An empty list: the report may be folded in.
+    """
+    errors: list[dict[str, Any]] = []
+
+    def error(field: str, kind: str, msg: str) -> None:
+        errors.append({"type": kind, "loc": [field], "msg": msg})
+
+    total = report.total_epochs
+    if total_epochs > 0 and total != total_epochs:
+        error("totalEpochs", "plan_mismatch", f"the job plans {total_epochs} epochs, not {total}")
+    if report.epochs_done > total:
+        error("epochsDone", "out_of_range", f"{report.epochs_done} done of {total} planned epochs")
+    planned = None if stage_epochs is None else stage_epochs.get(report.stage)
+    if planned is not None and report.stage_epochs != planned:
+        error("stageEpochs", "plan_mismatch", f"the job plans {planned} {report.stage} epochs, not {report.stage_epochs}")
+    elif report.stage_epochs > total:
+        error("stageEpochs", "out_of_range", f"{report.stage_epochs} stage epochs of {total} planned in all")
+    if report.epoch > report.stage_epochs:
+        error("epoch", "out_of_range", f"epoch {report.epoch} of a stage of {report.stage_epochs} epochs")
+    age = now - report.timestamp
+    if age > max_age_s:
+        error("timestamp", "expired", f"report made {age:.0f} s ago (at most {max_age_s:g} s)")
+    elif -age > max_skew_s:
+        error("timestamp", "future", f"report made {-age:.0f} s in the future (at most {max_skew_s:g} s)")
+    return errors
+
+
 def build_status(
     *,
     report: protocol.ProgressReport,
@@ -517,7 +621,8 @@ def build_status(
 
     `total_epochs` is the job's plan from its spec (the report's own figure when 0);
     `progress` is the integer percent of planned epochs done, `etaSeconds` the remaining
-    planned epochs times the mean of the recent epoch durations (absent until one is known).
+    planned epochs times the mean of the recent epoch durations (absent until one is known,
+    at most `MAX_ETA_SECONDS`). The report is one `report_errors` passed.
     The final report leaves `message` to the operator, which writes the outcome there.
     """
     total = total_epochs if total_epochs > 0 else report.total_epochs
@@ -528,9 +633,9 @@ def build_status(
         progress, eta = 100, 0
     elif total and done >= total:
         eta = 0
-    elif recent_epoch_seconds:
-        mean = sum(recent_epoch_seconds) / len(recent_epoch_seconds)
-        eta = math.ceil((total - done) * mean)
+    elif recent := [s for s in recent_epoch_seconds if math.isfinite(s) and s >= 0]:
+        mean = sum(recent) / len(recent)
+        eta = min(MAX_ETA_SECONDS, math.ceil(min((total - done) * mean, float(MAX_ETA_SECONDS))))
     stage_index = protocol.STAGES.index(report.stage) + 1
     status: dict[str, Any] = {
         "stage": report.stage,

@@ -15,22 +15,31 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 
-def report(*, epoch: int, stage_epochs: int) -> None:
-    """One epoch-end progress report, as the real trainer sends it (FAKE_REPORT=<stage epochs>)."""
+def report(*, epoch: int, spec: dict[str, Any]) -> None:
+    """One head-stage epoch-end progress report, as the real trainer sends it (FAKE_REPORT=1).
+
+    The epochs are the spec's plan, as the real trainer's are: the operator refuses a report
+    that does not fit the job's plan.
+    """
+    training = spec.get("training") or {}
+    head = int((training.get("head") or {}).get("epochs", 20))
+    fine = training.get("fineTune") or {}
+    total = head + (int(fine.get("epochs", 10)) if int(fine.get("unfreezeLast", 4)) > 0 else 0)
     body = {
         "namespace": os.environ["FINETUNE_JOB_NAMESPACE"],
         "name": os.environ["FINETUNE_JOB_NAME"],
         "uid": os.environ.get("FINETUNE_JOB_UID", ""),
         "event": "epoch-end",
         "stage": "head",
-        "epoch": epoch,
-        "stageEpochs": stage_epochs,
-        "epochsDone": epoch,
-        "totalEpochs": stage_epochs,
+        "epoch": min(epoch, head),
+        "stageEpochs": head,
+        "epochsDone": min(epoch, head),
+        "totalEpochs": total,
         "metrics": {"loss": 0.5, "accuracy": 0.8, "val_loss": 0.6, "val_accuracy": 0.75},
         "bestValAccuracy": 0.75,
         "timestamp": time.time(),
@@ -55,7 +64,7 @@ def main(argv: list[str]) -> int:
         print("config is not a FineTuneJob manifest", file=sys.stderr)
         return 2
     if os.environ.get("FAKE_REPORT"):
-        report(epoch=1, stage_epochs=int(os.environ.get("FAKE_REPORT")))
+        report(epoch=1, spec=document["spec"])
     time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
     code = int(os.environ.get("FAKE_EXIT", "0"))
     reason = os.environ.get("FAKE_REASON", "Succeeded" if code == 0 else "Error")

@@ -28,7 +28,13 @@ __all__ = [
     "ENV_PROGRESS_TOKEN",
     "ENV_PROGRESS_TOKEN_FILE",
     "ENV_PROGRESS_URL",
+    "MAX_EPOCHS",
+    "MAX_EPOCH_SECONDS",
+    "MAX_IMAGES_PER_SECOND",
+    "MAX_METRICS",
+    "MAX_METRIC_MAGNITUDE",
     "MAX_REPORT_BYTES",
+    "MAX_TIMESTAMP",
     "PROGRESS_AUDIENCE_PREFIX",
     "PROGRESS_PATH",
     "STAGES",
@@ -53,10 +59,27 @@ PROGRESS_AUDIENCE_PREFIX = "progress.finetune.dev/"
 MAX_REPORT_BYTES = 64 * 1024
 TERMINATION_MESSAGE_MAX_BYTES = 4096
 
+# Bounds of a progress report's numbers (generous for real runs, small enough that no status
+# write built from them can fail: every integer fits an int32, every float is a sane magnitude).
+MAX_EPOCHS = 1_000_000  # of a stage and of both
+MAX_METRICS = 32
+MAX_METRIC_MAGNITUDE = 1e15  # |loss| beyond this is a diverged run, not a number to show
+MAX_IMAGES_PER_SECOND = 1e9
+MAX_EPOCH_SECONDS = 366 * 86400.0
+MAX_TIMESTAMP = 4_102_444_800.0  # 2100-01-01T00:00:00Z
+
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_METRIC_NAME = r"^[A-Za-z_][A-Za-z0-9_./-]{0,63}$"  # printable, as Keras names them
+
 Stage = Literal["head", "fine-tune"]
 STAGES: tuple[Stage, ...] = ("head", "fine-tune")
 
 Event = Literal["stage-start", "epoch-end", "heartbeat", "stage-end", "final"]
+
+
+_Epochs = Annotated[int, Field(ge=0, le=MAX_EPOCHS)]
+_Metric = Annotated[float, Field(ge=-MAX_METRIC_MAGNITUDE, le=MAX_METRIC_MAGNITUDE)]
 
 
 def progress_audience(uid: str) -> str:
@@ -69,26 +92,48 @@ class _Wire(BaseModel):
 
 
 class ProgressReport(_Wire):
-    """One progress report from a trainer to the operator."""
+    """One progress report from a trainer to the operator.
 
-    namespace: str = Field(min_length=1, max_length=253, description="The FineTuneJob's namespace.")
-    name: str = Field(min_length=1, max_length=253, description="The FineTuneJob's name.")
-    uid: str = Field(default="", max_length=64, description="The FineTuneJob's uid, when known.")
+    Untrusted on the operator's side, so every field is bounded here: numbers are finite
+    (`allow_inf_nan=False`: no NaN or infinity, which would disable the stale-report check or
+    break a status write) and in range, strings are short and names are Kubernetes names. The
+    operator validates the JSON strictly (`strict=True`: no "5" for 5, no 5.0 for an epoch) and
+    then checks what only it knows: the epochs against the job's plan, the timestamp against
+    its clock (`progress.report_errors`).
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, allow_inf_nan=False
+    )
+
+    namespace: str = Field(
+        min_length=1, max_length=63, pattern=_DNS_LABEL, description="The FineTuneJob's namespace."
+    )
+    name: str = Field(min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN, description="The FineTuneJob's name.")
+    uid: str = Field(
+        default="", max_length=64, pattern=r"^[A-Za-z0-9-]*$", description="The FineTuneJob's uid, when known."
+    )
     event: Event = Field(description="What happened: a stage started or ended, an epoch ended, a heartbeat, the end.")
     stage: Stage = Field(description="The training phase: head (phase 1) or fine-tune (phase 2).")
-    epoch: Annotated[int, Field(ge=0)] = Field(description="Epochs completed within the stage.")
-    stage_epochs: Annotated[int, Field(ge=0)] = Field(description="Planned epochs of this stage.")
-    epochs_done: Annotated[int, Field(ge=0)] = Field(
+    epoch: _Epochs = Field(description="Epochs completed within the stage.")
+    stage_epochs: _Epochs = Field(description="Planned epochs of this stage.")
+    epochs_done: _Epochs = Field(
         description="Planned epochs done over both stages; an early-stopped stage counts in full."
     )
-    total_epochs: Annotated[int, Field(ge=0)] = Field(description="Planned epochs of both stages.")
-    metrics: dict[Annotated[str, Field(max_length=64)], float] = Field(
-        default_factory=dict, max_length=32, description="Latest epoch metrics: loss, accuracy, val_loss, val_accuracy."
+    total_epochs: _Epochs = Field(description="Planned epochs of both stages.")
+    metrics: dict[Annotated[str, Field(pattern=_METRIC_NAME)], _Metric] = Field(
+        default_factory=dict,
+        max_length=MAX_METRICS,
+        description="Latest epoch metrics: loss, accuracy, val_loss, val_accuracy.",
     )
-    best_val_accuracy: float | None = Field(default=None, description="Best val_accuracy so far, both stages.")
-    images_per_second: float | None = Field(default=None, ge=0.0, description="Training throughput of the last epoch.")
-    epoch_seconds: float | None = Field(default=None, ge=0.0, description="Wall seconds of the last epoch.")
-    timestamp: float = Field(description="Unix time the report was made, in seconds.")
+    best_val_accuracy: _Metric | None = Field(default=None, description="Best val_accuracy so far, both stages.")
+    images_per_second: float | None = Field(
+        default=None, ge=0.0, le=MAX_IMAGES_PER_SECOND, description="Training throughput of the last epoch."
+    )
+    epoch_seconds: float | None = Field(
+        default=None, ge=0.0, le=MAX_EPOCH_SECONDS, description="Wall seconds of the last epoch."
+    )
+    timestamp: float = Field(ge=0.0, le=MAX_TIMESTAMP, description="Unix time the report was made, in seconds.")
     result: Literal["succeeded", "failed"] | None = Field(default=None, description="Set on the final report.")
     message: str = Field(default="", max_length=1024, description="A short human-readable note.")
 

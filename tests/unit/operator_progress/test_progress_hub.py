@@ -298,11 +298,11 @@ async def test_lifecycle_calls_from_another_thread_reach_the_loop(make_live: Mak
     deadline = time.monotonic() + 5
     while not live.hub.is_registered(namespace="ml", name="t") and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    assert (await live.post(report(name="t", total_epochs=4), token="token-t")).status == 202
+    assert (await live.post(report(name="t", stage_epochs=2, total_epochs=4), token="token-t")).status == 202
     await asyncio.to_thread(lambda: live.hub.forget(namespace="ml", name="t"))
     while live.hub.is_registered(namespace="ml", name="t") and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    assert (await live.post(report(name="t", total_epochs=4), token="token-t")).status == 404
+    assert (await live.post(report(name="t", stage_epochs=2, total_epochs=4), token="token-t")).status == 404
 
 
 async def test_eta_uses_the_current_stage_epochs_once_there_is_one(make_live: MakeLive) -> None:

@@ -122,7 +122,8 @@ async def test_a_new_incarnation_is_looked_up_again(make_live: MakeLive) -> None
     # Deleted and made again under the same name: the new pod's report names the new uid.
     resolver.jobs[("ml", "n")] = Registration(uid="new", total_epochs=4)
     live.tokens.add(namespace="ml", name="n", uid="new", token="tok-new")
-    assert (await live.post(report(name="n", uid="new", epoch=1), token="tok-new")).status == 202
+    new = report(name="n", uid="new", epoch=1, stage_epochs=2, total_epochs=4)
+    assert (await live.post(new, token="tok-new")).status == 202
     written = await live.recorder.wait_latest(lambda s: s["totalEpochs"] == 4, namespace="ml", name="n")
     assert written["progress"] == 25
     assert (await live.post(report(name="n", uid="old", epoch=2), token="tok-old")).status in (401, 403)

@@ -68,8 +68,13 @@ def test_final_success_is_100_percent_and_no_eta() -> None:
     assert "message" not in status  # the operator writes the outcome
 
 
-def test_non_finite_metrics_are_left_out_of_status() -> None:
-    status = status_for(report(metrics={"loss": float("nan"), "accuracy": 0.5}))
+def test_non_finite_metrics_never_reach_status() -> None:
+    # The wire refuses them; a report that bypassed validation still writes none.
+    with pytest.raises(ValueError, match="finite"):
+        report(metrics={"loss": float("nan"), "accuracy": 0.5})
+    valid = protocol.ProgressReport.model_validate(report())
+    forced = valid.model_copy(update={"metrics": {"loss": float("nan"), "val_loss": float("inf"), "accuracy": 0.5}})
+    status = build_status(report=forced, total_epochs=10, recent_epoch_seconds=[], best_val_accuracy=None, now=0.0)
     assert status["metrics"] == {"accuracy": 0.5}
 
 
