@@ -1,4 +1,5 @@
-"""Test tiers by folder: tests/unit -> unit, tests/integration -> integration, tests/e2e -> e2e."""
+"""Test tiers by folder: tests/unit -> unit, tests/integration -> integration, tests/e2e -> e2e,
+tests/chaos -> chaos (hostile input against the local control plane: `make test-chaos`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import pytest
 
 pytest_plugins = ["fixtures.cluster"]
 
-_TIERS = ("unit", "integration", "e2e")
+_TIERS = ("unit", "integration", "e2e", "chaos")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "chaos: generated bad input and killed processes against the local control plane")
 
 
 @pytest.hookimpl(tryfirst=True)
