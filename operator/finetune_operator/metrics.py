@@ -26,6 +26,8 @@ dashboard and the alerting rules in deploy/ use them):
     finetune_progress_reports_total{result}                     counter
     finetune_status_writes_total{source}                        counter, source = reconcile|progress
     finetune_reconcile_errors_total{handler}                    counter
+    finetune_progress_token_reviews_total{result}               counter, TokenReviews by verdict
+    finetune_progress_token_checks_total{result}                counter, verified|rejected|unverified|throttled
 
 Per-job series (`finetune_job_*{namespace,name,...}`) are removed by `forget_job` when the
 FineTuneJob is deleted, so no stale series outlive their job. `finetune_jobs` is zero-filled
@@ -53,6 +55,7 @@ __all__ = [
     "PHASES",
     "REGISTRY",
     "REPORT_RESULTS",
+    "TOKEN_CHECK_RESULTS",
     "TOKEN_REVIEW_RESULTS",
     "forget_job",
     "job_created",
@@ -64,6 +67,7 @@ __all__ = [
     "set_phase",
     "start_metrics_server",
     "status_write",
+    "token_check",
     "token_review",
 ]
 
@@ -81,6 +85,9 @@ REPORT_RESULTS: tuple[str, ...] = (
 )
 STATUS_WRITE_SOURCES: tuple[str, ...] = ("reconcile", "progress")
 TOKEN_REVIEW_RESULTS: tuple[str, ...] = ("ok", "unauthorized", "forbidden", "error")
+# Before any review: the signature verified with the issuer's keys, rejected (401, no review),
+# unverified (no keys could be fetched: the review decides), throttled (the review limit refused it).
+TOKEN_CHECK_RESULTS: tuple[str, ...] = ("verified", "rejected", "unverified", "throttled")
 SPLITS: tuple[str, ...] = ("train", "validation")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -182,8 +189,17 @@ for _result in REPORT_RESULTS:
     PROGRESS_REPORTS.labels(result=_result)
 for _source in STATUS_WRITE_SOURCES:
     STATUS_WRITES.labels(source=_source)
+TOKEN_CHECKS = Counter(
+    "finetune_progress_token_checks",
+    "New progress tokens checked by the operator before any TokenReview, by outcome.",
+    ["result"],
+    registry=REGISTRY,
+)
+
 for _result in TOKEN_REVIEW_RESULTS:
     TOKEN_REVIEWS.labels(result=_result)
+for _result in TOKEN_CHECK_RESULTS:
+    TOKEN_CHECKS.labels(result=_result)
 
 # The per-job gauges, each with the label names after (namespace, name).
 _PER_JOB: tuple[Gauge, ...] = (
@@ -276,6 +292,11 @@ def progress_report(*, result: str) -> None:
 def token_review(*, result: str) -> None:
     """Count one token check that reached the API server, by verdict (one of `TOKEN_REVIEW_RESULTS`)."""
     TOKEN_REVIEWS.labels(result=result).inc()
+
+
+def token_check(*, result: str) -> None:
+    """Count one new token's check before any review, by outcome (one of `TOKEN_CHECK_RESULTS`)."""
+    TOKEN_CHECKS.labels(result=result).inc()
 
 
 def observe_progress(

@@ -14,7 +14,7 @@ Every report passes, in order:
    that job's: the injected `authenticate` (`tokens.TokenChecker`: a TokenReview with the
    job's own audience, then the token's pod must belong to the job) answers 401 for an
    invalid token and 403 for another job's, so a credential for job A can never write job B
-   (503 when the check itself fails);
+   (503 with Retry-After when the check itself fails or is over its rate limit);
 5. reports for a finished job are dropped (410);
 6. a per-job token bucket (`rate_per_s`, `burst`) answers 429 with Retry-After;
 7. what only the hub knows (`report_errors`, 400 naming the field): the epochs must fit the
@@ -330,6 +330,9 @@ class ProgressHub:
         except Exception as exc:
             logger.warning("could not check the progress token of %s/%s: %s", *key, exc)
             return _Refusal("unavailable", 503, "could not check the token; try again", headers={"Retry-After": "5"})
+        if verdict.result == "unavailable":  # the token checks are over their limit: come back later
+            retry = str(max(1, math.ceil(verdict.retry_after or 5.0)))
+            return _Refusal("unavailable", 503, verdict.message or "try again", headers={"Retry-After": retry})
         if not verdict.ok:
             headers = {"WWW-Authenticate": "Bearer"} if verdict.result == "unauthorized" else None
             status_code = 401 if verdict.result == "unauthorized" else 403

@@ -7,11 +7,16 @@ no trainer ever reports: every report here is one the test sends itself to the o
 endpoint, with the token the kubelet would project into that pod (a TokenRequest bound to the
 pod, for the job's audience), so the operator's TokenReview and pod-ownership checks are real. A watch records every version of the
 jobs' status, so "changes no status" is checked against all writes, not a last snapshot.
+
+The forged-token flood runs its own operator as a ServiceAccount of its own (bound by copies of
+deploy/base/rbac.yaml's bindings), so the API server's audit log (.cluster/audit.log) counts
+exactly that operator's TokenReviews, whatever else shares the cluster.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import secrets
 import ssl
@@ -20,16 +25,19 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
 from finetune_operator import metrics
 from finetune_trainer import protocol
 from fixtures.cluster import ApplyYaml, Cluster, ServiceAccountKubeconfig, wait_for
-from fixtures.operator import OPERATOR_NS, OperatorProcess, install_crd_and_rbac
+from fixtures.operator import OPERATOR_NS, RBAC, OperatorProcess, install_crd_and_rbac
 from kubernetes import client, watch
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
@@ -402,3 +410,128 @@ def test_the_trainer_credential_is_scoped_to_its_job_and_worthless_to_kubernetes
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10, context=tls)
     assert refused.value.code == 401
+
+
+# ----- a flood of forged tokens -----
+
+FORGED = 2000
+
+
+@pytest.fixture
+def own_operator(
+    cluster: Cluster,
+    namespace: str,
+    tmp_path: Path,
+    installed: None,
+    service_account_kubeconfig: ServiceAccountKubeconfig,
+) -> Iterator[tuple[OperatorProcess, str]]:
+    """The operator as a ServiceAccount of its own, bound like deploy/base/rbac.yaml binds its own."""
+    account = f"fto-forged-{secrets.token_hex(3)}"
+    kubeconfig = service_account_kubeconfig(namespace=OPERATOR_NS, name=account)
+    operator_sa = {"kind": "ServiceAccount", "name": "finetune-operator", "namespace": OPERATOR_NS}
+    bindings = []
+    for doc in yaml.safe_load_all(RBAC.read_text()):
+        if doc and doc["kind"] == "ClusterRoleBinding" and operator_sa in doc["subjects"]:
+            binding = copy.deepcopy(doc)
+            binding["metadata"] = {"name": f"{doc['metadata']['name']}-{account}"}
+            binding["subjects"] = [{**operator_sa, "name": account}]
+            bindings.append(binding)
+    assert {b["roleRef"]["name"] for b in bindings} >= {"finetune-operator", "system:service-account-issuer-discovery"}
+    cluster.kubectl_run("apply", "-f", "-", input=yaml.safe_dump_all(bindings))
+    try:
+        with OperatorProcess(
+            kubeconfig=kubeconfig,
+            namespace=namespace,
+            log=tmp_path / "operator-forged.log",
+            extra_args=("--pending-timeout=600",),
+            ready_on="metrics",
+            ready_text="finetune_progress_token_checks_total",
+        ) as op:
+            yield op, f"system:serviceaccount:{OPERATOR_NS}:{account}"
+    finally:
+        for binding in bindings:
+            cluster.kubectl_run("delete", "clusterrolebinding", binding["metadata"]["name"], "--wait=false", check=False)
+        cluster.kubectl_run("delete", "sa", account, "-n", OPERATOR_NS, "--wait=false", check=False)
+
+
+def audited_token_reviews(log: Path, *, offset: int, username: str) -> int:
+    """TokenReviews `username` created, in the audit log after `offset` bytes."""
+    count = 0
+    with log.open("rb") as f:
+        f.seek(offset)
+        for line in f:
+            if b"tokenreviews" not in line:
+                continue
+            event = json.loads(line)
+            if (
+                event.get("stage") == "ResponseComplete"
+                and (event.get("objectRef") or {}).get("resource") == "tokenreviews"
+                and (event.get("user") or {}).get("username") == username
+            ):
+                count += 1
+    return count
+
+
+def forge(real: str, *, key: ec.EllipticCurvePrivateKey, i: int) -> str:
+    """A well-formed token like `real` (same claims, the job's audience, the cluster's key id for
+    half of them, made-up ones for the rest), signed by a key the test made."""
+    header = jwt.get_unverified_header(real)
+    claims = jwt.decode(real, options={"verify_signature": False})
+    kid = header["kid"] if i % 2 else f"made-up-{i}"
+    return jwt.encode({**claims, "jti": f"forged-{i}"}, key, algorithm="ES256", headers={"kid": kid})
+
+
+def test_forged_tokens_cost_no_token_review(
+    cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, own_operator: tuple[OperatorProcess, str]
+) -> None:
+    operator, username = own_operator
+    apply_yaml(ftj("target"), namespace=namespace)
+    real = token_of(cluster, namespace=namespace, name="target")
+    url = operator.progress_url
+    probe = body(namespace, "target", timestamp=0.0)  # expired: 400 once registered (and the token checked)
+    wait_for(lambda: post(url, probe, token=real)[0] == 400, timeout=30, message="target registered")
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    forged = [forge(real, key=key, i=i) for i in range(FORGED)]
+    assert len(set(forged)) == FORGED
+    audit = cluster.dir / "audit.log"
+    offset = audit.stat().st_size
+
+    def reviews() -> float:
+        return sum(
+            operator.sample("finetune_progress_token_reviews_total", {"result": r}) or 0.0
+            for r in metrics.TOKEN_REVIEW_RESULTS
+        )
+
+    reviews_before = reviews()
+    rejected_before = operator.sample("finetune_progress_token_checks_total", {"result": "rejected"}) or 0.0
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = list(pool.map(lambda t: post(url, body(namespace, "target", epoch=2), token=t)[0], forged))
+    flood_s = time.monotonic() - started
+    assert codes == [401] * FORGED, {c: codes.count(c) for c in set(codes)}
+
+    # A real pod-bound token still works (a fresh one: it costs exactly one review).
+    fresh = token_of(cluster, namespace=namespace, name="target")
+    assert post(url, body(namespace, "target", epoch=1), token=fresh)[0] == 202
+    wait_for(
+        lambda: reviews() >= reviews_before + 1, timeout=10, message="the fresh token's TokenReview counted"
+    )
+    counted = reviews() - reviews_before - 1
+    rejected = (operator.sample("finetune_progress_token_checks_total", {"result": "rejected"}) or 0.0) - rejected_before
+    # The audit log is written asynchronously: wait until the fresh token's review shows in it.
+    wait_for(
+        lambda: audited_token_reviews(audit, offset=offset, username=username) >= 1,
+        timeout=30,
+        message="the fresh token's TokenReview in the audit log",
+    )
+    audited = audited_token_reviews(audit, offset=offset, username=username) - 1
+    per_1000 = 1000 * audited / FORGED
+    print(
+        f"\nTokenReviews per 1,000 forged tokens: {per_1000:g} "
+        f"(audit log: {audited} for {FORGED}; metric: {counted:g}; rejected locally: {rejected:g}; "
+        f"{FORGED / flood_s:.0f} forged reports/s)"
+    )
+    assert audited == 0 and counted == 0
+    assert rejected == FORGED
+

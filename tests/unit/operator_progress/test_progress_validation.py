@@ -21,6 +21,7 @@ import pytest
 import yaml
 from finetune_operator import api, metrics
 from finetune_operator.progress import MAX_ETA_SECONDS, build_status, report_errors, stage_plan
+from finetune_operator.tokens import Verdict
 from finetune_trainer import config, protocol
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -142,6 +143,18 @@ async def test_the_plan_from_resolve_bounds_each_stage(make_live: MakeLive) -> N
     async with live.session.post(live.url, json=wrong, headers={"Authorization": "Bearer tok"}) as resp:
         assert resp.status == 400
         assert ["stageEpochs"] in [e["loc"] for e in (await resp.json())["detail"]]
+
+
+async def test_the_token_check_over_its_limit_is_503_with_retry_after(make_live: MakeLive) -> None:
+    async def busy(*, token: str, namespace: str, name: str, uid: str) -> Verdict:
+        return Verdict("unavailable", "too many new tokens; try again", retry_after=2.5)
+
+    live = await make_live(min_write_interval_s=0.0, authenticate=busy)
+    live.hub.register(namespace="ml", name="a", uid="u-a", total_epochs=10)
+    resp = await live.post(report(name="a", uid="u-a"), token="token-a")
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "3"
+    assert live.recorder.for_job("ml", "a") == []
 
 
 def test_stage_plan_follows_the_spec() -> None:
