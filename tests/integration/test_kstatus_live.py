@@ -49,11 +49,12 @@ class Live:
         return dict(json.loads(proc.stdout).get("status") or {}) if proc.returncode == 0 else {}
 
     def wait_phase(self, name: str, phase: str, timeout: float = WAIT) -> dict[str, Any]:
-        return wait_for(
+        found = wait_for(
             lambda: (s := self.status(name)).get("phase") == phase and s,
             timeout=timeout,
             message=f"{name} {phase}",
         )
+        return dict(found)
 
     def verdict(self, name: str) -> Classified:
         (got,) = classify_live(kubeconfig=self.cluster.kubeconfig, namespace=self.namespace, names=[name])

@@ -74,7 +74,7 @@ def test_argocd_cm_snippet_is_the_lua_file() -> None:
 
 # --- the runner really is Argo CD's sandbox (so a pass here means a pass there) ------------
 
-JOB = {
+JOB: dict[str, Any] = {
     "apiVersion": "finetune.dev/v1alpha1",
     "kind": "FineTuneJob",
     "metadata": {"name": "x", "generation": 1},
