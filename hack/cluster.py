@@ -10,10 +10,13 @@ certificates, a service-account signing key and an audit policy generated under 
     .cluster/audit.log          the apiserver's audit log (Metadata level)
     .cluster/volumes/<ns>/<pvc> what a PersistentVolumeClaim mounts in a pod
     .cluster/pids/              one pid file per process started here
+    .cluster/pids/attached/     "PID NEEDLE" files of processes run beside the cluster
+                                (make demo's operator): `down` stops them too
 
 `up` returns once /readyz answers, the ServiceAccount controller has made `default/default`
 and node `local-node` is Ready; on a healthy cluster it returns at once. `down` stops every
-process it started, by pid (SIGTERM, then SIGKILL). Ports are fixed but overridable:
+process it started and every attached one (first, while the API server still answers
+them), by pid (SIGTERM, then SIGKILL). Ports are fixed but overridable:
 FTO_APISERVER_PORT (6443), FTO_ETCD_PORT (2379), FTO_ETCD_PEER_PORT (2380),
 FTO_KCM_PORT (10257), FTO_KUBELET_PORT (10250: the pod runner's `kubectl logs` endpoint).
 `up --simulate-pods SECONDS` starts the pod runner in simulated mode.
@@ -111,6 +114,11 @@ class Layout:
 
     def pidfile(self, name: str) -> Path:
         return self.pids / f"{name}.pid"
+
+    @property
+    def attached(self) -> Path:
+        """Pid files ("PID NEEDLE") of processes that run against this cluster but not as part of it."""
+        return self.pids / "attached"
 
     def component_kubeconfig(self, name: str) -> Path:
         return self.dir / f"{name}.kubeconfig"
@@ -664,8 +672,46 @@ def stop_component(*, layout: Layout, name: str) -> None:
     layout.pidfile(name).unlink(missing_ok=True)
 
 
+def attached_processes(*, layout: Layout) -> dict[str, int]:
+    """Name -> pid of the attached processes that still run (their pid file's needle matches)."""
+    found = {}
+    for path in sorted(layout.attached.glob("*.pid")) if layout.attached.is_dir() else []:
+        pid, needle = _read_attached(path)
+        if pid is not None and pid_alive(pid, needle=needle):
+            found[path.stem] = pid
+    return found
+
+
+def _read_attached(path: Path) -> tuple[int | None, str]:
+    try:
+        fields = path.read_text().split()
+        return int(fields[0]), fields[1]
+    except (OSError, ValueError, IndexError):
+        return None, ""
+
+
+def stop_attached(*, layout: Layout, name: str | None = None, grace_s: float = 20.0) -> list[int]:
+    """Stops the attached processes (only `name`'s when given), by pid; returns the pids it signalled."""
+    stopped = []
+    paths = [layout.attached / f"{name}.pid"] if name else sorted(layout.attached.glob("*.pid"))
+    for path in paths if layout.attached.is_dir() else []:
+        pid, needle = _read_attached(path)
+        if pid is not None and pid_alive(pid, needle=needle):
+            stop_pid(pid, needle=needle, grace_s=grace_s)
+            stopped.append(pid)
+        path.unlink(missing_ok=True)
+    return stopped
+
+
 def down(*, layout: Layout) -> None:
-    """Stops every process `up` started (and any pod process the pod runner left), by pid."""
+    """Stops the attached processes, every process `up` started and any pod process the pod
+    runner left, by pid."""
+    stop_attached(layout=layout)
+    # Where make demo kept its operator's pid before pids/attached/ (the pid alone).
+    legacy = read_pid(layout.pidfile("demo-operator"))
+    if legacy is not None:
+        stop_pid(legacy, needle="finetune_operator", grace_s=20.0)
+    layout.pidfile("demo-operator").unlink(missing_ok=True)
     for name in reversed(COMPONENTS):
         stop_component(layout=layout, name=name)
     pod_pids = layout.pids / "pods"
@@ -751,6 +797,8 @@ def status(*, layout: Layout, ports: Ports) -> int:
         pid = component_alive(layout=layout, name=name)
         ok = ok and pid is not None
         print(f"{name:26} {'running, pid ' + str(pid) if pid else 'stopped'}")
+    for name, pid in attached_processes(layout=layout).items():
+        print(f"{name:26} running, pid {pid} (attached: `down` stops it)")
     if ok:
         code, _ = api_get(layout=layout, ports=ports, path="/readyz")
         print(f"{'apiserver /readyz':26} {code}")

@@ -8,7 +8,9 @@ What it does, in order:
    operator's Deployment, because here the operator runs as a local process;
 3. mints a token for ServiceAccount finetune-system/finetune-operator (TokenRequest) and runs
    `finetune-operator` with a kubeconfig holding only that token, so the operator has
-   exactly deploy/'s RBAC;
+   exactly deploy/'s RBAC; like the installed Deployment it watches every namespace (the
+   ClusterRole is bound cluster-wide), and its pid is recorded in
+   .cluster/pids/attached/demo-operator.pid, so `hack/cluster.py down` stops it;
 4. applies examples/quickstart-storage.yaml (two PersistentVolumeClaims), generates a small
    three-class image data set into the `quickstart-data` volume, and applies
    examples/quickstart.yaml in namespace finetune-demo (PodSecurity `restricted`);
@@ -18,7 +20,10 @@ What it does, in order:
    already up stays up; only the demo's namespace is deleted).
 
 `hack/demo.py make-data DIR` writes only the data set (for a local `finetune-train` run).
-DEMO_KEEP=1 skips step 6 and prints the KUBECONFIG and the operator's metrics URL instead.
+`hack/demo.py start-operator` does steps 1-3 only and leaves the operator running.
+DEMO_KEEP=1 skips step 6 and prints the KUBECONFIG and the operator's metrics URL instead;
+`make cluster-down` stops the operator and the control plane. A later demo run stops an
+operator an earlier one left before it starts its own.
 DEMO_TIMEOUT (seconds, default 900) bounds the wait for the job. FTO_CLUSTER_DIR (default
 .cluster) is where the control plane keeps its state, as for hack/cluster.py.
 """
@@ -41,6 +46,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cluster as control_plane  # hack/cluster.py, beside this file
 import operator_proc  # hack/operator_proc.py, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +58,7 @@ NAMESPACE = "finetune-demo"
 JOB = "quickstart"
 OPERATOR_NAMESPACE = "finetune-system"
 OPERATOR_ACCOUNT = "finetune-operator"
+OPERATOR_PIDFILE = "demo-operator"  # .cluster/pids/attached/demo-operator.pid
 EXAMPLE = ROOT / "examples" / "quickstart.yaml"
 STORAGE = ROOT / "examples" / "quickstart-storage.yaml"
 # What the demo installs from deploy/base: the API and the operator's identity and rights.
@@ -152,9 +159,11 @@ def service_account_kubeconfig(*, path: Path) -> None:
 
 
 def start_operator(*, kubeconfig: Path, ports: dict[str, int], log: Path) -> subprocess.Popen[bytes]:
-    """Starts `finetune-operator` as the ServiceAccount and waits for its health endpoint."""
+    """Starts `finetune-operator` as the ServiceAccount, watching every namespace, and waits for
+    its health endpoint; its pid goes to the cluster's attached pid files at once."""
     args = [
-        f"--namespace={NAMESPACE}",
+        # No --namespace: cluster-wide, as the installed Deployment runs (deploy/base/rbac.yaml
+        # binds its ClusterRole cluster-wide), so a FineTuneJob in any namespace is reconciled.
         "--progress-host=127.0.0.1",
         f"--progress-port={ports['progress']}",
         f"--progress-url=http://127.0.0.1:{ports['progress']}/v1/progress",
@@ -163,45 +172,74 @@ def start_operator(*, kubeconfig: Path, ports: dict[str, int], log: Path) -> sub
     env = {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
         process = operator_proc.start(
-            args=args, kubeconfig=kubeconfig, health_port=ports["health"], log=log, env=env
-        )
+            args=args, kubeconfig=kubeconfig, health_port=ports["health"], log=log, env=env,
+            pidfile=operator_pidfile(),
+        )  # fmt: skip
     except operator_proc.OperatorStartError as exc:
         raise DemoError(f"{exc}:\n{tail(log)}") from exc
     say(f"operator running (pid {process.pid}), log {log.relative_to(ROOT) if log.is_relative_to(ROOT) else log}")
+    say("the operator watches every namespace (cluster-wide, as deploy/ installs it)")
     return process
 
 
+def layout() -> control_plane.Layout:
+    return control_plane.Layout(dir=CLUSTER_DIR.resolve())
+
+
 def operator_pidfile() -> Path:
-    return CLUSTER_DIR / "pids" / "demo-operator.pid"
+    return layout().attached / f"{OPERATOR_PIDFILE}.pid"
 
 
 def stop_kept_operator() -> None:
     """Stops the operator an earlier `DEMO_KEEP=1` run left, so that only one handles the demo."""
-    pidfile = operator_pidfile()
-    try:
-        pid = int(pidfile.read_text(encoding="utf-8").strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        pidfile.unlink(missing_ok=True)
-        return
-    if b"finetune-operator" in cmdline:
-        say(f"stopping the operator an earlier DEMO_KEEP=1 run left (pid {pid})")
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            time.sleep(0.2)
-    pidfile.unlink(missing_ok=True)
+    for pid in control_plane.stop_attached(layout=layout(), name=OPERATOR_PIDFILE):
+        say(f"stopped the operator an earlier DEMO_KEEP=1 run left (pid {pid})")
 
 
 def stop_operator(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    operator_pidfile().unlink(missing_ok=True)
+
+
+def print_kept(*, process: subprocess.Popen[bytes], ports: dict[str, int]) -> None:
+    """What a user needs to use, and later stop, an operator the demo leaves running."""
+    print(f"    export KUBECONFIG={ADMIN_KUBECONFIG}", flush=True)
+    print(f"    operator metrics: http://127.0.0.1:{ports['metrics']}/metrics", flush=True)
+    print(
+        f"    operator (pid {process.pid}) runs as ServiceAccount {OPERATOR_NAMESPACE}/{OPERATOR_ACCOUNT}"
+        " and watches every namespace",
+        flush=True,
+    )
+    print("    kubectl get ftj -A", flush=True)
+    print("    stop: make cluster-down (the operator, then the control plane)", flush=True)
+
+
+def start_operator_only() -> int:
+    """`hack/demo.py start-operator`: control plane, API and RBAC, the operator; left running."""
+    ports = {"progress": operator_proc.free_port(), "metrics": operator_proc.free_port(), "health": operator_proc.free_port()}
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
+        if not cluster_is_up():
+            say("starting the local control plane (hack/cluster.py up)")
+            if cluster("up") != 0:
+                raise DemoError(f"hack/cluster.py up failed (its logs are in {CLUSTER_DIR / 'logs'})")
+        stop_kept_operator()
+        install_api_and_rbac()
+        operator_kubeconfig = CLUSTER_DIR / "operator.kubeconfig"
+        service_account_kubeconfig(path=operator_kubeconfig)
+        process = start_operator(
+            kubeconfig=operator_kubeconfig, ports=ports, log=CLUSTER_DIR / "logs" / "demo-operator.log"
+        )
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr, flush=True)
+        return 1
+    print_kept(process=process, ports=ports)
+    return 0
 
 
 def tail(path: Path, *, lines: int = 30) -> str:
@@ -387,16 +425,7 @@ def main() -> int:
         if keep and operator is not None and operator.poll() is None:
             print(flush=True)
             say("DEMO_KEEP=1: left running")
-            operator_pidfile().parent.mkdir(parents=True, exist_ok=True)
-            operator_pidfile().write_text(f"{operator.pid}\n", encoding="utf-8")
-            print(f"    export KUBECONFIG={ADMIN_KUBECONFIG}", flush=True)
-            print(f"    operator metrics: http://127.0.0.1:{ports['metrics']}/metrics", flush=True)
-            print(
-                f"    operator (pid {operator.pid}) runs as ServiceAccount {OPERATOR_NAMESPACE}/{OPERATOR_ACCOUNT}",
-                flush=True,
-            )
-            print(f"    kubectl get ftj -n {NAMESPACE}", flush=True)
-            print(f"    stop: kill {operator.pid} && make cluster-down", flush=True)
+            print_kept(process=operator, ports=ports)
         else:
             if operator is not None:
                 stop_operator(operator)
@@ -413,6 +442,8 @@ if __name__ == "__main__":
         # `hack/demo.py make-data DIR`: only the data set, e.g. for a local `finetune-train` run.
         print(f"{make_dataset(root=Path(sys.argv[2]))} images in {sys.argv[2]}/{{train,val}}/<class>/")
         sys.exit(0)
+    if sys.argv[1:] == ["start-operator"]:
+        sys.exit(start_operator_only())
     if sys.argv[1:]:
-        sys.exit("usage: hack/demo.py [make-data DIR]")
+        sys.exit("usage: hack/demo.py [make-data DIR | start-operator]")
     sys.exit(main())

@@ -4,8 +4,11 @@
 local process against the local control plane, under the RBAC of deploy/ like a real
 deployment: `write_service_account_kubeconfig` mints a TokenRequest token for the operator's
 ServiceAccount and writes a kubeconfig holding only that token; `start` launches the
-operator and returns once its health endpoint answers. (The tests have their own launcher,
-tests/fixtures/operator.py, with pytest's fixtures around it.)
+operator and returns once its health endpoint answers; given a `pidfile` (make demo passes
+`.cluster/pids/attached/demo-operator.pid`), it records the process there the moment it
+starts, so that `hack/cluster.py down` stops it with the control plane even when whoever
+started it is gone. (The tests have their own launcher, tests/fixtures/operator.py, with
+pytest's fixtures around it.)
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["OperatorStartError", "free_port", "start", "write_service_account_kubeconfig"]
+__all__ = ["NEEDLE", "OperatorStartError", "free_port", "start", "write_service_account_kubeconfig"]
 
 ROOT = Path(__file__).resolve().parent.parent
+# In the operator's command line (`python -m finetune_operator ...`): a pid file holds
+# "PID NEEDLE", and whoever stops it by pid checks the needle first (the pid may be reused).
+NEEDLE = "finetune_operator"
 
 
 class OperatorStartError(RuntimeError):
@@ -73,9 +79,13 @@ def start(
     python_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     timeout_s: float = 90.0,
+    pidfile: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """`python [python_args] -m finetune_operator --health-port=P ARGS` with KUBECONFIG set, in
-    its own session, logging to `log`; returns once /healthz answers (OperatorStartError if not)."""
+    its own session, logging to `log`; returns once /healthz answers (OperatorStartError if not).
+
+    `pidfile`, when given, gets "PID finetune_operator" as soon as the process exists (the
+    format hack/cluster.py's `down` reads under .cluster/pids/attached/)."""
     argv = [sys.executable, *python_args, "-m", "finetune_operator", f"--health-port={health_port}", *args]
     environ = {**os.environ, **(env or {}), "KUBECONFIG": str(kubeconfig)}
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +93,9 @@ def start(
         process = subprocess.Popen(
             argv, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+    if pidfile is not None:
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        pidfile.write_text(f"{process.pid} {NEEDLE}\n", encoding="utf-8")
     health = f"http://127.0.0.1:{health_port}/healthz"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

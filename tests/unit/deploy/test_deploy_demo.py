@@ -3,16 +3,21 @@
 The demo itself (hack/demo.py) is the end-to-end check; these keep its inputs honest in
 seconds: the quickstart manifest is one the trainer accepts as is, its volumes are the ones
 quickstart-storage.yaml claims, the generated data set has the layout the trainer reads,
-and the objects the demo installs from deploy/base are the API and the operator's RBAC.
+and the objects the demo installs from deploy/base are the API and the operator's RBAC, and the
+operator the demo starts watches every namespace and is stopped by `hack/cluster.py down`
+(tests/integration/test_demo_operator.py runs the same against a live control plane).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
+import psutil  # type: ignore[import-untyped]
 import pytest
 import yaml
 from deploy_helpers import ROOT, Render
@@ -83,3 +88,103 @@ def test_demo_installs_the_api_and_the_operator_rbac_only(demo: ModuleType, rend
         "ClusterRoleBinding",
     } <= installed
     assert "Deployment" not in demo.INSTALL_KINDS, "the demo runs the operator as a local process"
+
+
+def test_the_rbac_the_demo_installs_lets_its_operator_watch_every_namespace(demo: ModuleType, render: Render) -> None:
+    # The demo's operator runs without --namespace (the next test reads its command line): that
+    # needs the FineTuneJob, Job and pod rules of a ClusterRole bound cluster-wide to its account.
+    objects = [o for o in render("base") if o["kind"] in demo.INSTALL_KINDS]
+    account = {"kind": "ServiceAccount", "name": demo.OPERATOR_ACCOUNT, "namespace": demo.OPERATOR_NAMESPACE}
+    roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ClusterRole"}
+    bound = [
+        roles[b["roleRef"]["name"]]
+        for b in objects
+        if b["kind"] == "ClusterRoleBinding" and account in b["subjects"] and b["roleRef"]["name"] in roles
+    ]
+    watchable = {
+        (group, resource)
+        for role in bound
+        for rule in role["rules"]
+        if {"list", "watch"} <= set(rule["verbs"])
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    assert {("finetune.dev", "finetunejobs"), ("batch", "jobs"), ("", "pods")} <= watchable
+
+
+def operators_of(cluster_dir: Path) -> list[int]:
+    """finetune_operator processes whose KUBECONFIG lies in `cluster_dir`."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if "finetune_operator" not in (proc.info["cmdline"] or []):
+                continue
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get("KUBECONFIG", "").startswith(str(cluster_dir)):
+                found.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_cluster_down_stops_the_operator_the_demo_started(
+    demo: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The demo's own start_operator, with a kubeconfig whose API server is not there: Kopf
+    # starts, answers /healthz and keeps retrying, which is all this needs (no control plane).
+    cluster_dir = tmp_path / "cluster"
+    monkeypatch.setattr(demo, "CLUSTER_DIR", cluster_dir)
+    kubeconfig = cluster_dir / "operator.kubeconfig"
+    kubeconfig.parent.mkdir(parents=True)
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{demo.operator_proc.free_port()}"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        ),
+        encoding="utf-8",
+    )
+    ports = {name: demo.operator_proc.free_port() for name in ("progress", "metrics", "health")}
+    process = demo.start_operator(kubeconfig=kubeconfig, ports=ports, log=cluster_dir / "logs" / "demo-operator.log")
+    try:
+        pidfile = cluster_dir / "pids" / "attached" / "demo-operator.pid"
+        assert pidfile.read_text(encoding="utf-8").split() == [str(process.pid), "finetune_operator"]
+        assert "--namespace" not in " ".join(psutil.Process(process.pid).cmdline())
+        assert operators_of(cluster_dir) == [process.pid]
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "hack" / "cluster.py"), "down", f"--dir={cluster_dir}"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        # down waits for the SIGTERMed operator: it is gone when down returns, not by itself later.
+        assert process.wait(timeout=1) is not None
+        assert time.monotonic() - started < 20
+        assert operators_of(cluster_dir) == []
+        assert not pidfile.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def test_down_leaves_a_process_that_took_over_a_stale_pid_alone(demo: ModuleType, tmp_path: Path) -> None:
+    # A pid file whose process is gone and whose pid now belongs to something else (here: a
+    # sleeping Python without the needle in its command line) must not get that process killed.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        layout = demo.control_plane.Layout(dir=tmp_path)
+        layout.attached.mkdir(parents=True)
+        (layout.attached / "demo-operator.pid").write_text(f"{other.pid} finetune_operator\n", encoding="utf-8")
+        assert demo.control_plane.stop_attached(layout=layout) == []
+        assert other.poll() is None
+        assert not (layout.attached / "demo-operator.pid").exists()
+    finally:
+        other.kill()
+        other.wait(timeout=10)
