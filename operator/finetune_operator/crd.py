@@ -109,6 +109,7 @@ DNS_SUBDOMAIN = {
     "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
 }
 LABEL_KEY = {"maxLength": 317, "pattern": api.LABEL_KEY_PATTERN}
+LABEL_KEY_OR_EMPTY = {"maxLength": 317, "pattern": f"^({api.LABEL_KEY_PATTERN[1:-1]})?$"}
 LABEL_VALUE = {"maxLength": 63, "pattern": api.LABEL_VALUE_PATTERN}
 ENV_NAME = {"maxLength": 128, "pattern": r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"}
 CONFIG_KEY = {"maxLength": 253, "pattern": r"^[-._a-zA-Z0-9]+$"}
@@ -122,7 +123,8 @@ TEXT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
 # Patterns whose strings are ASCII without quotes, backslashes or control characters: one
 # byte per character in JSON. TEXT_PATTERN strings take at most 4 (UTF-8), others 6 (\u0001).
 ASCII_PATTERNS = frozenset(
-    {DNS_LABEL["pattern"], DNS_SUBDOMAIN["pattern"], LABEL_KEY["pattern"], LABEL_VALUE["pattern"],
+    {DNS_LABEL["pattern"], DNS_SUBDOMAIN["pattern"], LABEL_KEY["pattern"], LABEL_KEY_OR_EMPTY["pattern"],
+     LABEL_VALUE["pattern"],
      ENV_NAME["pattern"], CONFIG_KEY["pattern"], ASCII_TEXT_PATTERN,
      api.IMAGE_PATTERN, api.DNS_SUBDOMAIN_OR_EMPTY_PATTERN, QUANTITY_PATTERN}
 )  # fmt: skip
@@ -173,7 +175,7 @@ _STRINGS: dict[str, dict[str, Any]] = {
     "LabelSelector.matchLabels{}": LABEL_VALUE,
     "NodeSelectorRequirement.key": LABEL_KEY,
     "NodeSelectorRequirement.values[]": LABEL_VALUE,
-    "Toleration.key": LABEL_KEY,
+    "Toleration.key": LABEL_KEY_OR_EMPTY,  # empty (with operator Exists) tolerates every taint
     "Toleration.value": LABEL_VALUE,
     "ResourceRequirements.limits{key}": LABEL_KEY,
     "ResourceRequirements.requests{key}": LABEL_KEY,

@@ -107,6 +107,8 @@ def test_keras_options_and_kubernetes_fields_are_admitted(crd_installed: Cluster
                 {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
                 {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
                  "tolerationSeconds": 300},
+                {"operator": "Exists"},
+                {"key": "", "operator": "Exists", "effect": ""},
             ],
             "affinity": {
                 "nodeAffinity": {
@@ -190,6 +192,7 @@ BAD: list[tuple[str, str, dict[str, Any]]] = [
         _runtime(tolerations=[{"key": "k", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 5}]),
     ),
     ("toleration-exists-value", "spec.runtime.tolerations[0]", _runtime(tolerations=[{"key": "k", "operator": "Exists", "value": "v"}])),
+    ("toleration-key", "spec.runtime.tolerations[0].key", _runtime(tolerations=[{"key": "-bad key", "operator": "Exists"}])),
     ("toleration-no-key", "spec.runtime.tolerations[0]", _runtime(tolerations=[{"operator": "Equal", "value": "v"}])),
     ("toleration-seconds-type", "spec.runtime.tolerations[0].tolerationSeconds", _runtime(
         tolerations=[{"key": "k", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": "soon"}])),
