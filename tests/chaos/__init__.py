@@ -1,0 +1,1 @@
+"""The chaos tier: generated bad manifests, hostile trainer output and reports, killed trainers."""
