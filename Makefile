@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help setup deps-debian control-plane gotools lint crds test test-unit test-lowest test-integration test-e2e \
+.PHONY: help setup deps-debian control-plane gotools lint crds test test-unit test-lowest test-integration test-e2e test-chaos \
         bench demo cluster-up cluster-down clean
 
 help:
@@ -76,6 +76,11 @@ test-integration: setup control-plane gotools
 
 test-e2e: setup control-plane deps-debian
 	$(PYTEST) -q tests/e2e
+
+## test-chaos: tests/chaos, hostile input and killed trainers on the local control plane; each test has a
+## pytest timeout, the whole tier 20 minutes at most (SIGINT first, so the operators it started are stopped)
+test-chaos: setup control-plane
+	timeout --signal=INT --kill-after=60 1200 $(PYTEST) -q tests/chaos
 
 test: setup deps-debian control-plane lint test-unit test-lowest test-integration test-e2e
 
