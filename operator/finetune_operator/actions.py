@@ -1,10 +1,14 @@
 """The operator's own Kubernetes API calls, apart from Kopf's watches.
 
-`KubeActions` makes every write the reconciler and the progress hub need (the ConfigMap and
-Job of a FineTuneJob, suspend and resume, status merge patches, events) and the few reads
-(adopting a Job after a conflict, the FailedCreate event of a Job that makes no pod, a
+`KubeActions` makes every write the reconciler and the progress hub need (the Job of a
+FineTuneJob, suspend and resume, deleting a Job once its time is up or when an earlier
+FineTuneJob of the same name left it, status merge patches, events) and the few reads (what
+stands in the way of a new Job, the FailedCreate event of a Job that makes no pod, a
 FineTuneJob a standby replica does not know), all through one pooled `kube.KubeClient`.
 `handlers` decides what to write and when; this module knows how.
+
+Deletes always carry a precondition on the Job's uid: the operator only ever deletes the very
+Job it looked at, never a newer one that took its name meanwhile.
 """
 
 from __future__ import annotations
@@ -14,14 +18,15 @@ import datetime
 import logging
 import socket
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from finetune_operator import api, builders, kube, metrics, settings, status
 
 if TYPE_CHECKING:
     from finetune_operator.progress import Registration
 
-__all__ = ["KubeActions", "controller_uid"]
+__all__ = ["Conflict", "KubeActions", "Obstacle", "Refused", "Standing", "controller_uid", "standing"]
 
 logger = logging.getLogger("finetune_operator")
 
@@ -34,6 +39,69 @@ def controller_uid(body: Mapping[str, Any]) -> str:
         if ref.get("controller"):
             return str(ref.get("uid", ""))
     return ""
+
+
+def _controller(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return dict(ref)
+    return None
+
+
+Standing = Literal["ours", "stale", "going", "foreign"]
+
+
+def standing(body: Mapping[str, Any], *, owner: builders.Owner) -> Standing:
+    """How a Job named like the FineTuneJob stands towards it.
+
+    - `ours`: its controller is this FineTuneJob (same uid): adopt it.
+    - `going`: someone else's, already being deleted: wait for it to go.
+    - `stale`: its controller is a FineTuneJob of this very name but another uid. Names are
+      unique, so that FineTuneJob no longer exists (deleted and created again): the garbage
+      collector will delete the Job; the operator may delete it right away.
+    - `foreign`: anything else (no controller, another kind, another name): a real conflict.
+    """
+    ref = _controller(body)
+    if ref is not None and str(ref.get("uid", "")) == owner.uid:
+        return "ours"
+    if (body.get("metadata") or {}).get("deletionTimestamp"):
+        return "going"
+    if (
+        ref is not None
+        and str(ref.get("apiVersion", "")).split("/", 1)[0] == api.API_GROUP
+        and ref.get("kind") == api.KIND
+        and ref.get("name") == owner.name
+    ):
+        return "stale"
+    return "foreign"
+
+
+def _describe_owner(body: Mapping[str, Any]) -> str:
+    ref = _controller(body)
+    if ref is None:
+        return "it has no controller"
+    return f"its controller is {ref.get('kind')} {ref.get('name')} (uid {ref.get('uid')})"
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The API server refused the Job for good (400, 413, 422): the job fails with this message."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A Job of that name exists and is not this FineTuneJob's (409)."""
+
+
+@dataclass(frozen=True)
+class Obstacle:
+    """What `KubeActions.obstacle` found where a FineTuneJob's Job must go."""
+
+    kind: Literal["clear", "adopt", "wait", "conflict"]
+    why: str = ""
+    job: status.JobView | None = None  # with `adopt`
 
 
 class KubeActions:
@@ -51,8 +119,12 @@ class KubeActions:
         spec: Mapping[str, Any],
         parsed: api.FineTuneJobSpec,
         config: settings.OperatorConfig,
-    ) -> status.JobView | str:
-        """Creates (or adopts) the ConfigMap and the Job; returns the Job, or a refusal."""
+    ) -> status.JobView | Refused | Conflict:
+        """Creates the Job (or adopts it, when an earlier run of the operator made it).
+
+        `Conflict` when a Job of that name belongs to something else (see `standing`),
+        `Refused` when the API server will never take it.
+        """
         ns = owner.namespace
         manifest = builders.build_job(
             owner=owner,
@@ -61,23 +133,25 @@ class KubeActions:
             progress_url=config.progress_url,
             trainer_command=config.trainer_command,
             run_as_user=config.run_as_user,
-        )
-        # The ConfigMap first, so that the Job's pod finds it.
-        await self._create_or_exists(
-            f"/api/v1/namespaces/{ns}/configmaps", builders.build_config_map(owner=owner, spec=spec)
+            raw_spec=spec,
         )
         path = f"/apis/batch/v1/namespaces/{ns}/jobs"
         try:
             body = await self.client.create(path, manifest)
         except kube.ApiError as exc:
             if exc.status == 409:
-                body = await self.client.get(f"{path}/{owner.name}")
-                if controller_uid(body) != owner.uid:
-                    return f"a batch Job named {owner.name} already exists and is not owned by this FineTuneJob"
+                try:
+                    body = await self.client.get(f"{path}/{owner.name}")
+                except kube.ApiError as again:
+                    if again.status == 404:
+                        return Conflict()  # gone meanwhile: the caller looks again
+                    raise
+                if standing(body, owner=owner) != "ours":
+                    return Conflict()
                 logger.info("adopted the existing Job %s/%s", ns, owner.name)
                 return status.job_view(body)
-            if exc.status in (400, 422):
-                return f"the batch Job was refused: {exc.message}"
+            if exc.status in (400, 413, 422):
+                return Refused(f"the batch Job was refused: {exc.message}")
             raise
         metrics.job_created(namespace=ns)
         self.post_event(
@@ -88,13 +162,65 @@ class KubeActions:
         )
         return status.job_view(body)
 
-    async def _create_or_exists(self, path: str, body: Mapping[str, Any]) -> None:
-        """Creates the object, unless it exists already (made by an earlier run of the operator)."""
+    async def obstacle(self, *, owner: builders.Owner) -> Obstacle:
+        """What, read from the API (not the watch caches), stands where the job's Job must go.
+
+        `adopt` (with the Job) when the Job is this FineTuneJob's; `conflict` when a Job of
+        that name is someone else's; `wait` while a Job or a live pod of an earlier
+        FineTuneJob of this name is still there (a stale Job is deleted on the way, its pods
+        follow it through the garbage collector); `clear` when nothing is.
+        """
+        ns, name = owner.namespace, owner.name
         try:
-            await self.client.create(path, body)
+            body: dict[str, Any] | None = await self.client.get(f"/apis/batch/v1/namespaces/{ns}/jobs/{name}")
         except kube.ApiError as exc:
-            if exc.status != 409:
+            if exc.status != 404:
                 raise
+            body = None
+        if body is not None:
+            state = standing(body, owner=owner)
+            if state == "ours":
+                return Obstacle("adopt", job=status.job_view(body))
+            if state == "foreign":
+                return Obstacle("conflict", (
+                    f"a batch Job named {name} already exists and is not owned by this FineTuneJob "
+                    f"({_describe_owner(body)}); delete it or rename the FineTuneJob"
+                ))  # fmt: skip
+            uid = str((body.get("metadata") or {}).get("uid", ""))
+            if state == "stale":
+                await self.delete_job(namespace=ns, name=name, uid=uid)
+            return Obstacle(
+                "wait", f"waiting for batch Job {name} (uid {uid}) of an earlier FineTuneJob of this name to be deleted"
+            )
+        selector = f"{builders.JOB_NAME_LABEL}={name},app.kubernetes.io/managed-by={builders.MANAGED_BY}"
+        pods = await self.client.request("GET", f"/api/v1/namespaces/{ns}/pods", params={"labelSelector": selector})
+        live = sorted(
+            str((p.get("metadata") or {}).get("name", ""))
+            for p in pods.get("items") or []
+            if isinstance(p, dict) and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        )
+        if live:
+            return Obstacle("wait", f"waiting for pod {live[0]} of an earlier FineTuneJob of this name to stop")
+        return Obstacle("clear")
+
+    async def delete_job(self, *, namespace: str, name: str, uid: str) -> None:
+        """Deletes exactly this Job (precondition on its uid); its pods go through the garbage collector.
+
+        A Job already gone, or replaced by another of the same name, is left alone.
+        """
+        options = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "propagationPolicy": "Background",
+            "preconditions": {"uid": uid},
+        }
+        try:
+            await self.client.request("DELETE", f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}", body=options)
+        except kube.ApiError as exc:
+            if exc.status not in (404, 409):
+                raise
+            return
+        logger.info("deleted Job %s/%s (uid %s)", namespace, name, uid)
 
     async def creation_failure(self, *, owner: builders.Owner) -> str | None:
         """The message of the newest FailedCreate event of the job's batch Job (the Job controller's reason)."""

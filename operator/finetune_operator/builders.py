@@ -1,7 +1,17 @@
-"""Pure builders: a FineTuneJob -> the manifests (dicts) of its batch Job and ConfigMap.
+"""Pure builders: a FineTuneJob -> the manifest (a dict) of its batch Job.
 
-No I/O here; the handlers send what these return. Every object is owned by the FineTuneJob
-(ownerReferences), so deleting the FineTuneJob deletes them all.
+No I/O here; the handlers send what these return. The Job is owned by the FineTuneJob
+(ownerReferences), so deleting the FineTuneJob deletes it and its pods.
+
+The Job is the only object the operator creates. The spec the trainer reads (`--config`)
+travels in the Job itself: the FineTuneJob manifest, as compact JSON, is the pod-template
+annotation `finetune.dev/spec`, mounted as a file at `CONFIG_FILE` by a downwardAPI volume.
+So a Job can only ever run the spec of the FineTuneJob that made it (a ConfigMap of the same
+name left by an earlier FineTuneJob could be mounted by mistake; an annotation cannot), and it
+costs one write less per job. JSON, not YAML: the trainer reads a `.json` file with
+`json.loads`, which keeps every number exact (YAML 1.1 reads `1e-05` as a string). Like every
+annotation it counts against the 256 KiB limit of an object's annotations; admission bounds
+the spec so that it fits, and a Job the API server still refuses fails the job with a reason.
 
 The trainer's progress credential needs no object of its own: the pod gets a projected
 ServiceAccount token, bound to the pod, whose audience is unique to the FineTuneJob
@@ -31,16 +41,17 @@ __all__ = [
     "METRICS_PORT",
     "NON_RETRYABLE_EXIT_CODES",
     "PROGRESS_TOKEN_FILE",
+    "SPEC_ANNOTATION",
     "Owner",
-    "build_config_map",
     "build_job",
-    "config_map_name",
     "labels",
+    "spec_document",
 ]
 
 CONTAINER_NAME = "trainer"
 CONFIG_DIR = "/etc/finetune"
-CONFIG_FILE = f"{CONFIG_DIR}/job.yaml"
+CONFIG_FILE = f"{CONFIG_DIR}/job.json"
+SPEC_ANNOTATION = "finetune.dev/spec"  # on the pod template: the manifest the trainer reads
 METRICS_PORT = 9090
 PROGRESS_TOKEN_DIR = "/var/run/secrets/finetune.dev/progress"
 PROGRESS_TOKEN_FILE = f"{PROGRESS_TOKEN_DIR}/token"
@@ -91,10 +102,6 @@ def labels(*, owner: Owner) -> dict[str, str]:
     }
 
 
-def config_map_name(name: str) -> str:
-    return f"{name}-config"
-
-
 def _metadata(*, owner: Owner, name: str) -> dict[str, Any]:
     return {
         "name": name,
@@ -104,22 +111,15 @@ def _metadata(*, owner: Owner, name: str) -> dict[str, Any]:
     }
 
 
-def build_config_map(*, owner: Owner, spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The ConfigMap holding the FineTuneJob manifest the trainer reads with `--config`."""
+def spec_document(*, owner: Owner, spec: Mapping[str, Any]) -> str:
+    """The FineTuneJob manifest the trainer reads with `--config`, as compact JSON (the annotation's value)."""
     manifest = {
         "apiVersion": f"{api.API_GROUP}/{api.API_VERSION}",
         "kind": api.KIND,
-        "metadata": {"name": owner.name, "namespace": owner.namespace},
+        "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid},
         "spec": dict(spec),
     }
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(owner=owner, name=config_map_name(owner.name)),
-        # JSON is YAML: the trainer reads it with yaml.safe_load, and json.dumps is far cheaper.
-        "data": {"job.yaml": json.dumps(manifest, indent=2) + "\n"},
-        "immutable": True,
-    }
+    return json.dumps(manifest, separators=(",", ":"), ensure_ascii=False)
 
 
 def _env(*, owner: Owner, progress_url: str | None, extra: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -156,9 +156,18 @@ def build_job(
     progress_url: str | None,
     trainer_command: Sequence[str] = ("finetune-train",),
     run_as_user: int = 1000,
+    raw_spec: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The batch/v1 Job that runs the trainer, named like the FineTuneJob."""
+    """The batch/v1 Job that runs the trainer, named like the FineTuneJob.
+
+    `raw_spec` is the FineTuneJob's spec as the API server holds it, handed to the trainer
+    as it is (default: `spec` dumped back, for callers that have only the parsed model).
+    `runtime.ttlSecondsAfterFinished` is not put on the Job: the operator deletes the Job
+    itself once it has recorded the outcome (a TTL controller could delete it first).
+    """
     runtime = spec.runtime
+    if raw_spec is None:
+        raw_spec = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     job_labels = labels(owner=owner)
     if KUEUE_QUEUE_LABEL in owner.labels:
         job_labels[KUEUE_QUEUE_LABEL] = owner.labels[KUEUE_QUEUE_LABEL]
@@ -203,7 +212,15 @@ def build_job(
         "volumes": [
             {
                 "name": "finetune-config",
-                "configMap": {"name": config_map_name(owner.name), "defaultMode": 0o444},
+                "downwardAPI": {
+                    "defaultMode": 0o444,
+                    "items": [
+                        {
+                            "path": CONFIG_FILE.rsplit("/", 1)[1],
+                            "fieldRef": {"fieldPath": f"metadata.annotations['{SPEC_ANNOTATION}']"},
+                        }
+                    ],
+                },
             },
             {
                 "name": "finetune-progress-token",
@@ -250,12 +267,16 @@ def build_job(
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]
         },
-        "template": {"metadata": {"labels": labels(owner=owner)}, "spec": pod_spec},
+        "template": {
+            "metadata": {
+                "labels": labels(owner=owner),
+                "annotations": {SPEC_ANNOTATION: spec_document(owner=owner, spec=raw_spec)},
+            },
+            "spec": pod_spec,
+        },
     }
     if runtime.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = runtime.active_deadline_seconds
-    if runtime.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = runtime.ttl_seconds_after_finished
     metadata = _metadata(owner=owner, name=owner.name)
     metadata["labels"] = job_labels
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}

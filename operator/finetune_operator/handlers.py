@@ -9,9 +9,19 @@ the trainer's reports, `actions` makes the API calls. What lives here is their o
 - Every event only enqueues its FineTuneJob's key; one worker per key reconciles it (a key
   enqueued while it runs is reconciled once more afterwards). A failed reconcile is retried
   with backoff; a spec only the operator can reject becomes Failed/InvalidSpec, once.
-- Writes are few: the ConfigMap and Job at creation, a status patch only when the
-  operator-owned fields change, a Job patch on suspend/resume. The trainer's progress
-  credential is a projected ServiceAccount token the kubelet makes: no Secret to write.
+- Writes are few: the Job at creation (the spec the trainer reads rides in it, see
+  `builders`), a status patch only when the operator-owned fields change (the first one at
+  once, later ones coalesced over `--status-window`), a Job patch on suspend/resume, a Job
+  delete when `runtime.ttlSecondsAfterFinished` is up. The trainer's progress credential is
+  a projected ServiceAccount token the kubelet makes: no Secret to write.
+- A FineTuneJob deleted and created again under the same name gets a Job of its own: what
+  the earlier one left (its Job, its pods) is never adopted. The operator waits until they
+  are gone (deleting a Job whose FineTuneJob no longer exists itself), then creates the new
+  Job; a Job of that name owned by anything else fails the job with JobNameConflict.
+- Finished means finished: the operator applies `ttlSecondsAfterFinished` itself, deleting
+  the Job only after it recorded the outcome (a TTL controller could delete it while the
+  operator is down, and the outcome with it). A Job that vanishes after a pod ran, before
+  the outcome is recorded, fails the job with JobDeleted rather than training again.
   No Kopf handler state is written (on.event handlers keep none); Kopf's storages are still
   set to annotations under `finetune.dev` so that nothing of Kopf's ever lands in `status`.
 """
@@ -39,6 +49,7 @@ logger = logging.getLogger("finetune_operator")
 MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
 GROUP, VERSION, PLURAL = api.API_GROUP, api.API_VERSION, api.PLURAL
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+WAIT_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # looking again at what an earlier FineTuneJob left
 
 Key = tuple[str, str]
 
@@ -60,6 +71,7 @@ class FtjView:
     output_path: str
     status: Mapping[str, Any]
     deleting: bool
+    ttl_s: int | None = None  # spec.runtime.ttlSecondsAfterFinished
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -71,6 +83,7 @@ def ftj_view(body: Mapping[str, Any]) -> FtjView:
     spec = body.get("spec") or {}
     current = body.get("status") or {}
     labels = meta.get("labels") or {}
+    ttl = (spec.get("runtime") or {}).get("ttlSecondsAfterFinished")
     return FtjView(
         uid=str(meta.get("uid", "")),
         generation=int(meta.get("generation") or 1),
@@ -81,6 +94,7 @@ def ftj_view(body: Mapping[str, Any]) -> FtjView:
         output_path=str((spec.get("output") or {}).get("path", "")),
         status={k: current[k] for k in _KEPT_STATUS if k in current},
         deleting=bool(meta.get("deletionTimestamp")),
+        ttl_s=ttl if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl >= 0 else None,
     )
 
 
@@ -105,7 +119,8 @@ class Operator:
         self._finished: set[str] = set()
         self._created: dict[str, status.JobView] = {}  # FineTuneJob uid -> its Job, until the index shows it
         self._parsed: dict[str, tuple[int, api.FineTuneJobSpec | None, str | None]] = {}
-        self._first_seen: dict[str, float] = {}  # FineTuneJob uid -> monotonic time first reconciled
+        self._waits: dict[Key, int] = {}  # jobs waiting for an earlier FineTuneJob's objects: looks so far
+        self._expired: set[str] = set()  # Job uids deleted for their TTL
         self._last_write: dict[str, float] = {}  # FineTuneJob uid -> monotonic time of the last status write
         self._limit = asyncio.Semaphore(64)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -167,7 +182,9 @@ class Operator:
         if self.ftjs is None or key not in self.ftjs:
             return None
         views = list(self.ftjs[key])
-        return views[0] if views else None
+        # One, normally. Two only when a watch missed a deletion (410 Gone) and a FineTuneJob of the
+        # same name was created since: the newer is the one that exists.
+        return max(views, key=lambda v: v.created or "") if views else None
 
     def _job(self, key: Key, owner_uid: str) -> status.JobView | None:
         if self.jobs is None or key not in self.jobs:
@@ -195,6 +212,7 @@ class Operator:
         terminal = previous.get("phase") in status.TERMINAL and previous.get("observedGeneration") == ftj.generation
         if terminal:
             self._finish(key, ftj.uid)
+            await self._expire(key, ftj, previous, now=now)
             return
 
         job = self._job(key, ftj.uid)
@@ -210,18 +228,25 @@ class Operator:
             return
         assert parsed is not None or job is not None
         if job is None and parsed is not None:
-            job_or_refusal = await self.actions.create_job(
-                owner=owner, spec=ftj.spec, parsed=parsed, config=self.config
-            )
-            if isinstance(job_or_refusal, str):
+            if int(previous.get("attempts") or 0) > 0:
+                # A pod of ours ran, and the Job is gone before its outcome was recorded: whatever
+                # happened is lost, and training again would run the job twice.
                 outcome = status.invalid_spec(
-                    generation=ftj.generation, message=job_or_refusal, previous=previous, now=now
+                    generation=ftj.generation,
+                    message="the batch Job was deleted before the operator recorded its outcome; "
+                    f"the model may be under {ftj.output_path}. Delete and create the FineTuneJob to train again",
+                    previous=previous,
+                    now=now,
+                    reason="JobDeleted",
                 )
                 await self._apply(key, ftj, outcome, previous)
                 return
-            job = job_or_refusal
-            self._created[ftj.uid] = job
+            found = await self._make_job(key, ftj, owner=owner, parsed=parsed, previous=previous, now=now)
+            if found is None:
+                return
+            job = found
         assert job is not None
+        self._waits.pop(key, None)
 
         if ftj.uid not in self._registered and self.hub is not None:
             from finetune_operator.progress import stage_plan
@@ -271,24 +296,113 @@ class Operator:
             if waiting or not pods:
                 self.enqueue(key, delay=self.config.pending_timeout_s + 1.0)
 
+    async def _make_job(
+        self,
+        key: Key,
+        ftj: FtjView,
+        *,
+        owner: builders.Owner,
+        parsed: api.FineTuneJobSpec,
+        previous: Mapping[str, Any],
+        now: datetime.datetime,
+    ) -> status.JobView | None:
+        """Creates the job's Job once nothing of an earlier FineTuneJob of this name is in the way.
+
+        The indexes say whether anything might be (another Job of this name, a pod of one);
+        the API decides (`actions.obstacle`), so an index entry a watch failed to remove
+        never holds a job back. None when there is no Job to go on with on this pass: the
+        status says why (Pending/Replacing and a look again later, or Failed).
+        """
+        found = actions.Obstacle("clear")
+        if self._leftovers(key, ftj.uid):
+            found = await self.actions.obstacle(owner=owner)
+        if found.kind == "clear":
+            made = await self.actions.create_job(owner=owner, spec=ftj.spec, parsed=parsed, config=self.config)
+            if isinstance(made, status.JobView):
+                self._created[ftj.uid] = made
+                return made
+            if isinstance(made, actions.Refused):
+                outcome = status.invalid_spec(
+                    generation=ftj.generation, message=made.message, previous=previous, now=now
+                )
+                await self._apply(key, ftj, outcome, previous)
+                return None
+            found = await self.actions.obstacle(owner=owner)
+            if found.kind == "clear":  # the other Job went away just now
+                found = actions.Obstacle("wait", "the batch Job of an earlier FineTuneJob of this name went away")
+        if found.kind == "adopt" and found.job is not None:
+            self._created[ftj.uid] = found.job
+            return found.job
+        if found.kind == "conflict":
+            outcome = status.invalid_spec(
+                generation=ftj.generation, message=found.why, previous=previous, now=now, reason="JobNameConflict"
+            )
+            await self._apply(key, ftj, outcome, previous)
+            return None
+        why = found.why
+        looks = self._waits.get(key, 0)
+        if looks == 0:
+            logger.info("%s/%s: %s", *key, why)
+        self._waits[key] = looks + 1
+        outcome = status.derive(
+            generation=ftj.generation,
+            suspend=ftj.suspend,
+            output_path=ftj.output_path,
+            previous=previous,
+            job=None,
+            pods=[],
+            counted_pods=self._counted.get(ftj.uid),
+            now=now,
+            pending_timeout_s=self.config.pending_timeout_s,
+            blocked=why or "waiting for the objects of an earlier FineTuneJob of this name to go",
+        )
+        if status.diff(desired=outcome.status, current=previous):
+            await self._apply(key, ftj, outcome, previous)
+        # Their deletion events bring the job back sooner; this is the bound.
+        self.enqueue(key, delay=WAIT_DELAYS[min(looks, len(WAIT_DELAYS) - 1)])
+        return None
+
+    def _leftovers(self, key: Key, uid: str) -> bool:
+        """Whether the indexes hold a Job of this name that is not the FineTuneJob's, or a pod of one."""
+        if self.jobs is not None and key in self.jobs and any(owner != uid for owner, _ in self.jobs[key]):
+            return True
+        return self.pods is not None and key in self.pods and any(True for _ in self.pods[key])
+
+    async def _expire(self, key: Key, ftj: FtjView, recorded: Mapping[str, Any], *, now: datetime.datetime) -> None:
+        """Applies runtime.ttlSecondsAfterFinished: deletes the Job once the outcome is recorded and the time is up.
+
+        The Job carries no TTL of its own, so it stays (with its pods and their exit codes)
+        while the operator is away; the clock starts at the recorded completionTime.
+        """
+        if ftj.ttl_s is None:
+            return
+        job = self._job(key, ftj.uid) or self._created.get(ftj.uid)
+        if job is None or job.uid in self._expired:
+            return
+        finished = status.parse_time(recorded.get("completionTime")) or now
+        left = (finished - now).total_seconds() + ftj.ttl_s
+        if left > 0:
+            self.enqueue(key, delay=left + 0.5)
+            return
+        await self.actions.delete_job(namespace=key[0], name=key[1], uid=job.uid)
+        self._expired.add(job.uid)
+        self._created.pop(ftj.uid, None)
+
     def _coalesce_wait(self, uid: str, outcome: status.Outcome, previous: Mapping[str, Any]) -> float:
         """Seconds to hold back a non-final status write, so that quick transitions share one write.
 
-        The first write waits up to `first_status_delay_s` from when the operator saw the job
-        (a pod that starts in that time makes Pending and Running one write); later ones
-        `status_window_s` from the previous write. Succeeded and Failed are written at once.
+        The first write is never held back (a new job shows Pending and Reconciling=True at
+        once, so that kstatus never reads it as Current); later ones wait `status_window_s`
+        from the previous write. Succeeded and Failed are written at once.
         """
         if outcome.status.get("phase") in status.TERMINAL:
             return 0.0
         if not status.diff(desired=outcome.status, current=previous):
             return 0.0
-        now = time.monotonic()
         last = self._last_write.get(uid)
         if last is None:
-            if outcome.status.get("phase") != "Pending":
-                return 0.0
-            return max(0.0, self._first_seen.setdefault(uid, now) + self.config.first_status_delay_s - now)
-        return max(0.0, last + self.config.status_window_s - now)
+            return 0.0
+        return max(0.0, last + self.config.status_window_s - time.monotonic())
 
     def _parse(self, name: str, ftj: FtjView) -> tuple[api.FineTuneJobSpec | None, str | None]:
         """`operator_refusal`, once per generation of a job."""
@@ -301,6 +415,9 @@ class Operator:
     async def _apply(self, key: Key, ftj: FtjView, outcome: status.Outcome, previous: Mapping[str, Any]) -> None:
         namespace, name = key
         patch = status.diff(desired=outcome.status, current=previous)
+        if patch and "etaSeconds" in outcome.status and outcome.status["etaSeconds"] is None:
+            # The hub may have written an estimate this view has not seen yet: clear it anyway.
+            patch["etaSeconds"] = None
         if patch:
             await self.actions.patch_status(namespace=namespace, name=name, status=patch, source="reconcile")
             self._written.setdefault(ftj.uid, {}).update(patch)
@@ -323,6 +440,7 @@ class Operator:
             self.actions.post_event(namespace=namespace, name=name, uid=ftj.uid, event=event)
         if phase in status.TERMINAL:
             self._finish(key, ftj.uid)
+            await self._expire(key, ftj, {**previous, **outcome.status}, now=datetime.datetime.now(datetime.UTC))
 
     def _finish(self, key: Key, uid: str) -> None:
         if uid in self._finished:
@@ -333,8 +451,9 @@ class Operator:
 
     def forget(self, key: Key, uid: str) -> None:
         """The FineTuneJob is gone: drop its memory, its hub state and its metric series."""
-        for table in (self._counted, self._written, self._first_seen, self._last_write, self._parsed, self._created):
+        for table in (self._counted, self._written, self._last_write, self._parsed, self._created):
             table.pop(uid, None)
+        self._waits.pop(key, None)
         self._registered.discard(uid)
         self._finished.discard(uid)
         self._failures.pop(key, None)
@@ -371,17 +490,10 @@ def configure(*, config: config_mod.OperatorConfig) -> Operator:
 
 
 @kopf.on.login()
-async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """Kopf's login and re-login (after a 401 of its own): the kubeconfig or in-cluster token,
-    read again each time (a rotated token file is picked up); our client swaps to it and
-    closes its old session. The client re-logs in the same way after a 401 of its own."""
-
-    async def fresh() -> kopf.ConnectionInfo | None:
-        return await asyncio.to_thread(kopf.login_via_client, **kwargs)
-
-    info = await fresh()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    info = kopf.login_via_client(**kwargs)
     if info is not None:
-        await STATE.client.connect(info=info, relogin=fresh)
+        STATE.client.connect(info=info)
     return info
 
 

@@ -30,7 +30,6 @@ class OperatorConfig:
     pending_timeout_s: float = 600.0
     run_as_user: int = 1000
     status_window_s: float = 1.0
-    first_status_delay_s: float = 5.0
     peering: str | None = None
     priority: int | None = None
     verbose: bool = False
@@ -75,12 +74,6 @@ def parse_args(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] 
         default=float(env.get("FINETUNE_STATUS_WINDOW", "1.0")),
         help="seconds over which non-final status changes of a job are coalesced into one write (0: none)",
     )
-    p.add_argument(
-        "--first-status-delay",
-        type=float,
-        default=float(env.get("FINETUNE_FIRST_STATUS_DELAY", "5.0")),
-        help="seconds a new job's Pending status may wait for its pod to run, saving a write (0: none)",
-    )
     p.add_argument("--run-as-user", type=int, default=int(env.get("FINETUNE_RUN_AS_USER", "1000")))
     p.add_argument(
         "--peering",
@@ -106,7 +99,6 @@ def parse_args(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] 
         pending_timeout_s=args.pending_timeout,
         run_as_user=args.run_as_user,
         status_window_s=args.status_window,
-        first_status_delay_s=args.first_status_delay,
         peering=args.peering,
         priority=args.priority,
         verbose=args.verbose,

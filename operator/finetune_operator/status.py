@@ -384,25 +384,33 @@ def _conditions(
     return out
 
 
-def invalid_spec(*, generation: int, message: str, previous: Mapping[str, Any], now: datetime.datetime) -> Outcome:
-    """The status of a job the operator itself refuses (e.g. an unknown model.base): Failed/InvalidSpec."""
+def invalid_spec(
+    *, generation: int, message: str, previous: Mapping[str, Any], now: datetime.datetime, reason: str = "InvalidSpec"
+) -> Outcome:
+    """The status of a job the operator itself fails before any pod ran: Failed/`reason`.
+
+    InvalidSpec (an unknown model.base, a Job the API server refuses), JobNameConflict (a
+    Job of that name belongs to something else) or JobDeleted (its Job went away before the
+    outcome was recorded). `etaSeconds` is cleared.
+    """
     stamp = rfc3339(now)
     status = {
         "observedGeneration": generation,
         "phase": "Failed",
-        "reason": "InvalidSpec",
+        "reason": reason,
         "message": message,
         "completionTime": previous.get("completionTime") or stamp,
+        "etaSeconds": None,
         "conditions": _conditions(
             phase="Failed",
-            reason="InvalidSpec",
+            reason=reason,
             message=message,
             generation=generation,
             previous=previous.get("conditions") or [],
             now=stamp,
         ),
     }
-    events = () if previous.get("phase") == "Failed" else (Event("Warning", "Failed", f"InvalidSpec: {message}"),)
+    events = () if previous.get("phase") == "Failed" else (Event("Warning", "Failed", f"{reason}: {message}"),)
     return Outcome(status=status, events=events, counted_pods=frozenset())
 
 
@@ -418,6 +426,7 @@ def derive(
     now: datetime.datetime,
     pending_timeout_s: float,
     creation_failure: str | None = None,
+    blocked: str | None = None,
 ) -> Outcome:
     """The operator-owned status of a FineTuneJob from its Job and pods.
 
@@ -426,7 +435,9 @@ def derive(
     (None after an operator restart: the pods visible now are taken as counted, and the
     Job's failed and succeeded counters bound `attempts` from below).
     `creation_failure` is the message of the Job's newest FailedCreate event, when the caller
-    looked it up (see `creation_stalled`).
+    looked it up (see `creation_stalled`). `blocked` says why there is no Job yet while
+    objects of an earlier FineTuneJob of the same name are still going away (Pending/Replacing).
+    Failed and Suspended clear `etaSeconds`.
     """
     prev_phase = previous.get("phase")
     stamp = rfc3339(now)
@@ -452,7 +463,9 @@ def derive(
     model_path: str | None = None
     completion: str | None = None
     stop_job = False
-    if job is None:
+    if job is None and blocked:
+        phase, reason, message = "Pending", "Replacing", blocked
+    elif job is None:
         phase, reason, message = "Pending", "Creating", "creating the batch Job"
     elif "Complete" in job.conditions or "SuccessCriteriaMet" in job.conditions:
         phase, reason = "Succeeded", "Succeeded"
@@ -515,6 +528,8 @@ def derive(
         status["modelPath"] = model_path
         status["progress"] = 100
         status["etaSeconds"] = 0
+    elif phase in ("Failed", "Suspended"):
+        status["etaSeconds"] = None  # no estimate holds for a job that is not training
     status["conditions"] = _conditions(
         phase=phase,
         reason=reason,

@@ -234,17 +234,19 @@ def test_job_shape_and_pod_admitted_by_pod_security(env: Env) -> None:
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"
     assert job["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "finetune-operator"
     spec = job["spec"]
-    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (2, 600, 3600)
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"]) == (2, 600)
+    assert "ttlSecondsAfterFinished" not in spec  # the operator applies it, once the outcome is recorded
     assert spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2, 3, 4]
     pod_spec = spec["template"]["spec"]
     assert pod_spec["automountServiceAccountToken"] is False
     assert pod_spec["nodeSelector"] == {"kubernetes.io/hostname": "local-node"}
     container = pod_spec["containers"][0]
-    assert container["command"][-2:] == ["--config", "/etc/finetune/job.yaml"]
+    assert container["command"][-2:] == ["--config", "/etc/finetune/job.json"]
     assert container["resources"]["requests"] == {"cpu": "100m"}
-    config_map = env.get("configmap", "shape-config")
-    assert config_map is not None
-    assert config_map["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
+    # The spec rides in the Job (a pod-template annotation mounted by the downward API): no ConfigMap.
+    manifest = json.loads(spec["template"]["metadata"]["annotations"]["finetune.dev/spec"])
+    assert manifest["metadata"]["uid"] == owner["metadata"]["uid"] and manifest["spec"] == owner["spec"]
+    assert env.get("configmap", "shape-config") is None
     # The progress credential is a projected token for this job's audience: no Secret is made.
     (token,) = [v for v in pod_spec["volumes"] if "projected" in v]
     audience = token["projected"]["sources"][0]["serviceAccountToken"]["audience"]
@@ -321,10 +323,11 @@ def test_unknown_base_model_fails_without_a_job_or_retry(env: Env) -> None:
 
 
 def test_a_job_the_api_server_refuses_fails_as_invalid_spec(env: Env) -> None:
-    env.apply(ftj("badvolume", volumes=[{"name": "Not_A_DNS_Label", "emptyDir": {}}]))
+    """Admission cannot see that a mount names no volume; the API server refuses the Job (422), once."""
+    env.apply(ftj("badvolume", volumeMounts=[{"name": "no-such-volume", "mountPath": "/nowhere"}]))
     status = env.wait_phase("badvolume", "Failed")
     assert status["reason"] == "InvalidSpec"
-    assert "volumes" in status["message"] and "Not_A_DNS_Label" in status["message"]
+    assert "volumeMounts" in status["message"] and "no-such-volume" in status["message"]
     assert env.get("job", "badvolume") is None
     assert env.operator.alive()
 
@@ -385,11 +388,10 @@ def test_deleting_the_finetunejob_collects_its_objects(env: Env) -> None:
     env.kubectl("delete", "ftj", "doomed", "--wait=true")
 
     def gone() -> bool:
-        left = [env.get(kind, name) for kind, name in (("job", "doomed"), ("configmap", "doomed-config"))]
         pods = json.loads(env.kubectl("get", "pods", "-l", "finetune.dev/job=doomed", "-o", "json").stdout)["items"]
-        return all(o is None for o in left) and not pods
+        return env.get("job", "doomed") is None and not pods
 
-    wait_for(gone, timeout=WAIT, message="Job, pods and ConfigMap of ftj/doomed garbage-collected")
+    wait_for(gone, timeout=WAIT, message="Job and pods of ftj/doomed garbage-collected")
 
 
 def test_operator_restart_mid_flight_adopts_and_converges(env: Env) -> None:

@@ -1,11 +1,11 @@
-"""The pure builders: the Job and ConfigMap made for a FineTuneJob, for every runtime option."""
+"""The pure builders: the Job made for a FineTuneJob (the spec it carries included), for every runtime option."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
-import yaml
 from finetune_operator import api, builders
 
 OWNER = builders.Owner(namespace="ml", name="flowers", uid="uid-1", labels={"team": "a"})
@@ -63,12 +63,14 @@ def test_pod_failure_policy_and_retries() -> None:
     assert spec["template"]["spec"]["restartPolicy"] == "Never"
 
 
-def test_deadline_ttl_and_suspend_pass_through() -> None:
+def test_deadline_and_suspend_pass_through_and_the_ttl_is_the_operators() -> None:
     plain = job_for()["spec"]
     assert "activeDeadlineSeconds" not in plain and "ttlSecondsAfterFinished" not in plain
     assert plain["suspend"] is False
     spec = job_for({"activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 600}, suspend=True)["spec"]
-    assert (spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"], spec["suspend"]) == (3600, 600, True)
+    assert (spec["activeDeadlineSeconds"], spec["suspend"]) == (3600, True)
+    # The operator deletes the Job itself once the outcome is recorded: no TTL controller may do it first.
+    assert "ttlSecondsAfterFinished" not in spec
 
 
 def test_restricted_pod_security() -> None:
@@ -88,15 +90,20 @@ def test_restricted_pod_security() -> None:
     assert container(job)["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
-def test_command_config_map_mount_and_image() -> None:
+def test_command_spec_mount_and_image() -> None:
     job = job_for()
     c = container(job)
-    assert c["command"] == ["finetune-train", "--config", "/etc/finetune/job.yaml"]
+    assert c["command"] == ["finetune-train", "--config", "/etc/finetune/job.json"]
     assert c["image"] == "img:default"
     mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/finetune")
     assert mount["readOnly"] is True
     volume = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
-    assert volume["configMap"]["name"] == "flowers-config"
+    # The spec file is the pod's own annotation (downward API): no ConfigMap to create or to mix up.
+    assert volume["downwardAPI"] == {
+        "defaultMode": 0o444,
+        "items": [{"path": "job.json", "fieldRef": {"fieldPath": "metadata.annotations['finetune.dev/spec']"}}],
+    }
+    assert not any("configMap" in v for v in job["spec"]["template"]["spec"]["volumes"])
     assert container(job_for({"image": "my/trainer:2"}))["image"] == "my/trainer:2"
     custom = builders.build_job(
         owner=OWNER,
@@ -105,7 +112,7 @@ def test_command_config_map_mount_and_image() -> None:
         progress_url=None,
         trainer_command=("python", "fake.py"),
     )
-    assert container(custom)["command"] == ["python", "fake.py", "--config", "/etc/finetune/job.yaml"]
+    assert container(custom)["command"] == ["python", "fake.py", "--config", "/etc/finetune/job.json"]
 
 
 def test_progress_environment_and_metrics_port() -> None:
@@ -169,17 +176,29 @@ def test_volumes_mounts_and_scheduling_options() -> None:
     assert not {"nodeSelector", "tolerations", "affinity", "priorityClassName"} & plain.keys()
 
 
-def test_config_map_holds_the_manifest_the_trainer_reads() -> None:
+def test_the_pod_template_carries_the_manifest_the_trainer_reads() -> None:
     from finetune_trainer import config
 
-    spec = {**BASE_SPEC, "runtime": {"gpus": 0}, "suspend": False}
-    cm = builders.build_config_map(owner=OWNER, spec=spec)
-    assert cm["metadata"]["name"] == "flowers-config"
-    assert cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
-    document = yaml.safe_load(cm["data"]["job.yaml"])
-    assert document["kind"] == "FineTuneJob" and document["spec"] == spec
-    parsed = config.parse_config(document)
-    assert parsed.output.path == "/models/flowers"
+    spec = {
+        **BASE_SPEC,
+        "model": {"base": "MobileNetV2", "baseOptions": {"alpha": 1e-05}},
+        "training": {"fineTune": {"learningRate": 1e-05}},
+        "runtime": {"gpus": 0, "env": [{"name": "NOTE", "value": "naïve ✓"}]},
+        "suspend": False,
+    }
+    parsed = api.FineTuneJobSpec.model_validate(spec)
+    job = builders.build_job(owner=OWNER, spec=parsed, default_image="i", progress_url=None, raw_spec=spec)
+    text = job["spec"]["template"]["metadata"]["annotations"]["finetune.dev/spec"]
+    assert text == builders.spec_document(owner=OWNER, spec=spec)
+    document = json.loads(text)  # what the trainer reads from /etc/finetune/job.json
+    assert (document["kind"], document["metadata"]) == ("FineTuneJob", {"name": "flowers", "namespace": "ml", "uid": "uid-1"})
+    assert document["spec"] == spec  # exactly: 1e-05 stays a float (YAML 1.1 would read a string)
+    assert "naïve ✓" in text  # not escaped: the 256 KiB annotation limit counts bytes
+    assert config.parse_config(document).training.fine_tune.learning_rate == 1e-05
+    assert job["spec"]["template"]["metadata"]["labels"] == builders.labels(owner=OWNER)
+    # Without the raw spec (callers holding only the model), the parsed spec is handed over.
+    dumped = json.loads(job_for()["spec"]["template"]["metadata"]["annotations"]["finetune.dev/spec"])
+    assert config.parse_config(dumped).output.path == "/models/flowers"
 
 
 def test_the_progress_token_is_a_projected_token_for_this_job_only() -> None:

@@ -279,6 +279,61 @@ def test_while_running_the_message_is_the_progress_hubs() -> None:
     assert status.diff(desired=later.status, current=hub) == {}
 
 
+# ----- lifecycle: replacing, eta, reasons of operator-made failures -----
+
+
+def test_a_job_waiting_for_an_earlier_ones_objects_is_pending_replacing_and_reconciling() -> None:
+    why = "waiting for batch Job x (uid old) of an earlier FineTuneJob of this name to be deleted"
+    out = status.derive(
+        generation=1, suspend=False, output_path="/m", previous={}, job=None, pods=[], counted_pods=None,
+        now=NOW, pending_timeout_s=60, blocked=why,
+    )  # fmt: skip
+    s = out.status
+    assert (s["observedGeneration"], s["phase"], s["reason"], s["message"]) == (1, "Pending", "Replacing", why)
+    conds = {c["type"]: c for c in s["conditions"]}
+    assert conds["Reconciling"]["status"] == "True" and conds["Ready"]["status"] == "False"
+    assert out.events == () and not out.stop_job
+    # Once the Job is there, `blocked` no longer matters.
+    made = status.derive(
+        generation=1, suspend=False, output_path="/m", previous=s, job=status.job_view(job()), pods=[],
+        counted_pods=frozenset(), now=NOW, pending_timeout_s=0, blocked=why,
+    )  # fmt: skip
+    assert (made.status["phase"], made.status["reason"]) == ("Pending", "Waiting")
+
+
+@pytest.mark.parametrize(
+    ("job_body", "suspend", "phase"),
+    [
+        (job(failed=1, conditions=[("Failed", "BackoffLimitExceeded", "")]), False, "Failed"),
+        (job(suspend=True, conditions=[("Suspended", "JobSuspended", "")]), True, "Suspended"),
+    ],
+    ids=["failed", "suspended"],
+)
+def test_eta_is_cleared_when_the_job_stops_training(job_body: dict[str, Any], suspend: bool, phase: str) -> None:
+    running = {"phase": "Running", "attempts": 1, "etaSeconds": 95, "progress": 40}
+    out = derive(job_body, [pod(phase="Failed", exit_code=1)], previous=running, suspend=suspend,
+                 counted=frozenset({"uid-p1"}))  # fmt: skip
+    assert out.status["phase"] == phase
+    patch = status.diff(desired=out.status, current=running)
+    assert "etaSeconds" in patch and patch["etaSeconds"] is None  # a merge patch null removes it
+    assert "etaSeconds" not in status.diff(desired=out.status, current={**running, **patch, "etaSeconds": None})
+    # Running keeps the hub's estimate; Succeeded sets 0.
+    still = derive(job(active=1), [pod()], previous=running, counted=frozenset({"uid-p1"}))
+    assert "etaSeconds" not in status.diff(desired=still.status, current=running)
+
+
+def test_operator_made_failures_carry_their_reason_and_clear_the_eta() -> None:
+    out = status.invalid_spec(
+        generation=3, message="a batch Job named x already exists", previous={"etaSeconds": 5}, now=NOW,
+        reason="JobNameConflict",
+    )  # fmt: skip
+    s = out.status
+    assert (s["phase"], s["reason"], s["observedGeneration"], s["etaSeconds"]) == ("Failed", "JobNameConflict", 3, None)
+    conds = {c["type"]: c for c in s["conditions"]}
+    assert conds["Failed"]["reason"] == "JobNameConflict" and conds["Stalled"]["status"] == "True"
+    assert [e.message for e in out.events] == ["JobNameConflict: a batch Job named x already exists"]
+
+
 # ----- untrusted termination messages, pods that can never start, wording -----
 
 HOSTILE_REASONS = ["Not A Valid Reason!! ", "R" * 2000, "Bad\nReason", "", "9Lives", "Trailing_,", "Dätä", "Ok:"]
