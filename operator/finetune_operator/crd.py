@@ -524,6 +524,11 @@ def build_crd() -> dict[str, Any]:
     _bound_sizes(spec)
     status = model_schema(api.FineTuneJobStatus)
     status["description"] = api.FineTuneJobStatus.__doc__
+    # Defaulted on every read, so a job the operator has not written yet shows
+    # observedGeneration 0 < generation from its creation on: kstatus (Flux) then reads it
+    # as InProgress, never Current, and Argo CD's health as Progressing.
+    status["default"] = {}
+    status["properties"]["observedGeneration"]["default"] = 0
     root = {
         "type": "object",
         "description": "A two-phase fine-tuning of a pretrained Keras image model, run as a batch Job.",

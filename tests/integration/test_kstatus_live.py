@@ -94,7 +94,7 @@ def live(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 def _split(seen: list[Classified]) -> tuple[list[Classified], list[Classified]]:
     """(versions before the operator's first status, versions from it on)."""
-    first = next((i for i, c in enumerate(seen) if c.observed_generation is not None), len(seen))
+    first = next((i for i, c in enumerate(seen) if c.observed_generation), len(seen))
     return seen[:first], seen[first:]
 
 
@@ -120,12 +120,12 @@ def test_a_job_whose_pod_cannot_start_is_never_current_and_then_succeeds(live: L
         live.kubectl("delete", "resourcequota", "no-pods")
     assert seen, "the watch saw no version of ftj/held"
     assert live.status("held")["phase"] == "Pending"
-    # Before the operator's first status the object has none: kstatus' default, Current.
-    # From the first status on, no version is Current while no pod can start.
+    # Before the operator's first status the CRD's default (observedGeneration 0) shows;
+    # from creation on, no version is Current while no pod can start.
     unseen, written = _split(seen)
     assert written, seen
-    assert all(c.kstatus.status == "Current" for c in unseen), unseen
-    assert {c.kstatus.status for c in written} == {"InProgress"}, written
+    assert all(c.observed_generation == 0 for c in unseen), unseen
+    assert {c.kstatus.status for c in seen} == {"InProgress"}, seen
     assert {c.argocd.status for c in seen if c.argocd} == {"Progressing"}, seen
     if unseen:
         print(f"ftj/held: seen without a status at {unseen[0].seen}, first status seen at {written[0].seen}")
@@ -199,16 +199,16 @@ def test_failed_is_failed_and_degraded(live: Live) -> None:
     assert "Current" not in {c.kstatus.status for c in written}, seen
 
 
-def test_a_job_the_operator_has_not_seen_reads_current_to_kstatus_and_progressing_to_argo(live: Live) -> None:
-    """The README's `none` row, live: kstatus has no rule for an object without a status."""
+def test_a_job_the_operator_has_not_seen_reads_in_progress_to_kstatus_and_progressing_to_argo(live: Live) -> None:
+    """The README's `none` row, live: the CRD defaults observedGeneration to 0, below the generation."""
     live.operator.stop()
     try:
         live.apply(ftj("unseen", env={"FAKE_SLEEP": "0"}))
         unseen = live.verdict("unseen")
-        assert live.status("unseen") == {}
+        assert live.status("unseen") == {"observedGeneration": 0}
         assert unseen.argocd is not None
-        assert (unseen.kstatus.status, unseen.argocd.status) == ("Current", "Progressing")
-        assert unseen.argocd.message == "Waiting for the operator to pick up the job"
+        assert (unseen.kstatus.status, unseen.argocd.status) == ("InProgress", "Progressing")
+        assert "latest observed generation is 0" in unseen.kstatus.message
     finally:
         live.operator.start()
     live.wait_phase("unseen", "Succeeded")

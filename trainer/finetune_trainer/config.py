@@ -46,6 +46,7 @@ OPERATOR_ONLY_KEYS = frozenset({"runtime", "suspend"})
 
 MAX_PATH_LENGTH = 1024  # folders and files: data, output, weights
 PATH_PATTERN = r"^[^\x00-\x1f\x7f]*$"  # no control characters
+MAX_STAGE_EPOCHS = 100_000  # of one phase: both together stay within the progress protocol's bound
 
 LearningRate = Annotated[float, Field(gt=0.0, lt=1.0)]
 
@@ -64,7 +65,7 @@ class SpecModel(BaseModel):
 class HeadSpec(SpecModel):
     """The new classification head put on top of the pretrained base."""
 
-    units: list[Annotated[int, Field(ge=1)]] = Field(
+    units: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
         default_factory=lambda: [256],
         description="Sizes of the Dense(relu) layers after GlobalAveragePooling2D, in order.",
     )
@@ -129,8 +130,9 @@ class ModelSpec(SpecModel):
             "path of a weights file for the base without its top (include_top=False)."
         ),
     )
+    # Bounded so that what admission takes can be built (one bound: the CRD has one item schema).
     input_shape: tuple[
-        Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]
+        Annotated[int, Field(ge=1, le=4096)], Annotated[int, Field(ge=1, le=4096)], Annotated[int, Field(ge=1, le=4096)]
     ] = Field(
         default=(224, 224, 3),
         description="Input image shape [height, width, channels]; images are resized to it.",
@@ -208,14 +210,18 @@ class DataSpec(SpecModel):
 class HeadPhaseSpec(SpecModel):
     """Phase 1: the base frozen, only the new head trains."""
 
-    epochs: int = Field(default=20, ge=0, description="Maximum epochs of phase 1 (early stopping may end it sooner).")
+    epochs: int = Field(
+        default=20, ge=0, le=MAX_STAGE_EPOCHS, description="Maximum epochs of phase 1 (early stopping may end it sooner)."
+    )
     learning_rate: LearningRate = Field(default=1.0e-3, description="Adam learning rate of phase 1 (0 < lr < 1).")
 
 
 class FineTunePhaseSpec(SpecModel):
     """Phase 2: the last layers of the base unfrozen and trained at a low learning rate."""
 
-    epochs: int = Field(default=10, ge=0, description="Maximum epochs of phase 2 (early stopping may end it sooner).")
+    epochs: int = Field(
+        default=10, ge=0, le=MAX_STAGE_EPOCHS, description="Maximum epochs of phase 2 (early stopping may end it sooner)."
+    )
     learning_rate: LearningRate = Field(default=1.0e-5, description="Adam learning rate of phase 2 (0 < lr < 1).")
     unfreeze_last: int = Field(
         default=4,
@@ -261,7 +267,7 @@ class TrainingSpec(SpecModel):
         default="auto",
         description="Keras mixed-precision policy; auto means mixed_float16 on a GPU and off on a CPU.",
     )
-    seed: int = Field(default=1234, ge=0, description="Random seed for shuffling, splitting and initialisation.")
+    seed: int = Field(default=1234, ge=0, le=2**32 - 1, description="Random seed for shuffling, splitting and initialisation.")
 
     @property
     def total_epochs(self) -> int:
@@ -326,6 +332,16 @@ def parse_config(document: Any, *, source: str = "config") -> TrainerSpec:
         raise ConfigError(f"{source}: invalid config: {format_validation_error(exc)}") from exc
 
 
+def _json_or_none(text: str) -> Any:
+    """The document when `text` is JSON (an object), else None: YAML is tried next."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
 def load_config(*, path: str | Path) -> TrainerSpec:
     """Reads and validates a FineTuneJob manifest file, YAML or JSON."""
     file = Path(path)
@@ -334,7 +350,11 @@ def load_config(*, path: str | Path) -> TrainerSpec:
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read config: {exc.strerror or exc}") from exc
     try:
-        document = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+        # JSON first (the operator hands the spec as JSON): YAML's reader refuses some
+        # characters JSON carries, such as C1 control characters in an env value.
+        document = _json_or_none(text) if file.suffix != ".json" else json.loads(text)
+        if document is None:
+            document = yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{file}: not valid YAML or JSON: {str(exc).splitlines()[0]}") from exc
     return parse_config(document, source=str(file))

@@ -175,7 +175,9 @@ def _deleting() -> dict[str, Any]:
 # (InProgress / Progressing), a failed one Failed / Degraded, a trained one Current /
 # Healthy; a suspended one has reached the state its spec asks for (Current / Suspended).
 STATES: dict[str, tuple[Callable[[], dict[str, Any]], str, str]] = {
-    "none": (_obj, "Current", "Progressing"),
+    # What the API server serves for a job it has just created: the CRD defaults
+    # status.observedGeneration to 0, below the generation, before the operator writes.
+    "none": (lambda: _obj(status={"observedGeneration": 0}), "InProgress", "Progressing"),
     "Pending": (lambda: _derived(phase="Pending"), "InProgress", "Progressing"),
     "Queued": (lambda: _derived(phase="Queued"), "InProgress", "Progressing"),
     "Running": (lambda: _derived(phase="Running"), "InProgress", "Progressing"),
