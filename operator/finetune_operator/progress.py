@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from finetune_trainer import config, protocol
 from pydantic import ValidationError
 
@@ -92,6 +92,27 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class _MalformedRequests(logging.Filter):
+    """Turns aiohttp's traceback for a malformed request (a 10 KB header, garbage bytes) into one warning.
+
+    aiohttp answers such a request with 400 itself; its error log with a traceback would
+    only let any client fill the operator's log with tracebacks.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, http_exceptions.BadHttpMessage):
+            record.msg = f"{record.getMessage()}: refused a malformed request: {type(exc).__name__}"
+            record.args = None
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+http_logger = logging.getLogger(f"{__name__}.http")
+http_logger.addFilter(_MalformedRequests())
 
 PatchStatus = Callable[..., Awaitable[None]]
 """`async def patch_status(*, namespace: str, name: str, status: dict[str, Any]) -> None`."""
@@ -250,7 +271,7 @@ class ProgressHub:
         app = web.Application()
         app.router.add_post(protocol.PROGRESS_PATH, self._handle)
         app.router.add_get("/healthz", self._healthz)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=http_logger)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()

@@ -41,6 +41,7 @@ from finetune_trainer.protocol import (
     ENV_PROGRESS_TOKEN,
     ENV_PROGRESS_TOKEN_FILE,
     ENV_PROGRESS_URL,
+    MAX_METRIC_MAGNITUDE,
     PROGRESS_PATH,
     STAGES,
     TERMINATION_MESSAGE_MAX_BYTES,
@@ -101,12 +102,12 @@ def write_termination_message(*, summary: TerminationSummary, path: str | None =
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
-    """The metrics JSON can carry: NaN and inf (a diverging run) are left out."""
+    """The metrics a report can carry: NaN, inf and absurd magnitudes (a diverging run) are left out."""
     out: dict[str, float] = {}
     for key, value in metrics.items():
         with contextlib.suppress(TypeError, ValueError):
             number = float(value)
-            if math.isfinite(number):
+            if math.isfinite(number) and abs(number) <= MAX_METRIC_MAGNITUDE:
                 out[str(key)[:64]] = number
     return dict(list(out.items())[:32])
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import pytest
 from finetune_trainer.report import ProgressReporter
 from progress_helpers import MakeLive
 
@@ -82,3 +84,20 @@ async def test_a_trainer_with_the_wrong_token_changes_nothing(make_live: MakeLiv
     assert results, "the reporter reports its outcomes"
     assert "sent" not in results, results
     assert live.recorder.for_job("ml", "flowers") == []
+
+
+async def test_a_huge_header_is_a_400_and_one_warning_without_traceback(
+    make_live: MakeLive, caplog: pytest.LogCaptureFixture
+) -> None:
+    live = await make_live()
+    live.register(namespace="ml", name="flowers", uid="u1", token="s3cret", total_epochs=4)
+    caplog.set_level(logging.DEBUG, logger="finetune_operator.progress")
+    resp = await live.post({}, token="x" * 10_000)
+    assert resp.status == 400
+    records = [r for r in caplog.records if r.name.startswith("finetune_operator.progress.http")]
+    assert records, "aiohttp's error log went elsewhere"
+    assert all(r.levelno == logging.WARNING and r.exc_info is None for r in records), records
+    assert "LineTooLong" in records[0].getMessage()
+    # The endpoint still answers.
+    resp = await live.post({}, token="s3cret")
+    assert resp.status == 400  # an empty body, but it got that far
