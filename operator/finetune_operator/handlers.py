@@ -245,6 +245,7 @@ class Operator:
             if found is None:
                 return
             job = found
+            previous = {**ftj.status, **self._written.get(ftj.uid, {})}  # with the first status, if just written
         assert job is not None
         self._waits.pop(key, None)
 
@@ -317,7 +318,24 @@ class Operator:
         if self._leftovers(key, ftj.uid):
             found = await self.actions.obstacle(owner=owner)
         if found.kind == "clear":
-            made = await self.actions.create_job(owner=owner, spec=ftj.spec, parsed=parsed, config=self.config)
+            first: asyncio.Task[None] | None = None
+            if ftj.uid not in self._last_write and not previous.get("phase"):
+                # The first status goes out with the Job, not after it: Pending/Waiting is true of
+                # both moments (derive gives the same once the Job exists), so it costs no write more.
+                early = status.derive(
+                    generation=ftj.generation, suspend=ftj.suspend, output_path=ftj.output_path,
+                    previous=previous, job=None, pods=[], counted_pods=self._counted.get(ftj.uid), now=now,
+                    pending_timeout_s=self.config.pending_timeout_s,
+                )  # fmt: skip
+                first = asyncio.get_running_loop().create_task(self._apply(key, ftj, early, previous))
+            try:
+                made = await self.actions.create_job(
+                    owner=owner, spec=ftj.spec, parsed=parsed, config=self.config
+                )
+            finally:
+                if first is not None:
+                    await first
+            previous = {**ftj.status, **self._written.get(ftj.uid, {})}
             if isinstance(made, status.JobView):
                 self._created[ftj.uid] = made
                 return made

@@ -466,7 +466,8 @@ def derive(
     if job is None and blocked:
         phase, reason, message = "Pending", "Replacing", blocked
     elif job is None:
-        phase, reason, message = "Pending", "Creating", "creating the batch Job"
+        # Written while the Job is being created, and still true once it is: one write for both.
+        phase, reason, message = "Pending", "Waiting", "waiting for the trainer pod to start"
     elif "Complete" in job.conditions or "SuccessCriteriaMet" in job.conditions:
         phase, reason = "Succeeded", "Succeeded"
         summary = _summary(_last_finished(pods))

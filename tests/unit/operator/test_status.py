@@ -82,7 +82,7 @@ def derive(job_body: dict[str, Any] | None, pods: list[dict[str, Any]], *, previ
 
 CASES = [
     # id, job, pods, previous phase, suspend -> phase, reason, message fragment
-    ("no-job-yet", None, [], None, False, "Pending", "Creating", "creating"),
+    ("no-job-yet", None, [], None, False, "Pending", "Waiting", "waiting for the trainer pod"),
     ("pod-pending", job(active=1), [pod(phase="Pending")], None, False, "Pending", "Waiting", "waiting"),
     ("pod-running", job(active=1), [pod()], "Pending", False, "Running", "Training", "p1 running"),
     ("succeeded", job(succeeded=1, conditions=[("Complete", "", "")]),
