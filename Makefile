@@ -56,17 +56,22 @@ crds: setup
 test-unit: setup control-plane gotools
 	$(PYTEST) -q tests/unit
 
-## test-lowest: the operator-side unit tests with every direct dependency at its lower bound
-## (uv --resolution lowest-direct: core + operator extra + test group, into .venv-lowest).
-## The trainer's tests stay out: they need TensorFlow (its lowest CPU wheel set is ~600 MB)
-## and minutes of training; the operator side never imports it (a unit test checks that).
-LOWEST_VENV  := .venv-lowest
-LOWEST_TESTS := tests/unit/lowest tests/unit/operator tests/unit/operator_progress \
-                tests/unit/trainer_report tests/unit/monitoring
+## test-lowest: unit tests with every direct dependency at its lower bound (uv --resolution
+## lowest-direct: core + operator + trainer-cpu extras + test group, into .venv-lowest).
+## All of the operator side; of the trainer, the in-process tests (model, data, train), which
+## call every Keras/TensorFlow API the trainer uses. The CLI and signal tests run the same
+## training in subprocesses, 2.5 more minutes on two cores for no more API surface: set
+## LOWEST_TRAINER_TESTS=tests/unit/trainer to run them too.
+LOWEST_VENV          := .venv-lowest
+LOWEST_TRAINER_TESTS ?= tests/unit/trainer/test_model.py tests/unit/trainer/test_data.py \
+                        tests/unit/trainer/test_train.py
+LOWEST_TESTS         := tests/unit/lowest tests/unit/operator tests/unit/operator_progress \
+                        tests/unit/trainer_report tests/unit/monitoring $(LOWEST_TRAINER_TESTS)
 test-lowest: setup deps-debian
 	uv venv --quiet --allow-existing --python 3.11 $(LOWEST_VENV)
 	uv pip compile --quiet --no-header --resolution lowest-direct --python $(LOWEST_VENV)/bin/python \
-	  pyproject.toml --extra operator --group pyproject.toml:test -o $(LOWEST_VENV)/requirements.txt
+	  pyproject.toml --extra operator --extra trainer-cpu --group pyproject.toml:test \
+	  -o $(LOWEST_VENV)/requirements.txt
 	uv pip sync --quiet --python $(LOWEST_VENV)/bin/python $(LOWEST_VENV)/requirements.txt
 	uv pip install --quiet --python $(LOWEST_VENV)/bin/python --no-deps -e .
 	FTO_LOWEST_DIRECT=1 $(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(LOWEST_TESTS)

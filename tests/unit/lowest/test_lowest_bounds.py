@@ -1,8 +1,8 @@
 """The lower bounds in pyproject.toml are the versions `make test-lowest` installs and tests.
 
-`make test-lowest` resolves the operator's dependencies and the test group with uv's
-`--resolution lowest-direct` into .venv-lowest and runs the operator-side unit tests there
-with FTO_LOWEST_DIRECT=1. A bound that another requirement overrules (say `aiohttp>=3.9`
+`make test-lowest` resolves the operator's and the (CPU) trainer's dependencies and the test
+group with uv's `--resolution lowest-direct` into .venv-lowest and runs the operator-side
+unit tests and the trainer's in-process ones there with FTO_LOWEST_DIRECT=1. A bound that another requirement overrules (say `aiohttp>=3.9`
 while kopf itself needs 3.14) would be installed higher than it says, and the code never
 tested at the bound: the second test fails on it. In other venvs only the first test runs.
 """
@@ -20,10 +20,11 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[3]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-# What the lowest tier installs: the core, the operator extra, the test group.
+# What the lowest tier installs: the core, the operator and trainer-cpu extras, the test group.
 TIER = [
     *PYPROJECT["project"]["dependencies"],
     *PYPROJECT["project"]["optional-dependencies"]["operator"],
+    *PYPROJECT["project"]["optional-dependencies"]["trainer-cpu"],
     *(r for r in PYPROJECT["dependency-groups"]["test"] if isinstance(r, str)),
 ]
 
