@@ -87,7 +87,7 @@ test-e2e: setup control-plane deps-debian
 test-chaos: setup control-plane
 	timeout --signal=INT --kill-after=60 1200 $(PYTEST) -q tests/chaos
 
-test: setup deps-debian control-plane lint test-unit test-lowest test-integration test-e2e
+test: setup deps-debian control-plane lint test-unit test-lowest test-integration test-chaos test-e2e
 
 bench: setup control-plane
 	$(PY) hack/bench.py $(BENCH_ARGS)
