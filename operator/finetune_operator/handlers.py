@@ -120,7 +120,7 @@ class Operator:
         self._created: dict[str, status.JobView] = {}  # FineTuneJob uid -> its Job, until the index shows it
         self._parsed: dict[str, tuple[int, api.FineTuneJobSpec | None, str | None]] = {}
         self._waits: dict[Key, int] = {}  # jobs waiting for an earlier FineTuneJob's objects: looks so far
-        self._expired: set[str] = set()  # Job uids deleted for their TTL
+        self._expired: dict[str, str] = {}  # FineTuneJob uid -> the uid of its Job deleted for its TTL
         self._last_write: dict[str, float] = {}  # FineTuneJob uid -> monotonic time of the last status write
         self._limit = asyncio.Semaphore(64)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -395,7 +395,7 @@ class Operator:
         if ftj.ttl_s is None:
             return
         job = self._job(key, ftj.uid) or self._created.get(ftj.uid)
-        if job is None or job.uid in self._expired:
+        if job is None or self._expired.get(ftj.uid) == job.uid:
             return
         finished = status.parse_time(recorded.get("completionTime")) or now
         left = (finished - now).total_seconds() + ftj.ttl_s
@@ -403,7 +403,7 @@ class Operator:
             self.enqueue(key, delay=left + 0.5)
             return
         await self.actions.delete_job(namespace=key[0], name=key[1], uid=job.uid)
-        self._expired.add(job.uid)
+        self._expired[ftj.uid] = job.uid
         self._created.pop(ftj.uid, None)
 
     def _coalesce_wait(self, uid: str, outcome: status.Outcome, previous: Mapping[str, Any]) -> float:
@@ -469,7 +469,7 @@ class Operator:
 
     def forget(self, key: Key, uid: str) -> None:
         """The FineTuneJob is gone: drop its memory, its hub state and its metric series."""
-        for table in (self._counted, self._written, self._last_write, self._parsed, self._created):
+        for table in (self._counted, self._written, self._last_write, self._parsed, self._created, self._expired):
             table.pop(uid, None)
         self._waits.pop(key, None)
         self._registered.discard(uid)
