@@ -508,10 +508,17 @@ def configure(*, config: config_mod.OperatorConfig) -> Operator:
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    info = kopf.login_via_client(**kwargs)
+async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Kopf's login and re-login (after a 401 of its own): the kubeconfig or in-cluster token,
+    read again each time (a rotated token file is picked up); our client swaps to it and
+    closes its old session. The client re-logs in the same way after a 401 of its own."""
+
+    async def fresh() -> kopf.ConnectionInfo | None:
+        return await asyncio.to_thread(kopf.login_via_client, **kwargs)
+
+    info = await fresh()
     if info is not None:
-        STATE.client.connect(info=info)
+        await STATE.client.connect(info=info, relogin=fresh)
     return info
 
 
