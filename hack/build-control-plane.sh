@@ -7,6 +7,7 @@
 # proxy is missing, it says so and fails.
 set -euo pipefail
 
+TOOL=build-control-plane
 K8S_VERSION="${K8S_VERSION:-1.34.4}"
 ETCD_VERSION="${ETCD_VERSION:-3.6.5}"
 CACHE="${FTO_CACHE:-$HOME/.cache/finetune-operator}"
@@ -14,27 +15,10 @@ KEY="k8s-${K8S_VERSION}-etcd-${ETCD_VERSION}"
 OUT="$CACHE/$KEY/bin"
 BINS=(kube-apiserver kube-controller-manager kubectl etcd)
 
-have_all() { for b in "${BINS[@]}"; do [ -x "$OUT/$b" ] || return 1; done; }
-if have_all; then echo "$OUT"; exit 0; fi
-
-# One build at a time per machine (make targets and test sessions may start it together);
-# whoever waited finds the binaries there.
-mkdir -p "$CACHE"
-exec 9>"$CACHE/$KEY.lock"
-if command -v flock >/dev/null 2>&1; then flock 9; fi
-if have_all; then echo "$OUT"; exit 0; fi
-
-if ! command -v go >/dev/null 2>&1; then
-  echo "build-control-plane: the 'go' command is missing; install Go >= 1.24 to build the local control plane" >&2
-  exit 1
-fi
-export GOFLAGS="${GOFLAGS:-} -mod=mod"
-export CGO_ENABLED=0
-proxy="$(go env GOPROXY)"
-if [ "$proxy" = "off" ] || [ -z "$proxy" ]; then
-  echo "build-control-plane: GOPROXY is '$proxy'; the Go module proxy is needed to fetch k8s.io/kubernetes" >&2
-  exit 1
-fi
+# shellcheck source=lib/build-common.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/build-common.sh"
+exit_if_cached_else_lock
+require_go "the local control plane" k8s.io/kubernetes
 
 SRC="$CACHE/$KEY/src"
 mkdir -p "$SRC/k8s" "$SRC/etcd" "$OUT"

@@ -10,6 +10,7 @@
 # Never falls back to anything else: if Go or the module proxy is missing, it says so and fails.
 set -euo pipefail
 
+TOOL=build-gotools
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SRC="$ROOT/hack/gotools"
 CACHE="${FTO_CACHE:-$HOME/.cache/finetune-operator}"
@@ -21,27 +22,10 @@ hash="$(cd "$SRC" && find . -type f \( -name '*.go' -o -name go.mod -o -name go.
 KEY="gotools-cli-utils-$(version_of sigs.k8s.io/cli-utils)-gopher-lua-$(version_of github.com/yuin/gopher-lua)-$hash"
 OUT="$CACHE/$KEY/bin"
 
-have_all() { for b in "${BINS[@]}"; do [ -x "$OUT/$b" ] || return 1; done; }
-if have_all; then echo "$OUT"; exit 0; fi
-
-# One build at a time per machine (test sessions may start it together); whoever waited
-# finds the binaries there.
-mkdir -p "$CACHE"
-exec 9>"$CACHE/$KEY.lock"
-if command -v flock >/dev/null 2>&1; then flock 9; fi
-if have_all; then echo "$OUT"; exit 0; fi
-
-if ! command -v go >/dev/null 2>&1; then
-  echo "build-gotools: the 'go' command is missing; install Go >= 1.24 to build hack/gotools" >&2
-  exit 1
-fi
-export GOFLAGS="${GOFLAGS:-} -mod=mod"
-export CGO_ENABLED=0
-proxy="$(go env GOPROXY)"
-if [ "$proxy" = "off" ] || [ -z "$proxy" ]; then
-  echo "build-gotools: GOPROXY is '$proxy'; the Go module proxy is needed to fetch sigs.k8s.io/cli-utils" >&2
-  exit 1
-fi
+# shellcheck source=lib/build-common.sh
+. "$ROOT/hack/lib/build-common.sh"
+exit_if_cached_else_lock
+require_go hack/gotools sigs.k8s.io/cli-utils
 
 mkdir -p "$OUT"
 cd "$SRC"
