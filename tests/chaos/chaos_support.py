@@ -3,8 +3,6 @@
 - `raw_request`: one admin API call with an exact body (bytes no serialiser rewrites:
   raw `NaN`, invalid UTF-8, nesting too deep for `json.dumps`), answering (status, Status
   message); never raises on 4xx/5xx.
-- `restricted_namespace` / `delete_namespace`: a namespace with PodSecurity `restricted`
-  enforced, as the `namespace` fixture makes, but for a whole module.
 - `operator_kubeconfig`: a TokenRequest kubeconfig of a ServiceAccount in finetune-system
   bound to the operator's ClusterRole (deploy/base/rbac.yaml), so its API calls can be told
   apart from other operators' in the audit log.
@@ -18,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 import sys
 import threading
 import time
@@ -28,23 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from fixtures.cluster import Cluster, wait_for
+from fixtures.cluster import Cluster
+from fixtures.jobs import mint_kubeconfig
 from fixtures.operator import OPERATOR_NS, OperatorProcess
 
 __all__ = [
     "FTJ_PATH",
     "StatusRecorder",
     "deep_loads",
-    "delete_namespace",
     "operator_kubeconfig",
     "operator_problems",
     "raw_request",
     "remove_operator_identity",
-    "restricted_namespace",
 ]
 
 FTJ_PATH = "/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs"
-RESTRICTED = "pod-security.kubernetes.io/enforce"
 TERMINAL = ("Succeeded", "Failed")
 
 
@@ -78,23 +73,6 @@ def raw_request(
     return int(resp.status), message, data
 
 
-def restricted_namespace(cluster: Cluster, prefix: str) -> str:
-    """A new namespace, PodSecurity `restricted` enforced, once its default ServiceAccount exists."""
-    name = f"{prefix}-{secrets.token_hex(3)}"
-    cluster.kubectl_run("create", "ns", name)
-    cluster.kubectl_run("label", "ns", name, f"{RESTRICTED}=restricted", f"{RESTRICTED}-version=latest")
-    wait_for(
-        lambda: cluster.kubectl_run("get", "sa", "default", "-n", name, check=False).returncode == 0,
-        timeout=30,
-        message=f"{name}/default ServiceAccount",
-    )
-    return name
-
-
-def delete_namespace(cluster: Cluster, name: str) -> None:
-    cluster.kubectl_run("delete", "ns", name, "--wait=false", check=False)
-
-
 def operator_kubeconfig(cluster: Cluster, *, name: str, path: Path) -> Path:
     """A kubeconfig of ServiceAccount finetune-system/NAME, bound to ClusterRole finetune-operator."""
     binding = {
@@ -104,25 +82,8 @@ def operator_kubeconfig(cluster: Cluster, *, name: str, path: Path) -> Path:
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "finetune-operator"},
         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": OPERATOR_NS}],
     }
-    cluster.kubectl_run("create", "sa", name, "-n", OPERATOR_NS, check=False)
     cluster.kubectl_run("apply", "-f", "-", input=yaml.safe_dump(binding))
-    token = cluster.kubectl_run("create", "token", name, "-n", OPERATOR_NS, "--duration=3600s").stdout.strip()
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    user = f"system:serviceaccount:{OPERATOR_NS}:{name}"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
-                "users": [{"name": user, "user": {"token": token}}],
-                "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
-                "current-context": "local",
-            }
-        )
-    )
-    path.chmod(0o600)
-    return path
+    return mint_kubeconfig(cluster, name=name, path=path)
 
 
 def remove_operator_identity(cluster: Cluster, *, name: str) -> None:

@@ -31,18 +31,17 @@ from typing import Any
 
 import pytest
 from fixtures.cluster import Cluster
+from fixtures.jobs import delete_namespace, restricted_namespace
 from fixtures.operator import OperatorProcess, install_crd_and_rbac
 
 from chaos.chaos_cases import DATA_CLAIM, Case, Raw, admission_cases, base_manifest, categories, deep_json
 from chaos.chaos_support import (
     FTJ_PATH,
     StatusRecorder,
-    delete_namespace,
     operator_kubeconfig,
     operator_problems,
     raw_request,
     remove_operator_identity,
-    restricted_namespace,
 )
 
 pytestmark = pytest.mark.timeout(900)
@@ -157,7 +156,7 @@ def _keep_alive(campaign: Campaign) -> None:
 def campaign(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Campaign]:
     install_crd_and_rbac(cluster)
     tmp = tmp_path_factory.mktemp("chaos-admission")
-    namespace = restricted_namespace(cluster, "chaos-adm")
+    namespace = restricted_namespace(cluster, prefix="chaos-adm")
     identity = f"chaos-admission-{namespace[-6:]}"
     _make_data(cluster, namespace)
     operator = _operator(cluster, namespace=namespace, log=tmp / "operator.log", identity=identity, tmp=tmp)
@@ -292,7 +291,7 @@ def test_objects_nested_thousands_deep_cost_only_themselves(
     cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     install_crd_and_rbac(cluster)
-    namespace = restricted_namespace(cluster, "chaos-deep")
+    namespace = restricted_namespace(cluster, prefix="chaos-deep")
     identity = f"chaos-deep-{namespace[-6:]}"
     _make_data(cluster, namespace)
     operator = _operator(cluster, namespace=namespace, log=tmp_path / "operator.log", identity=identity, tmp=tmp_path)

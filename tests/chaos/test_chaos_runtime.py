@@ -45,17 +45,23 @@ import pytest
 import yaml
 from finetune_trainer import protocol
 from fixtures.cluster import Cluster, wait_for
+from fixtures.jobs import (
+    delete_namespace,
+    ftj,
+    progress_token,
+    restricted_namespace,
+    trainer_pod,
+    waiting_ftj,
+)
 from fixtures.operator import OPERATOR_NS, OperatorProcess, install_crd_and_rbac
 
 from chaos.chaos_support import (
     FTJ_PATH,
     StatusRecorder,
-    delete_namespace,
     operator_kubeconfig,
     operator_problems,
     raw_request,
     remove_operator_identity,
-    restricted_namespace,
 )
 
 pytestmark = pytest.mark.timeout(600)
@@ -102,44 +108,14 @@ KINDS = sorted(MESSAGES)
 
 def exit_job(name: str, *, code: int, kind: str) -> dict[str, Any]:
     _, where = MESSAGES[kind]
-    return {
-        "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"base": "MobileNetV2", "weights": "none", "inputShape": [32, 32, 3]},
-            "data": {"train": "/data/train", "validationSplit": 0.2},
-            "training": {"head": {"epochs": 1}, "fineTune": {"epochs": 1}},
-            "output": {"path": "/tmp/chaos-out"},
-            "runtime": {
-                "gpus": 0,
-                "backoffLimit": 0,
-                "env": [
-                    {"name": "CHAOS_EXIT", "value": str(code)},
-                    {"name": "CHAOS_MESSAGE", "value": f"/chaos/{kind}"},
-                    {"name": "CHAOS_TO", "value": where},
-                ],
-                "volumes": [{"name": "chaos", "configMap": {"name": MESSAGES_CM}}],
-                "volumeMounts": [{"name": "chaos", "mountPath": "/chaos", "readOnly": True}],
-            },
-        },
-    }
-
-
-def waiting_job(name: str) -> dict[str, Any]:
-    """A job whose pod waits on an unpullable image: registered with the hub, no trainer reports."""
-    return {
-        "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"base": "MobileNetV2", "weights": "none"},
-            "data": {"train": "/data/train", "validationSplit": 0.2},
-            "training": {"head": {"epochs": 2}, "fineTune": {"epochs": 3}},
-            "output": {"path": f"/models/{name}"},
-            "runtime": {"image": "registry.invalid/finetune-trainer:0", "gpus": 0},
-        },
-    }
+    return ftj(
+        name,
+        output="/tmp/chaos-out",
+        env={"CHAOS_EXIT": str(code), "CHAOS_MESSAGE": f"/chaos/{kind}", "CHAOS_TO": where},
+        backoffLimit=0,
+        volumes=[{"name": "chaos", "configMap": {"name": MESSAGES_CM}}],
+        volumeMounts=[{"name": "chaos", "mountPath": "/chaos", "readOnly": True}],
+    )
 
 
 @dataclass
@@ -164,7 +140,7 @@ class Runtime:
 def rt(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
     install_crd_and_rbac(cluster)
     tmp = tmp_path_factory.mktemp("chaos-runtime")
-    namespace = restricted_namespace(cluster, "chaos-rt")
+    namespace = restricted_namespace(cluster, prefix="chaos-rt")
     identity = f"chaos-runtime-{namespace[-6:]}"
     binary = {k: base64.b64encode(data).decode() for k, (data, _) in MESSAGES.items()}
     cluster.kubectl_run("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(
@@ -298,20 +274,6 @@ def _raw(report: dict[str, Any], **literals: str) -> bytes:
     return text.encode()
 
 
-def _pod(cluster: Cluster, *, namespace: str, name: str) -> dict[str, Any]:
-    def find() -> dict[str, Any] | None:
-        pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", f"finetune.dev/job={name}")["items"]
-        return pods[0] if pods else None
-
-    return wait_for(find, timeout=60, message=f"the pod of ftj/{name}")
-
-
-def _token(cluster: Cluster, *, namespace: str, name: str, pod: str | None = None) -> str:
-    uid = cluster.kubectl_json("get", "ftj", name, "-n", namespace)["metadata"]["uid"]
-    bound = pod or _pod(cluster, namespace=namespace, name=name)["metadata"]["name"]
-    return cluster.pod_token(namespace=namespace, pod=bound, audience=protocol.progress_audience(uid))
-
-
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -409,9 +371,9 @@ def test_hostile_progress_reports_get_4xx_and_health_answers_through_a_flood(
 ) -> None:
     cluster, ns, op = rt.cluster, rt.namespace, rt.operator
     for name in ("alpha", "beta"):
-        rt.create(waiting_job(name))
-    token_a = _token(cluster, namespace=ns, name="alpha")
-    token_b = _token(cluster, namespace=ns, name="beta")
+        rt.create(waiting_ftj(name))
+    token_a = progress_token(cluster, namespace=ns, name="alpha")
+    token_b = progress_token(cluster, namespace=ns, name="beta")
     url = op.progress_url
     for name, token in (("alpha", token_a), ("beta", token_b)):
         probe = json.dumps(_report(ns, name, timestamp=time.time() - 10 * 86400)).encode()
@@ -419,8 +381,8 @@ def test_hostile_progress_reports_get_4xx_and_health_answers_through_a_flood(
                  message=f"{name} registered with the hub (an expired report gets 400, not 404)")  # fmt: skip
     # beta gets one valid report, so a stale one has something to be older than.
     assert _post(url, body=json.dumps(_report(ns, "beta")).encode(), token=token_b) == 202
-    beta_pod = _pod(cluster, namespace=ns, name="beta")["metadata"]["name"]
-    alpha_on_beta_pod = _token(cluster, namespace=ns, name="alpha", pod=beta_pod)
+    beta_pod = trainer_pod(cluster, namespace=ns, name="beta")["metadata"]["name"]
+    alpha_on_beta_pod = progress_token(cluster, namespace=ns, name="alpha", pod=beta_pod)
     uid_b = cluster.kubectl_json("get", "ftj", "beta", "-n", ns)["metadata"]["uid"]
     now = time.time()
     r = lambda **kw: _report(ns, "alpha", **kw)  # noqa: E731

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import yaml
 from fixtures.cluster import Cluster, wait_for
-from fixtures.operator import OperatorProcess, install_crd_and_rbac
-from test_operator import FAKE_TRAINER, ftj, make_namespace, mint_kubeconfig
+from fixtures.jobs import ftj, operator_in_namespace
+from fixtures.operator import OperatorProcess
 from unit.deploy.gitops_status import Classified, Watch, classify_live, start_watch
 
 WAIT = 60.0
@@ -72,24 +72,10 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    install_crd_and_rbac(cluster)
     tmp = tmp_path_factory.mktemp("kstatus-live")
-    kubeconfig = mint_kubeconfig(cluster, name="finetune-operator", path=tmp / "kubeconfig")
-    namespace = make_namespace(cluster, "ftj-ks")
-    operator = OperatorProcess(
-        kubeconfig=kubeconfig,
-        namespace=namespace,
-        log=tmp / "operator.log",
-        # A long pending timeout: a pod that cannot start stays Pending for the whole test.
-        extra_args=("--trainer-command", f"python {FAKE_TRAINER}", "--pending-timeout", "600"),
-        ready_timeout=30,
-    )
-    operator.start()
-    try:
+    # A long pending timeout: a pod that cannot start stays Pending for the whole test.
+    with operator_in_namespace(cluster, tmp=tmp, prefix="ftj-ks", pending_timeout=600) as (namespace, operator):
         yield Live(cluster=cluster, namespace=namespace, operator=operator)
-    finally:
-        operator.stop()
-        cluster.kubectl_run("delete", "ns", namespace, "--wait=false", check=False)
 
 
 def _split(seen: list[Classified]) -> tuple[list[Classified], list[Classified]]:

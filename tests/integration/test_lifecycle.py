@@ -19,25 +19,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from finetune_trainer import protocol
+from fixtures import jobs
 from fixtures.cluster import Cluster, wait_for
-from fixtures.operator import OPERATOR_NS, OperatorProcess, install_crd_and_rbac
+from fixtures.jobs import operator_in_namespace, post_progress
+from fixtures.operator import OperatorProcess
 from kubernetes import client
 
-FAKE_TRAINER = Path(__file__).resolve().parent / "fake_trainer.py"
-RESTRICTED = "pod-security.kubernetes.io/enforce"
 WAIT = 60.0
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 
@@ -99,72 +95,20 @@ class Env:
 
 
 def ftj(name: str, *, env: dict[str, str] | None = None, **runtime: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"base": "MobileNetV2", "weights": "none", "inputShape": [32, 32, 3]},
-            "data": {"train": "/data/train", "validationSplit": 0.2},
-            "training": {"head": {"epochs": 1}, "fineTune": {"epochs": 1}},
-            "output": {"path": f"/tmp/out-{name}"},
-            "runtime": {"gpus": 0, "env": [{"name": k, "value": v} for k, v in (env or {}).items()], **runtime},
-        },
-    }
-
-
-def mint_kubeconfig(cluster: Cluster, *, path: Path) -> Path:
-    """A kubeconfig holding a TokenRequest token of ServiceAccount finetune-system/finetune-operator."""
-    with cluster.api_client() as api:
-        answer = client.CoreV1Api(api).create_namespaced_service_account_token(
-            "finetune-operator", OPERATOR_NS, {"spec": {"audiences": [], "expirationSeconds": 3600}}
-        )
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    user = f"system:serviceaccount:{OPERATOR_NS}:finetune-operator"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
-                "users": [{"name": user, "user": {"token": answer.status.token}}],
-                "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
-                "current-context": "local",
-            }
-        )
-    )
-    path.chmod(0o600)
-    return path
+    """`fixtures.jobs.ftj` writing to /tmp/out-NAME."""
+    return jobs.ftj(name, output=f"/tmp/out-{name}", env=env, **runtime)
 
 
 @pytest.fixture(scope="module")
 def env(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    install_crd_and_rbac(cluster)
     tmp = tmp_path_factory.mktemp("lifecycle")
-    namespace = f"ftj-life-{secrets.token_hex(3)}"
-    cluster.kubectl_run("create", "ns", namespace)
-    cluster.kubectl_run("label", "ns", namespace, f"{RESTRICTED}=restricted", f"{RESTRICTED}-version=latest")
-    wait_for(
-        lambda: cluster.kubectl_run("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
-        timeout=30,
-        message=f"{namespace}/default ServiceAccount",
-    )
-    operator = OperatorProcess(
-        kubeconfig=mint_kubeconfig(cluster, path=tmp / "kubeconfig"),
-        namespace=namespace,
-        log=tmp / "operator.log",
-        extra_args=("--trainer-command", f"python {FAKE_TRAINER}", "--pending-timeout", "60"),
-        ready_timeout=30,
-    )
-    operator.start()
-    api = cluster.api_client()
-    try:
-        yield Env(cluster=cluster, namespace=namespace, operator=operator, api=api)
-    finally:
-        operator.stop()
-        with contextlib.suppress(Exception):
-            api.close()
-        cluster.kubectl_run("delete", "ns", namespace, "--wait=false", check=False)
+    with operator_in_namespace(cluster, tmp=tmp, prefix="ftj-life", pending_timeout=60) as (namespace, operator):
+        api = cluster.api_client()
+        try:
+            yield Env(cluster=cluster, namespace=namespace, operator=operator, api=api)
+        finally:
+            with contextlib.suppress(Exception):
+                api.close()
 
 
 def conditions(status: dict[str, Any]) -> dict[str, str]:
@@ -179,17 +123,7 @@ def post_report(env: Env, *, name: str, uid: str, pod: str, **fields: Any) -> in
          "timestamp": time.time(), **fields}
     ).model_dump(mode="json", by_alias=True)  # fmt: skip
     token = env.cluster.pod_token(namespace=env.namespace, pod=pod, audience=protocol.progress_audience(uid))
-    request = urllib.request.Request(
-        env.operator.progress_url,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as err:
-        return int(err.code)
+    return post_progress(env.operator.progress_url, body, token=token)
 
 
 def running_pod(env: Env, name: str, *, job_uid: str) -> dict[str, Any]:

@@ -8,14 +8,11 @@ operator with one RBAC rule removed (the least-privilege proof).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import secrets
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,53 +22,18 @@ import pytest
 import yaml
 from finetune_trainer import protocol
 from fixtures.cluster import Cluster, KubectlError, wait_for
-from fixtures.operator import OPERATOR_NS, RBAC, OperatorProcess, install_crd_and_rbac
-from kubernetes import client
+from fixtures.jobs import (
+    fake_trainer_operator,
+    ftj,
+    mint_kubeconfig,
+    operator_in_namespace,
+    post_progress,
+    restricted_namespace,
+)
+from fixtures.operator import RBAC, OperatorProcess
 
 ROOT = Path(__file__).resolve().parents[2]
-FAKE_TRAINER = Path(__file__).resolve().parent / "fake_trainer.py"
-RESTRICTED = "pod-security.kubernetes.io/enforce"
 WAIT = 60.0
-
-
-def mint_kubeconfig(cluster: Cluster, *, name: str, path: Path) -> Path:
-    """A kubeconfig holding a TokenRequest token of ServiceAccount finetune-system/NAME."""
-    with cluster.api_client() as api:
-        core = client.CoreV1Api(api)
-        with contextlib.suppress(client.ApiException):
-            core.create_namespaced_service_account(OPERATOR_NS, {"metadata": {"name": name}})
-        answer = core.create_namespaced_service_account_token(
-            name, OPERATOR_NS, {"spec": {"audiences": [], "expirationSeconds": 3600}}
-        )
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    user = f"system:serviceaccount:{OPERATOR_NS}:{name}"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
-                "users": [{"name": user, "user": {"token": answer.status.token}}],
-                "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
-                "current-context": "local",
-            }
-        )
-    )
-    path.chmod(0o600)
-    return path
-
-
-def operator_process(
-    *, kubeconfig: Path, namespace: str, log: Path, extra: tuple[str, ...] = ()
-) -> OperatorProcess:
-    """The shared operator subprocess, with this module's fake trainer and a 4 s pending timeout."""
-    return OperatorProcess(
-        kubeconfig=kubeconfig,
-        namespace=namespace,
-        log=log,
-        extra_args=("--trainer-command", f"python {FAKE_TRAINER}", "--pending-timeout", "4", *extra),
-        ready_timeout=30,
-    )
 
 
 @dataclass
@@ -115,46 +77,11 @@ class Env:
         return list(json.loads(out.stdout)["items"])
 
 
-def ftj(name: str, *, env: dict[str, str] | None = None, **runtime: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"base": "MobileNetV2", "weights": "none", "inputShape": [32, 32, 3]},
-            "data": {"train": "/data/train", "validationSplit": 0.2},
-            "training": {"head": {"epochs": 1}, "fineTune": {"epochs": 1}},
-            "output": {"path": "/tmp/out"},
-            "runtime": {"gpus": 0, "env": [{"name": k, "value": v} for k, v in (env or {}).items()], **runtime},
-        },
-    }
-
-
-def make_namespace(cluster: Cluster, prefix: str) -> str:
-    name = f"{prefix}-{secrets.token_hex(3)}"
-    cluster.kubectl_run("create", "ns", name)
-    cluster.kubectl_run("label", "ns", name, f"{RESTRICTED}=restricted", f"{RESTRICTED}-version=latest")
-    wait_for(
-        lambda: cluster.kubectl_run("get", "sa", "default", "-n", name, check=False).returncode == 0,
-        timeout=30,
-        message=f"{name}/default ServiceAccount",
-    )
-    return name
-
-
 @pytest.fixture(scope="module")
 def env(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    install_crd_and_rbac(cluster)
     tmp = tmp_path_factory.mktemp("operator")
-    kubeconfig = mint_kubeconfig(cluster, name="finetune-operator", path=tmp / "kubeconfig")
-    namespace = make_namespace(cluster, "ftj-op")
-    operator = operator_process(kubeconfig=kubeconfig, namespace=namespace, log=tmp / "operator.log")
-    operator.start()
-    try:
+    with operator_in_namespace(cluster, tmp=tmp, prefix="ftj-op") as (namespace, operator):
         yield Env(cluster=cluster, namespace=namespace, operator=operator, tmp=tmp)
-    finally:
-        operator.stop()
-        cluster.kubectl_run("delete", "ns", namespace, "--wait=false", check=False)
 
 
 # ----- admission -----
@@ -410,11 +337,11 @@ def test_two_replicas_with_peering_make_one_job(env: Env) -> None:
     cluster = env.cluster
     cluster.kubectl_run("apply", "-f", str(ROOT / "deploy" / "base" / "peering.yaml"), check=False)
     cluster.kubectl_run("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=30s")
-    namespace = make_namespace(cluster, "ftj-peer")
+    namespace = restricted_namespace(cluster, prefix="ftj-peer")
     cluster.kubectl_run("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(
         {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "finetune-operator"}}))  # fmt: skip
     replicas = [
-        operator_process(
+        fake_trainer_operator(
             kubeconfig=env.operator.kubeconfig,
             namespace=namespace,
             log=env.tmp / f"operator-peer-{prio}.log",
@@ -474,17 +401,7 @@ def post_report(url: str, *, namespace: str, name: str, token: str) -> int:
         {"namespace": namespace, "name": name, "event": "epoch-end", "stage": "head", "epoch": 1, "stageEpochs": 1,
          "epochsDone": 1, "totalEpochs": 2, "metrics": {"loss": 0.5}, "timestamp": time.time()}
     ).model_dump(mode="json", by_alias=True)  # fmt: skip
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as err:
-        return int(err.code)
+    return post_progress(url, body, token=token)
 
 
 # ----- least privilege -----
@@ -505,9 +422,9 @@ def test_removing_an_rbac_rule_breaks_the_operator_as_expected(env: Env) -> None
     binding["metadata"] = {"name": name}
     binding["roleRef"]["name"] = name
     binding["subjects"][0]["name"] = name
-    namespace = make_namespace(cluster, "ftj-rbac")
+    namespace = restricted_namespace(cluster, prefix="ftj-rbac")
     cluster.kubectl_run("apply", "-f", "-", input=yaml.safe_dump_all([role, binding]))
-    operator = operator_process(
+    operator = fake_trainer_operator(
         kubeconfig=mint_kubeconfig(cluster, name=name, path=env.tmp / f"kubeconfig-{name}"),
         namespace=namespace,
         log=env.tmp / f"operator-{name}.log",

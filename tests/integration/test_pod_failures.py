@@ -16,25 +16,17 @@ from typing import Any
 
 import pytest
 from fixtures.cluster import Cluster, wait_for
-from fixtures.operator import install_crd_and_rbac
-from test_operator import Env, ftj, make_namespace, mint_kubeconfig, operator_process
+from fixtures.jobs import ftj, operator_in_namespace
+from test_operator import Env
 
 WAIT = 60.0
 
 
 @pytest.fixture(scope="module")
 def env(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    install_crd_and_rbac(cluster)
     tmp = tmp_path_factory.mktemp("pod-failures")
-    kubeconfig = mint_kubeconfig(cluster, name="finetune-operator", path=tmp / "kubeconfig")
-    namespace = make_namespace(cluster, "ftj-fail")
-    operator = operator_process(kubeconfig=kubeconfig, namespace=namespace, log=tmp / "operator.log")
-    operator.start()
-    try:
+    with operator_in_namespace(cluster, tmp=tmp, prefix="ftj-fail") as (namespace, operator):
         yield Env(cluster=cluster, namespace=namespace, operator=operator, tmp=tmp)
-    finally:
-        operator.stop()
-        cluster.kubectl_run("delete", "ns", namespace, "--wait=false", check=False)
 
 
 def _suspended(env: Env, name: str) -> bool:

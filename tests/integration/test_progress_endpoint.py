@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from finetune_operator import metrics
 from finetune_trainer import protocol
 from fixtures.cluster import ApplyYaml, Cluster, ServiceAccountKubeconfig, wait_for
+from fixtures.jobs import progress_token, trainer_pod, waiting_ftj
 from fixtures.operator import OPERATOR_NS, RBAC, OperatorProcess, install_crd_and_rbac
 from kubernetes import client, watch
 
@@ -124,39 +125,6 @@ def status_watch(cluster: Cluster, namespace: str) -> Iterator[StatusWatch]:
         api_client.close()
 
 
-def ftj(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"base": "MobileNetV2", "weights": "none"},
-            "data": {"train": "/data/train", "validationSplit": 0.2},
-            "training": {"head": {"epochs": 2}, "fineTune": {"epochs": 3}},
-            "output": {"path": f"/models/{name}"},
-            # A registry that "fails to pull": the pod waits, no trainer runs or reports.
-            "runtime": {"image": "registry.invalid/finetune-trainer:0", "gpus": 0},
-        },
-    }
-
-
-def pod_of(cluster: Cluster, *, namespace: str, name: str) -> dict[str, Any]:
-    """The trainer pod of FineTuneJob `name` (waits until the Job controller made it)."""
-
-    def find() -> dict[str, Any] | None:
-        pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", f"finetune.dev/job={name}")["items"]
-        return pods[0] if pods else None
-
-    return wait_for(find, timeout=60, message=f"the pod of ftj/{name}")
-
-
-def token_of(cluster: Cluster, *, namespace: str, name: str, pod: str | None = None) -> str:
-    """The progress token of job `name`, bound to its pod (or to `pod`): as the kubelet projects it."""
-    uid = cluster.kubectl_json("get", "ftj", name, "-n", namespace)["metadata"]["uid"]
-    bound = pod or pod_of(cluster, namespace=namespace, name=name)["metadata"]["name"]
-    return cluster.pod_token(namespace=namespace, pod=bound, audience=protocol.progress_audience(uid))
-
-
 def body(namespace: str, name: str, **overrides: Any) -> dict[str, Any]:
     report = {
         "namespace": namespace,
@@ -201,8 +169,8 @@ def columns(cluster: Cluster, *, namespace: str, name: str) -> dict[str, str]:
 def test_reports_move_kubectl_get_and_the_metrics(
     cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, operator: OperatorProcess, status_watch: StatusWatch
 ) -> None:
-    apply_yaml(ftj("flowers"), namespace=namespace)
-    token = token_of(cluster, namespace=namespace, name="flowers")
+    apply_yaml(waiting_ftj("flowers"), namespace=namespace)
+    token = progress_token(cluster, namespace=namespace, name="flowers")
     url = operator.progress_url
 
     # The pod exists once the Job does, made after the operator registered the job with its hub.
@@ -274,8 +242,8 @@ def test_reports_move_kubectl_get_and_the_metrics(
         timeout=60,
         message="the old flowers pod garbage-collected",
     )
-    apply_yaml(ftj("flowers"), namespace=namespace)
-    fresh = token_of(cluster, namespace=namespace, name="flowers")
+    apply_yaml(waiting_ftj("flowers"), namespace=namespace)
+    fresh = progress_token(cluster, namespace=namespace, name="flowers")
     again = body(namespace, "flowers", event="stage-start", epoch=0, epochsDone=0)
     wait_for(
         lambda: post(url, again, token=fresh)[0] == 202, timeout=30, message="the new flowers registered"
@@ -286,9 +254,9 @@ def test_reports_move_kubectl_get_and_the_metrics(
 def test_bad_reports_are_refused_and_change_no_status(
     cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, operator: OperatorProcess, status_watch: StatusWatch
 ) -> None:
-    apply_yaml([ftj("alpha"), ftj("beta"), ftj("decoy")], namespace=namespace)
-    token_a = token_of(cluster, namespace=namespace, name="alpha")
-    token_b = token_of(cluster, namespace=namespace, name="beta")
+    apply_yaml([waiting_ftj("alpha"), waiting_ftj("beta"), waiting_ftj("decoy")], namespace=namespace)
+    token_a = progress_token(cluster, namespace=namespace, name="alpha")
+    token_b = progress_token(cluster, namespace=namespace, name="beta")
     assert token_a != token_b
     url = operator.progress_url
     for name, token in (("alpha", token_a), ("beta", token_b)):
@@ -319,12 +287,12 @@ def test_bad_reports_are_refused_and_change_no_status(
     cross_unknown = post(url, body(namespace, "gamma"), token=token_b)
     unknown = post(url, body(namespace, "gamma"), token=secrets.token_urlsafe(32))
     # alpha's audience, but bound to beta's pod: the TokenReview passes, the pod is not alpha's.
-    beta_pod = pod_of(cluster, namespace=namespace, name="beta")["metadata"]["name"]
-    wrong_pod = post(url, body(namespace, "alpha", epoch=1), token=token_of(
+    beta_pod = trainer_pod(cluster, namespace=namespace, name="beta")["metadata"]["name"]
+    wrong_pod = post(url, body(namespace, "alpha", epoch=1), token=progress_token(
         cluster, namespace=namespace, name="alpha", pod=beta_pod))  # fmt: skip
     # A token whose pod is gone no longer passes the TokenReview.
-    decoy = pod_of(cluster, namespace=namespace, name="decoy")["metadata"]["name"]
-    orphan = token_of(cluster, namespace=namespace, name="alpha", pod=decoy)
+    decoy = trainer_pod(cluster, namespace=namespace, name="decoy")["metadata"]["name"]
+    orphan = progress_token(cluster, namespace=namespace, name="alpha", pod=decoy)
     cluster.kubectl_run("delete", "ftj", "decoy", "-n", namespace, "--wait=true")
     wait_for(
         lambda: cluster.get(f"/api/v1/namespaces/{namespace}/pods/{decoy}") is None,
@@ -376,8 +344,8 @@ def test_bad_reports_are_refused_and_change_no_status(
 def test_the_trainer_credential_is_scoped_to_its_job_and_worthless_to_kubernetes(
     cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, operator: OperatorProcess
 ) -> None:
-    apply_yaml(ftj("alpha"), namespace=namespace)
-    token = token_of(cluster, namespace=namespace, name="alpha")
+    apply_yaml(waiting_ftj("alpha"), namespace=namespace)
+    token = progress_token(cluster, namespace=namespace, name="alpha")
 
     def job_of_alpha() -> dict[str, Any] | None:
         jobs = cluster.kubectl_json("get", "jobs", "-n", namespace)["items"]
@@ -485,8 +453,8 @@ def test_forged_tokens_cost_no_token_review(
     cluster: Cluster, namespace: str, apply_yaml: ApplyYaml, own_operator: tuple[OperatorProcess, str]
 ) -> None:
     operator, username = own_operator
-    apply_yaml(ftj("target"), namespace=namespace)
-    real = token_of(cluster, namespace=namespace, name="target")
+    apply_yaml(waiting_ftj("target"), namespace=namespace)
+    real = progress_token(cluster, namespace=namespace, name="target")
     url = operator.progress_url
     probe = body(namespace, "target", timestamp=0.0)  # expired: 400 once registered (and the token checked)
     wait_for(lambda: post(url, probe, token=real)[0] == 400, timeout=30, message="target registered")
@@ -512,7 +480,7 @@ def test_forged_tokens_cost_no_token_review(
     assert codes == [401] * FORGED, {c: codes.count(c) for c in set(codes)}
 
     # A real pod-bound token still works (a fresh one: it costs exactly one review).
-    fresh = token_of(cluster, namespace=namespace, name="target")
+    fresh = progress_token(cluster, namespace=namespace, name="target")
     assert post(url, body(namespace, "target", epoch=1), token=fresh)[0] == 202
     wait_for(
         lambda: reviews() >= reviews_before + 1, timeout=10, message="the fresh token's TokenReview counted"
