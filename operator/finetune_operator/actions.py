@@ -154,13 +154,18 @@ class KubeActions:
                 return Refused(f"the batch Job was refused: {exc.message}")
             raise
         metrics.job_created(namespace=ns)
+        self.post_job_created(owner=owner)
+        return status.job_view(body)
+
+    def post_job_created(self, *, owner: builders.Owner) -> None:
+        """The JobCreated event, under a name fixed by the FineTuneJob's uid: posted twice, it exists once."""
         self.post_event(
-            namespace=ns,
+            namespace=owner.namespace,
             name=owner.name,
             uid=owner.uid,
             event=status.Event("Normal", "JobCreated", f"created batch Job {owner.name}"),
+            event_name=f"{owner.name}.jobcreated.{owner.uid}",
         )
-        return status.job_view(body)
 
     async def obstacle(self, *, owner: builders.Owner) -> Obstacle:
         """What, read from the API (not the watch caches), stands where the job's Job must go.
@@ -287,13 +292,22 @@ class KubeActions:
             uid=uid, total_epochs=parsed.training.total_epochs, stage_epochs=stage_plan(parsed.training)
         )
 
-    def post_event(self, *, namespace: str, name: str, uid: str, event: status.Event) -> None:
-        """Posts a core/v1 Event on the FineTuneJob, in the background (an event never blocks a reconcile)."""
+    def post_event(
+        self, *, namespace: str, name: str, uid: str, event: status.Event, event_name: str | None = None
+    ) -> None:
+        """Posts a core/v1 Event on the FineTuneJob, in the background (an event never blocks a reconcile).
+
+        With `event_name` the Event has that name, and one that exists already (409) counts as posted.
+        """
         stamp = status.rfc3339(datetime.datetime.now(datetime.UTC))
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{name}.", "namespace": namespace},
+            "metadata": (
+                {"name": event_name, "namespace": namespace}
+                if event_name
+                else {"generateName": f"{name}.", "namespace": namespace}
+            ),
             "involvedObject": {
                 "apiVersion": f"{GROUP}/{VERSION}",
                 "kind": api.KIND,
@@ -315,6 +329,9 @@ class KubeActions:
         async def send() -> None:
             try:
                 await self.client.create(f"/api/v1/namespaces/{namespace}/events", body)
+            except kube.ApiError as exc:
+                if not (event_name and exc.status == 409):
+                    logger.warning("could not post event %s on %s/%s: %s", event.reason, namespace, name, exc)
             except Exception as exc:
                 logger.warning("could not post event %s on %s/%s: %s", event.reason, namespace, name, exc)
 

@@ -118,6 +118,7 @@ class Operator:
         self._registered: set[str] = set()  # FineTuneJob uids registered with the hub
         self._finished: set[str] = set()
         self._created: dict[str, status.JobView] = {}  # FineTuneJob uid -> its Job, until the index shows it
+        self._announced: set[str] = set()  # FineTuneJob uids whose JobCreated event this process posted
         self._parsed: dict[str, tuple[int, api.FineTuneJobSpec | None, str | None]] = {}
         self._waits: dict[Key, int] = {}  # jobs waiting for an earlier FineTuneJob's objects: looks so far
         self._expired: dict[str, str] = {}  # FineTuneJob uid -> the uid of its Job deleted for its TTL
@@ -248,6 +249,11 @@ class Operator:
             previous = {**ftj.status, **self._written.get(ftj.uid, {})}  # with the first status, if just written
         assert job is not None
         self._waits.pop(key, None)
+        if ftj.uid not in self._announced:
+            # The Job was made by an earlier run that may have died before its JobCreated event
+            # went out; the event's fixed name makes a second post a no-op (409).
+            self.actions.post_job_created(owner=owner)
+            self._announced.add(ftj.uid)
 
         if ftj.uid not in self._registered and self.hub is not None:
             from finetune_operator.progress import stage_plan
@@ -285,10 +291,11 @@ class Operator:
             # Nothing is stored: the next pass derives the same transition (and its events) again.
             self.enqueue(key, delay=wait)
             return
-        self._counted[ftj.uid] = outcome.counted_pods
         if outcome.stop_job:
             await self.actions.patch_job(owner=owner, suspend=True)
         await self._apply(key, ftj, outcome, previous)
+        # Only once the attempts they add are written: a failed write derives them again.
+        self._counted[ftj.uid] = outcome.counted_pods
         for _ in range(outcome.retried):
             metrics.job_retried(namespace=namespace)
         # A pod that waits may become stuck without any further event: look again at the deadline.
@@ -338,6 +345,7 @@ class Operator:
             previous = {**ftj.status, **self._written.get(ftj.uid, {})}
             if isinstance(made, status.JobView):
                 self._created[ftj.uid] = made
+                self._announced.add(ftj.uid)  # create_job posted JobCreated
                 return made
             if isinstance(made, actions.Refused):
                 outcome = status.invalid_spec(
@@ -473,6 +481,7 @@ class Operator:
             table.pop(uid, None)
         self._waits.pop(key, None)
         self._registered.discard(uid)
+        self._announced.discard(uid)
         self._finished.discard(uid)
         self._failures.pop(key, None)
         timer = self._timers.pop(key, None)
