@@ -26,16 +26,21 @@ help:
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(wildcard uv.lock)
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q uv
-	$$(command -v uv || echo python3 -m uv) sync --python 3.11 --extra operator --extra trainer-cpu --group dev
+	$$(command -v uv || echo python3 -m uv) sync --python 3.11 --extra operator --extra trainer-cpu --extra cli --group dev
 	@touch $@
 
-## deps-debian: promtool and prometheus (Debian's package), when running as root
+## deps-debian: Debian's packages the tests use, when running as root: promtool and prometheus
+## (monitoring rules), podman, runc and debootstrap (the images and the container pod runner),
+## chromium (the evaluation report, headless), tmux (the plugin's live view in a real terminal)
+DEBIAN_PKGS := prometheus:promtool podman:podman runc:runc debootstrap:debootstrap chromium:chromium tmux:tmux
 deps-debian:
-	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
+	@missing=""; for pc in $(DEBIAN_PKGS); do command -v "$${pc#*:}" >/dev/null 2>&1 || missing="$$missing $${pc%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    (apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
-	     (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus >/dev/null)); \
-	  else echo "deps-debian: install Debian's 'prometheus' package (promtool, prometheus)" >&2; exit 1; fi; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    (apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null)); \
+	  else echo "deps-debian: install Debian's packages:$$missing" >&2; exit 1; fi; \
 	fi
 
 ## control-plane: build (once per machine, cached) kube-apiserver, kube-controller-manager, kubectl, etcd
