@@ -24,7 +24,6 @@ the kubelet; a revoked one starts answering 401):
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import json
 import logging
@@ -61,11 +60,7 @@ def same_credentials(a: kopf.ConnectionInfo, b: kopf.ConnectionInfo) -> bool:
 
 
 def _headers(info: kopf.ConnectionInfo, user_agent: str) -> dict[str, str]:
-    headers = dict(info.as_http_headers())
-    if "Authorization" not in headers and info.username and info.password:
-        # kopf < 1.45 puts basic auth in as_aiohttp_basic_auth(), not in the headers.
-        pair = f"{info.username}:{info.password}".encode()
-        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+    headers = dict(info.as_http_headers())  # bearer token or basic auth (kopf >= 1.45)
     headers["User-Agent"] = user_agent
     return headers
 
