@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from finetune_trainer import data as data_lib
+from finetune_trainer import evaluation as evaluation_lib
 from finetune_trainer import model as model_lib
 from finetune_trainer.config import TrainerSpec
 from finetune_trainer.errors import DivergedError, InvalidSpecError
@@ -895,6 +896,9 @@ def _save_outputs(
         "durationSeconds": round(time.monotonic() - started, 3),
         "modelPath": str(model_path),
     }
+    metrics_json.update(evaluation_lib.evaluate_and_report(  # report.html; never raises
+        out=out, y_true=labels, y_pred=probs.argmax(axis=1), class_names=splits.class_names,
+        history=run.state.history, metrics=metrics_json, spec=run.spec.model_dump(mode="json", by_alias=True)))
     _write_json(out / "metrics.json", metrics_json)
     summary_metrics = dict(final)
     if best is not None:
