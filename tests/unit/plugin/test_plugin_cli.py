@@ -106,3 +106,17 @@ def test_an_unreachable_api_server_exits_7(tmp_path: Path, capsys: pytest.Captur
     path = kubeconfig(tmp_path / "config")  # https://127.0.0.1:1: nothing listens there
     assert plugin.main(["--kubeconfig", str(path), "describe", "x"]) == fmt.EXIT_CONNECTION
     assert "cannot reach the API server at https://127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_kubeconfig_files_joined_with_a_colon_are_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = tmp_path / "clusters"
+    first.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config",
+                                     "clusters": [{"name": "one", "cluster": {"server": "https://127.0.0.1:3"}}],
+                                     "users": [{"name": "u", "user": {"token": "t"}}]}))  # fmt: skip
+    second = tmp_path / "contexts"
+    second.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": "c",
+                                      "contexts": [{"name": "c", "context": {"cluster": "one", "user": "u",
+                                                                              "namespace": "merged"}}]}))  # fmt: skip
+    monkeypatch.setenv("KUBECONFIG", f"{first}{os.pathsep}{second}")
+    kube = plugin.connect(kubeconfig=None, context=None, namespace=None)
+    assert (kube.api.configuration.host, kube.namespace) == ("https://127.0.0.1:3", "merged")
