@@ -5,7 +5,9 @@ FineTuneJob, suspend and resume, deleting a Job once its time is up or when an e
 FineTuneJob of the same name left it, status merge patches, events) and the few reads (what
 stands in the way of a new Job, the FailedCreate event of a Job that makes no pod, a
 FineTuneJob a standby replica does not know), all through one pooled `kube.KubeClient`.
-`handlers` decides what to write and when; this module knows how.
+Kueue-managed jobs: the Job's `spec.suspend` is Kueue's, so suspend and resume set `spec.active`
+of its Workload instead (`set_workload_active`). `handlers` decides what to write and when;
+this module knows how.
 
 Deletes always carry a precondition on the Job's uid: the operator only ever deletes the very
 Job it looked at, never a newer one that took its name meanwhile.
@@ -31,6 +33,7 @@ __all__ = ["Conflict", "KubeActions", "Obstacle", "Refused", "Standing", "contro
 logger = logging.getLogger("finetune_operator")
 
 GROUP, VERSION, PLURAL = api.API_GROUP, api.API_VERSION, api.PLURAL
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"
 
 
 def controller_uid(body: Mapping[str, Any]) -> str:
@@ -254,6 +257,33 @@ class KubeActions:
         await self.client.merge_patch(
             f"/apis/batch/v1/namespaces/{owner.namespace}/jobs/{owner.name}", {"spec": {"suspend": suspend}}
         )
+
+    async def set_workload_active(self, *, namespace: str, name: str, active: bool) -> bool:
+        """`spec.active` of a Kueue Workload (what `spec.suspend` of a Kueue-managed job writes).
+
+        False when the Workload is gone (404): the caller looks again on its next event.
+        """
+        try:
+            await self.client.merge_patch(
+                f"/apis/{KUEUE_GROUP}/{KUEUE_VERSION}/namespaces/{namespace}/workloads/{name}",
+                {"spec": {"active": active}},
+            )
+        except kube.ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        logger.info("%s Workload %s/%s", "activated" if active else "deactivated", namespace, name)
+        return True
+
+    async def kueue_served(self) -> bool:
+        """Whether the cluster serves Kueue's Workload API (API discovery: open to every user)."""
+        try:
+            body = await self.client.get(f"/apis/{KUEUE_GROUP}/{KUEUE_VERSION}")
+        except kube.ApiError as exc:
+            if exc.status in (404, 503):
+                return False
+            raise
+        return any(r.get("name") == "workloads" for r in body.get("resources") or [] if isinstance(r, Mapping))
 
     async def patch_status(
         self, *, namespace: str, name: str, status: dict[str, Any], source: str = "progress"

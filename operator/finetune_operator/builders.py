@@ -37,13 +37,16 @@ __all__ = [
     "CONFIG_FILE",
     "CONTAINER_NAME",
     "JOB_NAME_LABEL",
+    "KUEUE_LABELS",
     "KUEUE_QUEUE_LABEL",
     "METRICS_PORT",
     "NON_RETRYABLE_EXIT_CODES",
     "PROGRESS_TOKEN_FILE",
     "SPEC_ANNOTATION",
+    "TERMINATED_EXIT_CODE",
     "Owner",
     "build_job",
+    "kueue_labels",
     "labels",
     "spec_document",
 ]
@@ -59,7 +62,19 @@ PROGRESS_TOKEN_SECONDS = 3600  # the kubelet refreshes it at 80 % of this
 GPU_RESOURCE = "nvidia.com/gpu"
 JOB_NAME_LABEL = "finetune.dev/job"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# The labels Kueue reads on a Job it manages (its "Labels and Annotations" reference, "Used on:
+# Kueue-managed Jobs"): copied from the FineTuneJob to the Job when the user sets them.
+KUEUE_LABELS = (
+    KUEUE_QUEUE_LABEL,  # the LocalQueue: the Job is Kueue's to admit
+    "kueue.x-k8s.io/priority-class",  # a WorkloadPriorityClass: the Workload's priority (preemption)
+    "kueue.x-k8s.io/max-exec-time-seconds",  # the Workload's spec.maximumExecutionTimeSeconds
+    "kueue.x-k8s.io/prebuilt-workload-name",  # a Workload the user made for the Job
+)
 NON_RETRYABLE_EXIT_CODES = (2, 3, 4)  # invalid spec, data error, diverged: API.md's exit codes
+# 128 + SIGTERM: the trainer saved its state because its pod is going away (Kueue preemption or
+# spec.suspend, which delete the pod without a DisruptionTarget condition, a node drain): resumed
+# later from its checkpoint, never a failure that counts toward backoffLimit.
+TERMINATED_EXIT_CODE = 143
 MANAGED_BY = "finetune-operator"
 
 
@@ -100,6 +115,11 @@ def labels(*, owner: Owner) -> dict[str, str]:
         "app.kubernetes.io/managed-by": MANAGED_BY,
         JOB_NAME_LABEL: owner.name,
     }
+
+
+def kueue_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """The Kueue labels among a FineTuneJob's labels (`KUEUE_LABELS`), which its Job carries too."""
+    return {key: str(labels[key]) for key in KUEUE_LABELS if key in labels}
 
 
 def _metadata(*, owner: Owner, name: str) -> dict[str, Any]:
@@ -164,13 +184,19 @@ def build_job(
     as it is (default: `spec` dumped back, for callers that have only the parsed model).
     `runtime.ttlSecondsAfterFinished` is not put on the Job: the operator deletes the Job
     itself once it has recorded the outcome (a TTL controller could delete it first).
+
+    Kueue: the FineTuneJob's Kueue labels (`KUEUE_LABELS`) go on the Job; with a queue label
+    the Job is created suspended, whatever `spec.suspend` says, and from then on it is Kueue's
+    to start and stop (the operator never writes its `spec.suspend` or pod template again;
+    `spec.suspend` of the FineTuneJob deactivates the Workload instead). A pod that ends with
+    exit code 143 (SIGTERM: preempted, suspended, drained; the trainer saved its state) is
+    ignored by the pod failure policy: it never counts toward `backoffLimit`.
     """
     runtime = spec.runtime
     if raw_spec is None:
         raw_spec = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-    job_labels = labels(owner=owner)
-    if KUEUE_QUEUE_LABEL in owner.labels:
-        job_labels[KUEUE_QUEUE_LABEL] = owner.labels[KUEUE_QUEUE_LABEL]
+    job_labels = {**labels(owner=owner), **kueue_labels(owner.labels)}
+    queued = KUEUE_QUEUE_LABEL in job_labels
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": runtime.image or default_image,
@@ -253,7 +279,7 @@ def build_job(
         "backoffLimit": runtime.backoff_limit,
         "completions": 1,
         "parallelism": 1,
-        "suspend": spec.suspend,
+        "suspend": spec.suspend or queued,
         "podFailurePolicy": {
             "rules": [
                 {
@@ -265,6 +291,14 @@ def build_job(
                     },
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": CONTAINER_NAME,
+                        "operator": "In",
+                        "values": [TERMINATED_EXIT_CODE],
+                    },
+                },
             ]
         },
         "template": {

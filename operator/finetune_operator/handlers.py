@@ -3,7 +3,8 @@
 Thin on purpose: builders make the manifests, `status` decides the status, `progress` folds
 the trainer's reports, `actions` makes the API calls. What lives here is their ordering:
 
-- Kopf indexes keep a compact view of every FineTuneJob, owned Job and trainer pod in
+- Kopf indexes keep a compact view of every FineTuneJob, owned Job, trainer pod and Kueue
+  Workload of a Job in
   memory. Kopf calls no handler before every index has its initial listing, so after a
   restart an existing Job is seen (and adopted) before anything could create a second one.
 - Every event only enqueues its FineTuneJob's key; one worker per key reconciles it (a key
@@ -11,7 +12,8 @@ the trainer's reports, `actions` makes the API calls. What lives here is their o
   with backoff; a spec only the operator can reject becomes Failed/InvalidSpec, once.
 - Writes are few: the Job at creation (the spec the trainer reads rides in it, see
   `builders`), a status patch only when the operator-owned fields change (the first one at
-  once, later ones coalesced over `--status-window`), a Job patch on suspend/resume, a Job
+  once, later ones coalesced over `--status-window`), a Job patch on suspend/resume (for a
+  Job with a Kueue queue label, a patch of its Workload's `spec.active` instead), a Job
   delete when `runtime.ttlSecondsAfterFinished` is up. The trainer's progress credential is
   a projected ServiceAccount token the kubelet makes: no Secret to write.
 - A FineTuneJob deleted and created again under the same name gets a Job of its own: what
@@ -48,6 +50,7 @@ logger = logging.getLogger("finetune_operator")
 
 MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
 GROUP, VERSION, PLURAL = api.API_GROUP, api.API_VERSION, api.PLURAL
+KUEUE_GROUP, KUEUE_VERSION = actions.KUEUE_GROUP, actions.KUEUE_VERSION
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 WAIT_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # looking again at what an earlier FineTuneJob left
 
@@ -88,7 +91,7 @@ def ftj_view(body: Mapping[str, Any]) -> FtjView:
         uid=str(meta.get("uid", "")),
         generation=int(meta.get("generation") or 1),
         created=meta.get("creationTimestamp"),
-        labels={k: v for k, v in labels.items() if k == builders.KUEUE_QUEUE_LABEL},
+        labels=builders.kueue_labels(labels),
         spec_json=json.dumps(spec, separators=(",", ":")),
         suspend=bool(spec.get("suspend")),
         output_path=str((spec.get("output") or {}).get("path", "")),
@@ -109,6 +112,9 @@ class Operator:
         self.ftjs: Any = None  # the Kopf indexes, captured from the first handler call
         self.jobs: Any = None
         self.pods: Any = None
+        self.workloads: Any = None
+        self.kueue_installed = True  # whether the cluster serves Kueue's Workload API (looked up at startup)
+        self._active_sent: dict[str, bool] = {}  # FineTuneJob uid -> spec.active last written to its Workload
         self._running: set[Key] = set()
         self._dirty: set[Key] = set()
         self._failures: dict[Key, int] = {}
@@ -130,6 +136,7 @@ class Operator:
 
     def capture(self, kwargs: Mapping[str, Any]) -> None:
         self.ftjs, self.jobs, self.pods = kwargs["ftj_index"], kwargs["job_index"], kwargs["pod_index"]
+        self.workloads = kwargs.get("workload_index")
 
     def enqueue(self, key: Key, *, delay: float = 0.0) -> None:
         loop = asyncio.get_running_loop()
@@ -196,6 +203,12 @@ class Operator:
         if self.pods is None or key not in self.pods:
             return []
         return [view for uid, view in self.pods[key] if uid == job_uid]
+
+    def _workload(self, key: Key, job_uid: str) -> status.WorkloadView | None:
+        """Kueue's Workload of the Job (its controller ownerReference), when the index has one."""
+        if self.workloads is None or key not in self.workloads:
+            return None
+        return next((view for uid, view in self.workloads[key] if uid == job_uid), None)
 
     # ----- the reconcile -----
 
@@ -264,9 +277,12 @@ class Operator:
             self._registered.add(ftj.uid)
 
         suspend = ftj.suspend
-        kueue = builders.KUEUE_QUEUE_LABEL in ftj.labels
+        kueue = job.queue_name is not None  # Kueue's Job: its spec.suspend and pod template are never written
+        workload = self._workload(key, job.uid) if kueue else None
         finished = "Complete" in job.conditions or "Failed" in job.conditions
-        if not finished and job.suspend != suspend and (suspend or not kueue):
+        if not finished and kueue:
+            await self._kueue_activate(key, ftj, workload, active=not suspend)
+        elif not finished and job.suspend != suspend:
             await self.actions.patch_job(owner=owner, suspend=suspend)
 
         pods = self._pods(key, job.uid)
@@ -285,13 +301,21 @@ class Operator:
             now=now,
             pending_timeout_s=self.config.pending_timeout_s,
             creation_failure=creation_failure,
+            workload=workload,
+            kueue_installed=self.kueue_installed,
         )
         wait = self._coalesce_wait(ftj.uid, outcome, previous)
         if wait > 0:
             # Nothing is stored: the next pass derives the same transition (and its events) again.
             self.enqueue(key, delay=wait)
             return
-        if outcome.stop_job:
+        if outcome.stop_job and kueue:
+            # Kueue stops its own Job: deactivating the Workload makes it suspend the Job (and delete the pod).
+            if workload is None or not await self.actions.set_workload_active(
+                namespace=namespace, name=workload.name, active=False
+            ):
+                logger.warning("%s/%s failed, but its Workload is not known: the Job is left to Kueue", *key)
+        elif outcome.stop_job:
             await self.actions.patch_job(owner=owner, suspend=True)
         await self._apply(key, ftj, outcome, previous)
         # Only once the attempts they add are written: a failed write derives them again.
@@ -303,6 +327,30 @@ class Operator:
             waiting = [p for p in pods if p.phase == "Pending" and not p.started and not p.deleted]
             if waiting or not pods:
                 self.enqueue(key, delay=self.config.pending_timeout_s + 1.0)
+
+    async def _kueue_activate(
+        self, key: Key, ftj: FtjView, workload: status.WorkloadView | None, *, active: bool
+    ) -> None:
+        """spec.suspend of a Kueue-managed job -> `spec.active` of its Workload (never the Job's spec.suspend).
+
+        Level-based: written whenever the Workload differs from what the spec asks, except that
+        a Workload Kueue deactivated itself (`status.workload_reactivatable`) is not activated
+        again. A Workload Kueue has not made yet is looked at again on its first event (and,
+        for a suspend, after a few seconds at the latest).
+        """
+        if workload is None:
+            if not active and self.kueue_installed:
+                self.enqueue(key, delay=5.0)
+            return
+        if workload.active == active:
+            self._active_sent.pop(ftj.uid, None)
+            return
+        if active and not status.workload_reactivatable(workload):
+            return
+        if self._active_sent.get(ftj.uid) == active:
+            return  # written already; the watch has not shown it yet
+        if await self.actions.set_workload_active(namespace=key[0], name=workload.name, active=active):
+            self._active_sent[ftj.uid] = active
 
     async def _make_job(
         self,
@@ -477,7 +525,9 @@ class Operator:
 
     def forget(self, key: Key, uid: str) -> None:
         """The FineTuneJob is gone: drop its memory, its hub state and its metric series."""
-        for table in (self._counted, self._written, self._last_write, self._parsed, self._created, self._expired):
+        for table in (
+            self._counted, self._written, self._last_write, self._parsed, self._created, self._expired, self._active_sent
+        ):
             table.pop(uid, None)
         self._waits.pop(key, None)
         self._registered.discard(uid)
@@ -560,6 +610,12 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         resolve=STATE.actions.resolve_job,
     )
     port = await hub.start(host=STATE.config.progress_host, port=STATE.config.progress_port)
+    try:
+        STATE.kueue_installed = await STATE.actions.kueue_served()
+    except Exception as exc:  # only a status message depends on it
+        logger.warning("could not look up Kueue's Workload API: %s", exc)
+    if not STATE.kueue_installed:
+        logger.info("Kueue's Workload API (kueue.x-k8s.io/v1beta1) is not served: jobs with a queue label stay queued")
     STATE.hub = hub
     metrics_port = metrics.start_metrics_server(host=STATE.config.metrics_host, port=STATE.config.metrics_port)
     logger.info(
@@ -596,6 +652,29 @@ async def pod_index(
     return {(namespace or "", labels[builders.JOB_NAME_LABEL]): (actions.controller_uid(body), status.pod_view(body))}
 
 
+def _workload_job(body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(name, uid) of the batch Job a Kueue Workload belongs to (its controller ownerReference)."""
+    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == "Job" and ref.get("apiVersion") == "batch/v1":
+            return str(ref.get("name", "")), str(ref.get("uid", ""))
+    return None
+
+
+# Kueue's Workloads, watched (in the operator's namespaces) rather than read when the Job changes:
+# what Kueue decides shows on the Workload first (a changed QuotaReserved message, an inactive
+# Workload) and often never on the Job, so reading it on Job events would miss it or need polling;
+# one watch costs no request per job. Without Kueue's CRDs Kopf serves nothing here (one warning at
+# start) and everything else runs as before.
+@kopf.index(KUEUE_GROUP, KUEUE_VERSION, "workloads")
+async def workload_index(
+    namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[Key, tuple[str, status.WorkloadView]] | None:
+    job = _workload_job(body)
+    if job is None:
+        return None
+    return {(namespace or "", job[0]): (job[1], status.workload_view(body))}
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def ftj_event(event: kopf.RawEvent, namespace: str | None, name: str, uid: str, **kwargs: Any) -> None:
     STATE.capture(kwargs)
@@ -615,3 +694,12 @@ async def job_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -
 async def pod_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
     STATE.capture(kwargs)
     STATE.enqueue((namespace or "", labels[builders.JOB_NAME_LABEL]))
+
+
+@kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, "workloads")
+async def workload_event(namespace: str | None, body: kopf.Body, **kwargs: Any) -> None:
+    job = _workload_job(body)
+    if job is None:
+        return
+    STATE.capture(kwargs)
+    STATE.enqueue((namespace or "", job[0]))

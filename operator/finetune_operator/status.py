@@ -1,7 +1,8 @@
 """Pure status logic: the state of a FineTuneJob's batch Job and pods -> its status and events.
 
-`job_view` and `pod_view` shrink Kubernetes bodies to the few fields the logic reads (the
-operator keeps only these in memory); `derive` computes the operator-owned status fields
+`job_view`, `pod_view` and `workload_view` (Kueue's Workload of a Job) shrink Kubernetes
+bodies to the few fields the logic reads (the operator keeps only these in memory);
+`kueue_wait` says what Kueue decided about a Job it holds; `derive` computes the operator-owned status fields
 (phase, reason, conditions, attempts, times, model path, message) and the events a
 transition deserves. The progress fields (stage, epoch, ...) belong to the progress hub.
 No I/O, no clock: `now` is passed in.
@@ -25,16 +26,21 @@ from finetune_operator import api
 __all__ = [
     "Event",
     "JobView",
+    "KueueWait",
     "Outcome",
     "PodView",
+    "WorkloadView",
     "creation_stalled",
     "derive",
     "diff",
     "invalid_spec",
     "job_view",
+    "kueue_wait",
     "parse_time",
     "pod_view",
     "rfc3339",
+    "workload_reactivatable",
+    "workload_view",
 ]
 
 EXIT_REASONS = {2: "InvalidSpec", 3: "DataError", 4: "Diverged"}
@@ -56,6 +62,15 @@ MAX_REASON_LENGTH = 64
 MAX_MESSAGE_LENGTH = 1024
 MAX_SUMMARY_CHARS = 16 * 1024  # the kubelet keeps 4 KiB of a termination message; more is not a summary
 TERMINAL = frozenset({"Succeeded", "Failed"})
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Kueue's Evicted reasons (apis/kueue/v1beta1 workload_types.go): "Deactivated" when someone set
+# spec.active to false (the operator, for spec.suspend); "DeactivatedDueTo<Cause>" when Kueue did
+# itself (maximum execution time, requeuing limit, rejected admission check).
+EVICTED_BY_DEACTIVATION = "Deactivated"
+KUEUE_DEACTIVATION_PREFIX = "DeactivatedDueTo"
+# Pending reasons of a job that has not been stopped: any other Pending reason of a Kueue-managed
+# job is an eviction (Preempted, PodsReadyTimeout, ClusterQueueStopped, ...).
+WAITING_REASONS = frozenset({"Waiting", "Queued", "Admitted", "Replacing"})
 OWNED_FIELDS = (
     "observedGeneration",
     "phase",
@@ -97,6 +112,7 @@ class JobView:
     created: str | None = None  # metadata.creationTimestamp
     # condition type -> (reason, message, lastTransitionTime), only for conditions with status True
     conditions: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
+    queue_name: str | None = None  # its kueue.x-k8s.io/queue-name label: Kueue manages it
 
 
 @dataclass(frozen=True)
@@ -142,7 +158,13 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         completion_time=status.get("completionTime"),
         created=body.get("metadata", {}).get("creationTimestamp"),
         conditions=conditions,
+        queue_name=_queue_name(body),
     )
+
+
+def _queue_name(body: Mapping[str, Any]) -> str | None:
+    value = ((body.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+    return str(value) if value is not None else None
 
 
 def pod_view(body: Mapping[str, Any]) -> PodView:
@@ -189,6 +211,103 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
         unschedulable_message=unschedulable,
         deleted=bool(meta.get("deletionTimestamp")),
     )
+
+
+@dataclass(frozen=True)
+class WorkloadView:
+    """What the status logic needs of Kueue's Workload of a Job (kueue.x-k8s.io/v1beta1)."""
+
+    uid: str
+    name: str
+    active: bool = True  # spec.active (Kueue defaults it to true)
+    # condition type -> (status, reason, message): every condition, False ones too (QuotaReserved=False
+    # carries Kueue's reason for waiting)
+    conditions: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
+
+    def is_true(self, kind: str) -> bool:
+        return self.conditions.get(kind, ("", "", ""))[0] == "True"
+
+
+def workload_view(body: Mapping[str, Any]) -> WorkloadView:
+    meta = body.get("metadata") or {}
+    active = (body.get("spec") or {}).get("active")
+    conditions = {
+        str(c.get("type")): (str(c.get("status") or ""), str(c.get("reason") or ""), str(c.get("message") or ""))
+        for c in (body.get("status") or {}).get("conditions") or []
+        if isinstance(c, Mapping)
+    }
+    return WorkloadView(
+        uid=str(meta.get("uid", "")),
+        name=str(meta.get("name", "")),
+        active=active is not False,
+        conditions=conditions,
+    )
+
+
+@dataclass(frozen=True)
+class KueueWait:
+    """Why Kueue holds a Job it manages: the FineTuneJob's reason and message while Pending."""
+
+    reason: str  # Queued, Admitted, Preempted, or Kueue's other eviction reason
+    message: str
+    evicted: bool = False  # Kueue took the Job's quota away (preemption, another eviction)
+
+
+def workload_reactivatable(workload: WorkloadView) -> bool:
+    """Whether the operator may set `spec.active: true` again on an inactive Workload.
+
+    Not when Kueue deactivated it itself (Evicted reason `DeactivatedDueTo...`, or a
+    DeactivationTarget condition: maximum execution time, requeuing limit, rejected admission
+    check): that is Kueue's decision, which `spec.suspend: false` does not overrule.
+    """
+    if workload.is_true("DeactivationTarget"):
+        return False
+    status_, reason, _ = workload.conditions.get("Evicted", ("", "", ""))
+    return not (status_ == "True" and reason.startswith(KUEUE_DEACTIVATION_PREFIX))
+
+
+def kueue_wait(*, workload: WorkloadView | None, queue: str, installed: bool = True) -> KueueWait:
+    """What Kueue decided about the suspended Job of a FineTuneJob, in Kueue's own words.
+
+    Read from the Workload's conditions as Kueue's controllers set them: QuotaReserved=False
+    with the scheduler's or the workload controller's message while waiting (insufficient
+    quota, "LocalQueue q doesn't exist", ...); Evicted=True (reason Preempted, with the
+    Preempted condition's detail, or another eviction reason) until quota is reserved again,
+    which sets Evicted back to False; Admitted=True just before Kueue unsuspends the Job.
+    An eviction by deactivation (reason `Deactivated`, what `spec.suspend` does) is no news
+    once the Workload is active again: it then waits like any other. Messages are cleaned
+    and bounded like the trainer's (`_short`).
+    """
+    if not installed:
+        return KueueWait(
+            "Queued",
+            f"the batch Job waits for Kueue (LocalQueue {queue}), but Kueue's Workload API "
+            "(kueue.x-k8s.io/v1beta1) is not served by this cluster",
+        )
+    if workload is None:
+        return KueueWait("Queued", f"waiting for Kueue to create the Workload of the batch Job (LocalQueue {queue})")
+    _, _, quota_message = workload.conditions.get("QuotaReserved", ("", "", ""))
+    waiting = _short(quota_message) if not workload.is_true("QuotaReserved") else ""
+    evicted_status, evicted_reason, evicted_message = workload.conditions.get("Evicted", ("", "", ""))
+    if evicted_status == "True" and not (evicted_reason == EVICTED_BY_DEACTIVATION and workload.active):
+        if evicted_reason == "Preempted":
+            detail = workload.conditions.get("Preempted", ("", "", ""))
+            why = detail[2] if detail[0] == "True" and detail[2] else evicted_message
+            text = f"preempted by Kueue: {why or 'to make room for a workload of higher priority'}"
+            return KueueWait("Preempted", _short(f"{text}; {waiting}" if waiting else text), evicted=True)
+        if evicted_reason != EVICTED_BY_DEACTIVATION:
+            reason = _reason(evicted_reason, "Evicted")
+            text = f"evicted by Kueue ({evicted_reason}): {evicted_message or 'no message'}"
+            return KueueWait(reason, _short(f"{text}; {waiting}" if waiting else text), evicted=True)
+    if not workload.active:
+        return KueueWait("Queued", f"Workload {workload.name} is inactive (spec.active: false)")
+    if workload.is_true("Admitted"):
+        return KueueWait("Admitted", f"admitted by Kueue (Workload {workload.name}); the batch Job starts")
+    if workload.is_true("QuotaReserved"):
+        _, _, admitted_message = workload.conditions.get("Admitted", ("", "", ""))
+        text = admitted_message or f"{quota_message or 'quota reserved'}; waiting for admission checks"
+        return KueueWait("Queued", _short(text))
+    return KueueWait("Queued", waiting or f"waiting for Kueue to admit Workload {workload.name} (LocalQueue {queue})")
 
 
 @dataclass(frozen=True)
@@ -427,6 +546,8 @@ def derive(
     pending_timeout_s: float,
     creation_failure: str | None = None,
     blocked: str | None = None,
+    workload: WorkloadView | None = None,
+    kueue_installed: bool = True,
 ) -> Outcome:
     """The operator-owned status of a FineTuneJob from its Job and pods.
 
@@ -438,6 +559,12 @@ def derive(
     looked it up (see `creation_stalled`). `blocked` says why there is no Job yet while
     objects of an earlier FineTuneJob of the same name are still going away (Pending/Replacing).
     Failed and Suspended clear `etaSeconds`.
+
+    A Job with a queue label is Kueue's: while it is suspended, the job is Pending with what
+    Kueue decided (`kueue_wait` on `workload`, its Workload, None while Kueue has made none;
+    `kueue_installed` False when the cluster serves no Workload API), e.g. Queued with the
+    insufficient-quota message, or Preempted (a Warning event) until Kueue admits it again,
+    when it is Running again (a Resumed event).
     """
     prev_phase = previous.get("phase")
     stamp = rfc3339(now)
@@ -481,6 +608,11 @@ def derive(
     elif suspend or job.suspend or "Suspended" in job.conditions:
         if suspend:
             phase, reason, message = "Suspended", "Suspended", "suspended by spec.suspend"
+            if job.queue_name is not None and workload is not None:
+                message = f"suspended by spec.suspend (Workload {workload.name} deactivated)"
+        elif job.queue_name is not None:
+            held = kueue_wait(workload=workload, queue=job.queue_name, installed=kueue_installed)
+            phase, reason, message = "Pending", held.reason, held.message
         else:
             phase, reason, message = "Pending", "Queued", "the batch Job is suspended (e.g. waiting for admission by Kueue)"
     else:
@@ -542,8 +674,17 @@ def derive(
 
     events: list[Event] = []
     retried = 0
+    prev_reason = previous.get("reason")
+    if phase == "Pending" and reason != prev_reason and job is not None and job.queue_name is not None:
+        if reason == "Preempted":
+            events.append(Event("Warning", "Preempted", message))
+        elif reason not in WAITING_REASONS:
+            events.append(Event("Warning", "Evicted", f"{reason}: {message}"))
     if phase != prev_phase:
-        if phase == "Running" and prev_phase == "Suspended":
+        if phase == "Running" and prev_phase == "Pending" and prev_reason not in (None, *WAITING_REASONS):
+            # Back after a preemption (or another eviction by Kueue): the trainer resumes from its checkpoint.
+            events.append(Event("Normal", "Resumed", f"admitted again after {prev_reason}; {message}"))
+        elif phase == "Running" and prev_phase == "Suspended":
             events.append(Event("Normal", "Resumed", message))
         elif phase == "Running" and reason == "Training":
             events.append(Event("Normal", "Started", message))

@@ -152,13 +152,15 @@ def test_job_shape_and_pod_admitted_by_pod_security(env: Env) -> None:
         activeDeadlineSeconds=600,
         ttlSecondsAfterFinished=3600,
     )
-    manifest["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "q"}
+    # A Kueue label passes through (a queue-name label would hold the Job for Kueue: test_kueue.py).
+    manifest["metadata"]["labels"] = {"kueue.x-k8s.io/priority-class": "high"}
     env.apply(manifest)
     owner = env.get("ftj", "shape")
     assert owner is not None
     job = wait_for(lambda: env.get("job", "shape"), timeout=WAIT, message="job/shape")
     assert job["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
-    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+    assert job["spec"]["suspend"] is False
     assert job["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "finetune-operator"
     spec = job["spec"]
     assert (spec["backoffLimit"], spec["activeDeadlineSeconds"]) == (2, 600)
