@@ -16,11 +16,11 @@ export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help setup deps-debian control-plane gotools kueue lint crds test test-unit test-lowest test-integration test-e2e test-chaos \
+.PHONY: help setup deps-debian control-plane gotools kueue helm helm-files lint crds test test-unit test-lowest test-integration test-e2e test-chaos \
         bench demo cluster-up cluster-down clean
 
 help:
-	@echo "make demo | test | setup | lint | crds | bench | cluster-up | cluster-down"
+	@echo "make demo | test | setup | lint | crds | helm | helm-files | bench | cluster-up | cluster-down"
 
 ## setup: Python packages into .venv (uv), from pyproject.toml and uv.lock
 setup: $(VENV)/.installed
@@ -56,14 +56,27 @@ kueue:
 gotools:
 	hack/build-gotools.sh >/dev/null
 
+## helm: build (once per version, cached) helm from helm.sh/helm/v3, k8s.io/* pinned to the control plane's
+helm:
+	hack/build-helm.sh >/dev/null
+
+## helm-files: refresh the chart's copies of deploy/'s files it renders from (the ClusterRoles' rules, the
+## alerts, the dashboard); tests/unit/helm fails while a copy differs from its source
+HELM_CHART := deploy/helm/finetune-operator
+helm-files:
+	cp deploy/base/rbac.yaml deploy/base/peering.yaml deploy/components/monitoring/dashboard.json \
+	  deploy/components/monitoring/prometheusrule.yaml $(HELM_CHART)/files/
+
 lint: setup
 	$(VENV)/bin/ruff check operator trainer tests hack
 	$(VENV)/bin/mypy operator/finetune_operator trainer/finetune_trainer
 
+## crds: the FineTuneJob CRD from operator/finetune_operator/api.py, into crds/ and the Helm chart's crds/
 crds: setup
 	$(PY) -m finetune_operator.crd --output crds/finetune.dev_finetunejobs.yaml
+	cp crds/finetune.dev_finetunejobs.yaml $(HELM_CHART)/crds/finetune.dev_finetunejobs.yaml
 
-test-unit: setup control-plane gotools
+test-unit: setup control-plane gotools helm
 	$(PYTEST) -q tests/unit
 
 ## test-lowest: unit tests with every direct dependency at its lower bound (uv --resolution
@@ -86,7 +99,7 @@ test-lowest: setup deps-debian
 	uv pip install --quiet --python $(LOWEST_VENV)/bin/python --no-deps -e .
 	FTO_LOWEST_DIRECT=1 $(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(LOWEST_TESTS)
 
-test-integration: setup control-plane gotools kueue
+test-integration: setup control-plane gotools kueue helm
 	$(PYTEST) -q tests/integration
 
 test-e2e: setup control-plane kueue deps-debian
