@@ -26,6 +26,12 @@ being deleted) keeps the pod unscheduled with the scheduler's `persistentvolumec
 found`, re-checked every few seconds so that a claim created later lets it start. Claims are
 not bound to volumes here (no provisioner): a claim that exists is taken as bound.
 
+`--pods=container` (what `FTO_PODS=container` selects in hack/cluster.py) runs each container
+from its image with podman and runc instead, with the pod's securityContext applied, its
+volumes as bind mounts and `containerID: podman://<id>` in the status; see
+hack/podrunner_container.py for what it does and what it leaves out. The default,
+`--pods=process`, is the fast mode above: the repo's own code, no image involved.
+
 `--simulate SECONDS` runs nothing: every pod turns Running and then Succeeded (exit 0) after
 SECONDS. Either way there is one watch, one loop thread and a few writer threads; no thread
 per pod. Images are never pulled; an image whose registry host ends in `.invalid` "fails to
@@ -57,6 +63,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by file path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import podrunner_container as containers  # hack/podrunner_container.py, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 EXEC_HELPER = Path(__file__).resolve().parent / "localcluster_exec.py"
@@ -237,7 +247,9 @@ def node_body(*, name: str, labels: dict[str, str]) -> Obj:
     return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}, "spec": {}}
 
 
-def node_status(*, capacity: dict[str, str], heartbeat: str, started: str, kubelet_port: int) -> Obj:
+def node_status(
+    *, capacity: dict[str, str], heartbeat: str, started: str, kubelet_port: int, runtime: str = "local://1"
+) -> Obj:
     def cond(type_: str, status: str, reason: str, message: str) -> Obj:
         return {
             "type": type_,
@@ -265,7 +277,7 @@ def node_status(*, capacity: dict[str, str], heartbeat: str, started: str, kubel
             "bootID": "local",
             "kernelVersion": os.uname().release,
             "osImage": "local pod runner",
-            "containerRuntimeVersion": "local://1",
+            "containerRuntimeVersion": runtime,
             "kubeletVersion": "v1.34.4",
             "kubeProxyVersion": "",
             "operatingSystem": "linux",
@@ -491,6 +503,13 @@ class ContainerRun:
     restart_at: float | None = None
     last_terminated: Obj | None = None
     container_id: str | None = None
+    # container mode
+    podman_name: str | None = None
+    image_id: str = ""
+    stop_signal: str = "SIGTERM"
+    host_pid: int | None = None
+    kill_escalated: bool = False
+    next_retry: float = 0.0  # a waiting container is tried again then (each on its own)
 
 
 @dataclass
@@ -508,7 +527,6 @@ class PodRun:
     terminating: bool = False
     prepared: bool = False
     mounts: dict[str, list[Obj]] = field(default_factory=dict)
-    next_retry: float = 0.0
     last_written: str = ""
     tokens: list[tuple[Path, Obj, float]] = field(default_factory=list)  # file, source, monotonic renew time
 
@@ -541,8 +559,11 @@ class PodRunner:
         simulate: float | None,
         kubelet_port: int,
         bind: bool = True,
+        pods: str = "process",
     ) -> None:
         self.api = api
+        self.podman = containers.Podman(cluster_dir=cluster_dir) if pods == "container" else None
+        self.runtime_version = f"podman://{self.podman.version()}" if self.podman is not None else "local://1"
         self.kubelet_port = kubelet_port
         self.live_logs: set[Path] = set()
         self.dir = cluster_dir
@@ -586,7 +607,8 @@ class PodRunner:
 
     def heartbeat(self) -> None:
         status = node_status(
-            capacity=self.capacity, heartbeat=now_rfc3339(), started=self.started, kubelet_port=self.kubelet_port
+            capacity=self.capacity, heartbeat=now_rfc3339(), started=self.started, kubelet_port=self.kubelet_port,
+            runtime=self.runtime_version,
         )
         self.api.request("PATCH", f"/api/v1/nodes/{self.node}/status", body={"status": status}, content_type=STRATEGIC)
         path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.node}"
@@ -668,7 +690,12 @@ class PodRunner:
                 self.stop.wait(1.0)
         threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(target=self.watch_loop, name="watch", daemon=True).start()
-        log.info("node %s registered; %s mode", self.node, "simulated" if self.simulate is not None else "real")
+        if self.podman is not None:
+            for name in self.podman.ours():  # left by a pod runner that was killed: their pods failed
+                log.info("removing container %s, left by an earlier pod runner", name)
+                self.podman.remove(name, wait=True)
+        mode = "simulated" if self.simulate is not None else ("container" if self.podman else "process")
+        log.info("node %s registered; %s mode", self.node, mode)
         while not self.stop.is_set():
             try:
                 kind, obj = self.events.get(timeout=0.1)
@@ -740,6 +767,8 @@ class PodRunner:
         run = self.runs.pop(uid, None)
         if run is not None:
             for c in run.init + run.main:
+                if self.podman is not None and c.podman_name is not None:
+                    self.podman.remove(c.podman_name)
                 if c.proc is not None and c.proc.poll() is None:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(c.proc.pid, signal.SIGKILL)
@@ -949,15 +978,23 @@ class PodRunner:
         return str(int(amount.to_integral_value(rounding="ROUND_CEILING")))
 
     def container_env(self, pod: Obj, c: Obj) -> dict[str, str]:
+        """The container's environment: what the kubelet adds, then envFrom, then env.
+
+        In process mode also PATH (the repo's .venv first), HOME and HOSTNAME, which a
+        container gets from its image and runtime instead."""
         ns = pod["metadata"]["namespace"]
-        env: dict[str, str] = {
-            "PATH": f"{ROOT / '.venv' / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": os.environ.get("HOME", "/root"),
-            "HOSTNAME": pod["metadata"]["name"],
+        env: dict[str, str] = {}
+        if self.podman is None:
+            env.update({
+                "PATH": f"{ROOT / '.venv' / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "HOME": os.environ.get("HOME", "/root"),
+                "HOSTNAME": pod["metadata"]["name"],
+            })  # fmt: skip
+        env.update({
             "KUBERNETES_SERVICE_HOST": "127.0.0.1",
             "KUBERNETES_SERVICE_PORT": str(self.api_port),
             "KUBERNETES_SERVICE_PORT_HTTPS": str(self.api_port),
-        }
+        })  # fmt: skip
         for source in c.get("envFrom") or []:
             prefix = source.get("prefix", "")
             for kind, key in (("configmaps", "configMapRef"), ("secrets", "secretRef")):
@@ -1084,9 +1121,13 @@ class PodRunner:
             claim = vol["persistentVolumeClaim"]
             path = self.dir / "volumes" / ns / claim["claimName"]
             path.mkdir(parents=True, exist_ok=True)
+            self.own_volume(pod, path)
             return path, bool(claim.get("readOnly"))
         if "emptyDir" in vol or "ephemeral" in vol:
             vdir.mkdir(parents=True, exist_ok=True)
+            if self.podman is not None:
+                os.chmod(vdir, 0o777)  # as the kubelet makes an emptyDir
+            self.own_volume(pod, vdir)
             return vdir, False
         if "configMap" in vol or "secret" in vol:
             is_secret = "secret" in vol
@@ -1130,6 +1171,14 @@ class PodRunner:
             return vdir, True
         raise ConfigError(f"volume {name}: unsupported volume type")
 
+    def own_volume(self, pod: Obj, path: Path) -> None:
+        """Container mode: the pod's fsGroup owns a volume that supports ownership (emptyDir,
+        claims), as the kubelet applies it; a process runs as root and needs none of this."""
+        sc = pod["spec"].get("securityContext") or {}
+        if self.podman is None or sc.get("fsGroup") is None:
+            return
+        containers.apply_fs_group(path, gid=int(sc["fsGroup"]), policy=sc.get("fsGroupChangePolicy"))
+
     def prepare(self, run: PodRun) -> None:
         """Materialises every volume once per pod and computes each container's mounts."""
         if run.prepared:
@@ -1152,6 +1201,7 @@ class PodRunner:
                                "readOnly": always_ro or bool(vm.get("readOnly"))})
             term = c.dir / "termination-log"
             term.write_bytes(b"")
+            os.chmod(term, 0o666)  # the kubelet's mode: any uid in the container writes it
             target = c.spec.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH
             mounts.append({"source": str(term), "target": target, "readOnly": False})
             run.mounts[c.name] = mounts
@@ -1164,26 +1214,29 @@ class PodRunner:
         name_error = image_name_error(image)
         if name_error is not None:
             c.waiting = ("InvalidImageName", name_error)
-            run.next_retry = time.monotonic() + 5.0
+            c.next_retry = time.monotonic() + 5.0
             return
         pull_error = image_pull_error(image)
         if pull_error is not None:
             reason = "ImagePullBackOff" if c.waiting and c.waiting[0] == "ErrImagePull" else "ErrImagePull"
             c.waiting = (reason, pull_error)
-            run.next_retry = time.monotonic() + 5.0
+            c.next_retry = time.monotonic() + 5.0
+            return
+        if self.podman is not None:
+            self.start_in_container(run, c)
             return
         try:
             self.prepare(run)
             env = self.container_env(run.pod, c.spec)
         except ConfigError as err:
             c.waiting = ("CreateContainerConfigError", str(err))
-            run.next_retry = time.monotonic() + 2.0
+            c.next_retry = time.monotonic() + 2.0
             return
         command = [expand_vars(a, env) for a in (c.spec.get("command") or default_command(image))]
         args = [expand_vars(a, env) for a in c.spec.get("args") or []]
         if not command:
             c.waiting = ("CreateContainerError", f'no command for image "{image}": images are not pulled here')
-            run.next_retry = time.monotonic() + 5.0
+            c.next_retry = time.monotonic() + 5.0
             return
         start_error = c.dir / "start-error"
         start_error.unlink(missing_ok=True)
@@ -1216,6 +1269,87 @@ class PodRunner:
         c.waiting = None
         log.info("started %s/%s pid %d", pod_key(run.pod), c.name, c.proc.pid)
 
+    def start_in_container(self, run: PodRun, c: ContainerRun) -> None:
+        """Container mode: `podman run` from the image, attached, its output into the log file."""
+        assert self.podman is not None
+        image = str(c.spec.get("image", ""))
+        info = self.podman.image(image)
+        if info is None:
+            previous = c.waiting[0] if c.waiting else None
+            c.waiting = containers.missing_image_waiting(
+                image=image, policy=containers.pull_policy(c.spec), previous=previous
+            )
+            c.next_retry = time.monotonic() + 5.0
+            return
+        name = containers.container_name(
+            namespace=run.namespace, pod=run.name, uid=run.uid, container=c.name, attempt=c.restart_count
+        )
+        cidfile, conmon_pidfile = c.dir / "cid", c.dir / "conmon.pid"
+        try:
+            self.prepare(run)
+            env = self.container_env(run.pod, c.spec)
+            argv, imported = containers.run_argv(
+                podman=self.podman.binary, name=name, image=image, pod=run.pod, container=c.spec, info=info,
+                env=env, mounts=run.mounts[c.name], cidfile=cidfile, conmon_pidfile=conmon_pidfile,
+                seccomp_dir=self.podman.seccomp_dir, cluster_label=self.podman.cluster_label, expand=expand_vars,
+            )  # fmt: skip
+        except (ConfigError, containers.ContainerConfigError) as err:
+            c.waiting = ("CreateContainerConfigError", str(err))
+            c.next_retry = time.monotonic() + 2.0
+            return
+        for stale in (cidfile, conmon_pidfile):
+            stale.unlink(missing_ok=True)
+        self.podman.remove(name, wait=True)  # a container of that name left by a killed pod runner
+        mode = "ab" if c.restart_count else "wb"
+        with open(c.log_path, mode) as logf:
+            c.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                start_new_session=True, close_fds=True, env=self.podman.env(imported),
+            )  # fmt: skip
+        (self.dir / "pids" / "pods" / f"{run.uid}_{c.name}.pid").write_text(f"{c.proc.pid}\n")
+        self.live_logs.add(c.log_path)
+        c.podman_name, c.image_id, c.stop_signal = name, info.image_id, info.stop_signal
+        c.container_id, c.host_pid, c.kill_escalated = None, None, False
+        c.started_at = now_rfc3339()
+        c.finished_at = c.exit_code = c.reason = c.message = None
+        c.waiting = None
+        log.info("started %s/%s in container %s", pod_key(run.pod), c.name, name)
+
+    def container_started(self, run: PodRun, c: ContainerRun) -> bool:
+        """Container mode: picks up the container's id and host pid once podman has them; True
+        when that changed what the status shows. The pid file then holds the container's init
+        (its process group leader), so `hack/cluster.py down` can kill it as it kills processes."""
+        if c.proc is None or (c.container_id is not None and c.host_pid is not None):
+            return False
+        changed = False
+        if c.container_id is None:
+            with contextlib.suppress(OSError):
+                cid = (c.dir / "cid").read_text().strip()
+                if cid:
+                    c.container_id = f"podman://{cid}"
+                    changed = True
+        if c.host_pid is None:
+            pid = containers.container_pid(c.dir / "conmon.pid")
+            if pid is not None:
+                c.host_pid = pid
+                (self.dir / "pids" / "pods" / f"{run.uid}_{c.name}.pid").write_text(f"{pid}\n")
+        return changed
+
+    def signal_container(self, c: ContainerRun, *, kill: bool) -> None:
+        """SIGTERM (the image's STOPSIGNAL) or SIGKILL to a container or a process."""
+        if c.proc is None or c.proc.poll() is not None:
+            return
+        if self.podman is not None and c.podman_name is not None:
+            self.podman.signal(c.podman_name, "KILL" if kill else c.stop_signal)
+            if kill and c.kill_escalated:  # podman could not reach it: end the client, remove it
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(c.proc.pid, signal.SIGKILL)
+                self.podman.remove(c.podman_name)
+            c.kill_escalated = kill
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(c.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+
     def forget_pid(self, run: PodRun, c: ContainerRun) -> None:
         self.live_logs.discard(c.log_path)
         (self.dir / "pids" / "pods" / f"{run.uid}_{c.name}.pid").unlink(missing_ok=True)
@@ -1229,12 +1363,39 @@ class PodRunner:
         c.finished_at = now_rfc3339()
         self.forget_pid(run, c)
         start_error = c.dir / "start-error"
-        if code == 128 and start_error.exists():
+        if self.podman is not None and c.podman_name is not None:
+            self.collect_container_exit(c, code)
+        elif code == 128 and start_error.exists():
             c.reason, c.message = "StartError", start_error.read_text()
         else:
             c.reason = "Completed" if code == 0 else "Error"
             c.message = self.termination_message(c)
         c.proc = None
+
+    def collect_container_exit(self, c: ContainerRun, code: int) -> None:
+        """Container mode: the runtime's account of the exit (start errors, OOM), then removal."""
+        assert self.podman is not None and c.podman_name is not None
+        state = (self.podman.inspect(c.podman_name) or {}).get("State") or {}
+        if c.container_id is None:
+            with contextlib.suppress(OSError):
+                cid = (c.dir / "cid").read_text().strip()
+                c.container_id = f"podman://{cid}" if cid else None
+        try:
+            tail = c.log_path.read_bytes()[-4096:].decode(errors="replace")
+        except OSError:
+            tail = ""
+        error = str(state.get("Error") or "") or (
+            containers.runtime_error(tail) if code in containers.PODMAN_ERROR_CODES else None
+        )
+        never_ran = not state or str(state.get("StartedAt", "")).startswith("0001-")
+        if error and (never_ran or code in containers.PODMAN_ERROR_CODES):
+            c.exit_code, c.reason, c.message = 128, "StartError", error
+        else:
+            if state and isinstance(state.get("ExitCode"), int):
+                c.exit_code = code = int(state["ExitCode"])
+            c.reason = "OOMKilled" if state.get("OOMKilled") else ("Completed" if code == 0 else "Error")
+            c.message = self.termination_message(c)
+        self.podman.remove(c.podman_name)
 
     def termination_message(self, c: ContainerRun) -> str | None:
         try:
@@ -1258,9 +1419,7 @@ class PodRunner:
         run.terminating = True
         run.kill_deadline = time.monotonic() + max(0, grace)
         for c in run.init + run.main:
-            if c.proc is not None and c.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(c.proc.pid, signal.SIGTERM)
+            self.signal_container(c, kill=False)
         log.info("terminating %s (grace %ss)", pod_key(run.pod), grace)
 
     def restart_policy(self, run: PodRun) -> str:
@@ -1280,16 +1439,18 @@ class PodRunner:
                 self.renew_tokens(run, now)
             changed = False
             for c in run.init + run.main:
+                if self.podman is not None:
+                    changed = self.container_started(run, c) or changed
                 if c.proc is not None and c.proc.poll() is not None:
                     self.collect_exit(run, c)
                     changed = True
             if run.terminating:
                 if run.kill_deadline is not None and now >= run.kill_deadline:
                     for c in run.init + run.main:
-                        if c.proc is not None and c.proc.poll() is None:
-                            with contextlib.suppress(ProcessLookupError, PermissionError):
-                                os.killpg(c.proc.pid, signal.SIGKILL)
-                    run.kill_deadline = None
+                        self.signal_container(c, kill=True)
+                    # Container mode: again after 5 s if podman did not reach it (see signal_container).
+                    escalate = self.podman is not None and any(c.kill_escalated and c.proc for c in run.init + run.main)
+                    run.kill_deadline = now + 5.0 if escalate else None
                 if all(c.proc is None for c in run.init + run.main):
                     self.finish(run, deleted=True)
                 continue
@@ -1312,7 +1473,7 @@ class PodRunner:
                         return False
                     if not self.backoff(c, now):
                         return False
-                if now < run.next_retry:
+                if now < c.next_retry:
                     return False
                 before = c.waiting
                 self.start_container(run, c)
@@ -1327,7 +1488,7 @@ class PodRunner:
                     wants_restart = policy == "Always" or (policy == "OnFailure" and c.exit_code != 0)
                     if not wants_restart or not self.backoff(c, now):
                         continue
-                if now < run.next_retry:
+                if now < c.next_retry:
                     continue
                 before = c.waiting
                 self.start_container(run, c)
@@ -1429,7 +1590,7 @@ class PodRunner:
         st: Obj = {
             "name": c.name,
             "image": c.spec.get("image", ""),
-            "imageID": "",
+            "imageID": c.image_id,
             "restartCount": c.restart_count,
             "ready": False,
             "started": False,
@@ -1491,7 +1652,7 @@ class PodRunner:
         if run.init:
             status["initContainerStatuses"] = [self.container_status(c, uid=run.uid) for c in run.init]
         fingerprint = json.dumps(
-            [phase, ready, [(s["state"], s["restartCount"]) for s in status["containerStatuses"]],
+            [phase, ready, [(s["state"], s["restartCount"], s.get("containerID")) for s in status["containerStatuses"]],
              status.get("initContainerStatuses")],
             sort_keys=True,
         )
@@ -1511,19 +1672,23 @@ class PodRunner:
     def shutdown(self) -> None:
         running = [(run, c) for run in self.runs.values() for c in run.init + run.main if c.proc is not None]
         for _, c in running:
-            assert c.proc is not None
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(c.proc.pid, signal.SIGTERM)
+            self.signal_container(c, kill=False)
         deadline = time.monotonic() + 10.0
         for run, c in running:
             assert c.proc is not None
             try:
                 c.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                if self.podman is not None and c.podman_name is not None:
+                    self.podman.remove(c.podman_name, wait=True)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(c.proc.pid, signal.SIGKILL)
                 c.proc.wait()
+            if self.podman is not None and c.podman_name is not None:
+                self.podman.remove(c.podman_name)
             self.forget_pid(run, c)
+        if self.podman is not None:
+            self.podman.wait_background(timeout=10.0)
         self.writers.stop(timeout=5.0)
         log.info("stopped")
 
@@ -1544,6 +1709,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster-dir", type=Path, default=ROOT / ".cluster")
     parser.add_argument("--node-name", default="local-node")
     parser.add_argument("--simulate", type=float, default=None, metavar="SECONDS")
+    parser.add_argument(
+        "--pods", choices=["process", "container"], default="process",
+        help="run containers as local processes (fast) or from their images with podman + runc",
+    )
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--cpu", default="16", help="advertised CPU capacity (pods are not limited)")
     parser.add_argument("--memory", default="64Gi", help="advertised memory capacity")
@@ -1566,6 +1735,7 @@ def main(argv: list[str] | None = None) -> int:
         simulate=args.simulate,
         kubelet_port=args.kubelet_port,
         bind=not args.no_bind,
+        pods=args.pods,
     )
     if args.tls_dir is not None:
         LogServer(
