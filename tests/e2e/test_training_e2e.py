@@ -1,12 +1,15 @@
 """End to end: a real two-phase training through the operator, the Job controller and the pod runner.
 
-On the local control plane, the real operator (`finetune-operator`, as its own
+On the local control plane (its pod runner in container mode: tests/e2e/conftest.py), the real
+operator (`finetune-operator`, as its own
 ServiceAccount under deploy/base/rbac.yaml) runs a FineTuneJob that fine-tunes a VGG16
 (random weights, 32x32 inputs) on generated images. While it trains, `kubectl get ftj` must
 show STAGE, EPOCH, PROGRESS, VAL-ACC and ETA moving through both stages; a real Prometheus
 (Debian's, on loopback, rules of the monitoring component loaded) scrapes the operator and
 the trainer, and afterwards PromQL returns the job's validation accuracy. The job ends
-Succeeded with model.keras in its output volume.
+Succeeded with model.keras in its output volume. In container mode the trainer runs from
+`localhost/finetune-trainer:dev` (`make images`) through the Job controller, under the
+restricted securityContext the operator writes: its uid, a read-only root, no capabilities.
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ def test_two_phase_training_shows_progress_and_is_scraped(
     apply_yaml: ApplyYaml,
     service_account_kubeconfig: ServiceAccountKubeconfig,
     tmp_path: Path,
+    pods_mode: str,
+    trainer_image: str,
 ) -> None:
     write_images(volumes / "e2e-data" / "train", per_class=100, seed=1)
     write_images(volumes / "e2e-data" / "val", per_class=20, seed=2)
@@ -135,6 +140,7 @@ def test_two_phase_training_shows_progress_and_is_scraped(
             namespace=namespace,
             log=tmp_path / "operator.log",
             command=(str(ROOT / ".venv" / "bin" / "finetune-operator"),),
+            extra_args=(f"--trainer-image={trainer_image}",),
             ready_on="metrics",
         ) as operator,
         running_prometheus(
@@ -202,6 +208,15 @@ def test_two_phase_training_shows_progress_and_is_scraped(
         etas = {r["ETA"] for r in running if r["ETA"]}
         assert len(etas) >= 2, rows
         assert number(last["PROGRESS"]) == 100, last
+
+        # -- the trainer ran from its image, as the Job's securityContext says ----------------
+        (trainer_pod,) = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", f"finetune.dev/job={JOB}")["items"]
+        (trainer_status,) = trainer_pod["status"]["containerStatuses"]
+        if pods_mode == "container":
+            assert trainer_status["containerID"].startswith("podman://"), trainer_status
+            assert trainer_status["imageID"].startswith("localhost/finetune-trainer@sha256:"), trainer_status
+            assert trainer_pod["spec"]["containers"][0]["image"] == trainer_image
+            assert trainer_pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
 
         # -- the model is in the output volume ------------------------------------------------
         assert (volumes / "e2e-models" / JOB / "model.keras").is_file()
