@@ -9,8 +9,8 @@ After training, `train.py` hands the final model's validation predictions to
   classes the matrix is dense (`confusionMatrix`); above it `confusionMatrix` is null and
   `confusionMatrixSparse` lists the non-zero cells as `[true, predicted, count]`.
 - `report`: whether `report.html` (beside the model) and the TensorBoard image were written,
-  and why not. Drawing is a view of the model, never part of the product: any error in it is
-  logged and recorded here, and training succeeds all the same.
+  why not, and the seconds it took. Drawing is a view of the model, never part of the
+  product: any error in it is logged and recorded here, and training succeeds all the same.
 
 `report.html` is one self-contained page (its pictures are PNG data: URIs, a
 Content-Security-Policy forbids everything else): the loss, accuracy and learning-rate curves
@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -621,9 +622,10 @@ def evaluate_and_report(
     Never raises an Exception: whatever fails is logged and recorded under `report` (a
     termination, a BaseException, still passes through).
     """
+    started = time.monotonic()
     result: dict[str, Any] = {}
     report: dict[str, Any] = {"written": False, "path": None, "error": None, "tensorboardImage": False,
-                              "tensorboardError": None}
+                              "tensorboardError": None, "seconds": 0.0}
     result["report"] = report
     try:
         evaluation = evaluate(y_true=y_true, y_pred=y_pred, class_names=class_names)
@@ -669,4 +671,5 @@ def evaluate_and_report(
             report["tensorboardError"] = _reason(exc)
     else:
         report["tensorboardError"] = "the confusion matrix was not drawn"
+    report["seconds"] = round(time.monotonic() - started, 3)  # what the report added to the run
     return result
