@@ -23,6 +23,23 @@ FTO_KCM_PORT (10257), FTO_KUBELET_PORT (10250: the pod runner's `kubectl logs` e
 runs every pod's containers from their images with podman + runc (hack/podrunner_container.py);
 FTO_PODS=process (the default) as local processes, the fast mode the tests use. A cluster up
 in another mode gets its pod runner restarted in the one asked for.
+
+Kueue (on unless FTO_KUEUE=0): `up` also runs Kueue's controller manager (hack/build-kueue.sh,
+cached) as component `kueue`, after kube-controller-manager: its CRDs (kueue.x-k8s.io,
+v1beta1) are installed and Established, its webhook server serves on
+127.0.0.1:FTO_KUEUE_WEBHOOK_PORT (10270) with a certificate from this CA, and Kueue's own
+Mutating/ValidatingWebhookConfigurations (`kueue-mutating-webhook-configuration`,
+`kueue-validating-webhook-configuration`, failurePolicy Fail, namespaceSelectors as Kueue
+ships them) point at it by `url`. They are installed only once Kueue serves and deleted
+before Kueue is stopped (and, stale, before it is started again), so a stopped Kueue does
+not fail every Job and Pod create. It manages `batch/job` (KUEUE_FRAMEWORKS), runs as
+`kueue-controller-manager` in group system:masters (.cluster/kueue.kubeconfig), leader
+election and internal cert management off; metrics on FTO_KUEUE_METRICS_PORT (10271),
+/healthz and /readyz on FTO_KUEUE_HEALTH_PORT (10272); config in .cluster/kueue/config.yaml,
+log in .cluster/logs/kueue.log. Its metrics server reads a fixed /etc/kueue/metrics/certs,
+so Kueue runs in a mount namespace of its own (hack/localcluster_exec.py, root) with this
+cluster's certificate bound there. The audit policy records batch Job updates and patches at
+level Request (the body: who wrote `spec.suspend`), everything else at Metadata.
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import functools
@@ -52,14 +70,21 @@ ROOT = Path(__file__).resolve().parent.parent
 NODE_NAME = "local-node"
 SERVICE_CIDR = "10.0.0.0/24"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
-# Order matters: started in this order, stopped in reverse.
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "podrunner")
+# Order matters: started in this order, stopped in reverse. "kueue" only when kueue_enabled().
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kueue", "podrunner")
 
+# Job updates and patches keep their request body (who wrote spec.suspend, e.g. under
+# Kueue); jobs/status and everything else stay at Metadata, to keep the log small.
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived"]
 rules:
+  - level: Request
+    verbs: ["update", "patch"]
+    resources:
+      - group: batch
+        resources: ["jobs"]
   - level: Metadata
 """
 
@@ -77,6 +102,9 @@ class Ports:
     etcd_peer: int
     kcm: int
     kubelet: int
+    kueue_webhook: int = 10270
+    kueue_metrics: int = 10271
+    kueue_health: int = 10272
 
     @classmethod
     def from_env(cls) -> Ports:
@@ -86,6 +114,9 @@ class Ports:
             etcd_peer=int(os.environ.get("FTO_ETCD_PEER_PORT", "2380")),
             kcm=int(os.environ.get("FTO_KCM_PORT", "10257")),
             kubelet=int(os.environ.get("FTO_KUBELET_PORT", "10250")),
+            kueue_webhook=int(os.environ.get("FTO_KUEUE_WEBHOOK_PORT", "10270")),
+            kueue_metrics=int(os.environ.get("FTO_KUEUE_METRICS_PORT", "10271")),
+            kueue_health=int(os.environ.get("FTO_KUEUE_HEALTH_PORT", "10272")),
         )
 
 
@@ -243,6 +274,9 @@ def ensure_pki(*, pki: Path) -> None:
     # The pod runner's kubelet-style log endpoint, and the apiserver's client cert for it.
     issue("kubelet", cn=f"system:node:{NODE_NAME}", org="system:nodes", server=True, sans=loopback)
     issue("apiserver-kubelet-client", cn="kube-apiserver-kubelet-client", org="system:masters", server=False)
+    # Kueue: its identity, and the loopback serving certificate of its webhook and metrics servers.
+    issue("kueue", cn="kueue-controller-manager", org="system:masters", server=False)
+    issue("kueue-serving", cn="kueue-webhook", org=None, server=True, sans=loopback)
     if not (pki / "sa.key").exists():
         sa_key = ec.generate_private_key(ec.SECP256R1())
         write_key(pki / "sa.key", sa_key)
@@ -277,6 +311,7 @@ def write_kubeconfigs(*, layout: Layout, server: str) -> None:
         ("admin", layout.kubeconfig),
         ("kube-controller-manager", layout.component_kubeconfig("kube-controller-manager")),
         ("podrunner", layout.component_kubeconfig("podrunner")),
+        ("kueue", layout.component_kubeconfig("kueue")),
     ):
         text = build_kubeconfig(
             server=server,
@@ -457,14 +492,254 @@ def wait_until(check: Callable[[], bool], *, timeout: float, what: str, layout: 
     raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}; last lines of {log}.log:\n{tail}")
 
 
-def healthy(*, layout: Layout, ports: Ports) -> bool:
-    """Every component runs and answers; the cheap check `up` makes first."""
-    if not all(component_alive(layout=layout, name=n) for n in COMPONENTS):
+def wanted_components(*, kueue: bool) -> tuple[str, ...]:
+    return tuple(n for n in COMPONENTS if kueue or n != "kueue")
+
+
+def healthy(*, layout: Layout, ports: Ports, kueue: bool | None = None) -> bool:
+    """Every component runs and answers; the cheap check `up` makes first. `kueue`: whether
+    Kueue (running, ready, its webhook configurations installed) counts; kueue_enabled() if None."""
+    kueue = kueue_enabled() if kueue is None else kueue
+    if not all(component_alive(layout=layout, name=n) for n in wanted_components(kueue=kueue)):
         return False
     if not layout.kubeconfig.exists() or not layout.kubectl.exists():
         return False
     code, _ = api_get(layout=layout, ports=ports, path="/readyz")
-    return code == 200 and kcm_healthy(ports=ports) and node_ready(layout=layout, ports=ports)
+    if not (code == 200 and kcm_healthy(ports=ports) and node_ready(layout=layout, ports=ports)):
+        return False
+    return not kueue or (kueue_ready(ports=ports) and kueue_webhooks_installed(layout=layout, ports=ports))
+
+
+# --- Kueue ---------------------------------------------------------------------------------
+# Kueue's controller manager as a component (see the module docstring). Its webhook
+# configurations have failurePolicy Fail and match every Job and Pod create outside
+# kube-system/kueue-system, so they exist only while Kueue serves: installed after its
+# /readyz answers, deleted before it stops and, stale (Kueue died), before it starts.
+
+# Kueue's job integrations. JobSet: add "jobset.x-k8s.io/jobset" once its CRDs are installed
+# (Kueue defers a framework whose API is missing until it appears).
+KUEUE_FRAMEWORKS: tuple[str, ...] = ("batch/job",)
+KUEUE_NAMESPACE = "kueue-system"
+KUEUE_WEBHOOK_CONFIGS = (
+    ("mutatingwebhookconfigurations", "kueue-mutating-webhook-configuration"),
+    ("validatingwebhookconfigurations", "kueue-validating-webhook-configuration"),
+)
+KUEUE_METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")  # fixed in Kueue's main.go
+FIELD_MANAGER = "hack-cluster"
+
+
+def kueue_enabled() -> bool:
+    """Kueue is part of the control plane unless FTO_KUEUE is 0/false/no/off."""
+    return os.environ.get("FTO_KUEUE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def build_kueue() -> Path:
+    """hack/build-kueue.sh (cached): the folder holding bin/kueue, crds/ and webhook/."""
+    script = ROOT / "hack" / "build-kueue.sh"
+    proc = subprocess.run([str(script)], stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        raise ClusterError(f"{script} failed (exit {proc.returncode}); see its messages above")
+    return Path(proc.stdout.strip().splitlines()[-1]).parent
+
+
+def api_request(
+    *, layout: Layout, ports: Ports, method: str, path: str, body: bytes | None = None,
+    content_type: str = "application/json", timeout: float = 10.0,
+) -> tuple[int, bytes]:
+    """An admin call to the API server: (HTTP status, body); status 0 when it did not answer."""
+    req = urllib.request.Request(
+        f"https://127.0.0.1:{ports.apiserver}{path}", data=body, method=method,
+        headers={"Content-Type": content_type, "Accept": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, context=admin_ssl_context(layout=layout), timeout=timeout) as resp:
+            return int(resp.status), bytes(resp.read())
+    except urllib.error.HTTPError as err:
+        return int(err.code), err.read()
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return 0, b""
+
+
+def _apply(*, layout: Layout, ports: Ports, path: str, doc: str) -> None:
+    """Server-side apply of one object (YAML or JSON text) at its API path."""
+    code, answer = api_request(
+        layout=layout, ports=ports, method="PATCH",
+        path=f"{path}?fieldManager={FIELD_MANAGER}&force=true", body=doc.encode(),
+        content_type="application/apply-patch+yaml", timeout=30.0,
+    )
+    if code not in (200, 201):
+        raise ClusterError(f"apply {path}: HTTP {code}: {answer[:500].decode(errors='replace')}")
+
+
+def kueue_config(*, layout: Layout, ports: Ports, frameworks: tuple[str, ...] = KUEUE_FRAMEWORKS) -> str:
+    """The manager's Configuration (config.kueue.x-k8s.io/v1beta1), as YAML-compatible JSON."""
+    config = {
+        "apiVersion": "config.kueue.x-k8s.io/v1beta1",
+        "kind": "Configuration",
+        "namespace": KUEUE_NAMESPACE,
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{ports.kueue_health}"},
+        "metrics": {"bindAddress": f"127.0.0.1:{ports.kueue_metrics}"},
+        "webhook": {"host": "127.0.0.1", "port": ports.kueue_webhook, "certDir": str(layout.pki / "kueue-webhook")},
+        "leaderElection": {"leaderElect": False},
+        "internalCertManagement": {"enable": False},
+        "manageJobsWithoutQueueName": False,
+        "clientConnection": {"qps": 100, "burst": 200},
+        "integrations": {"frameworks": list(frameworks)},
+        # The visibility API server binds 0.0.0.0:8082, not configurable: off (loopback only,
+        # and a second cluster could not start).
+        "featureGates": {"VisibilityOnDemand": False},
+    }
+    return json.dumps(config, indent=2) + "\n"
+
+
+def kueue_webhook_configs(*, manifests: str, kustomization: str, port: int, ca_pem: bytes) -> list[dict[str, object]]:
+    """Kueue's webhook configurations as its release installs them (named `kueue-...`, the
+    namespaceSelectors of its kustomization patches), each clientConfig a loopback `url`."""
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(manifests) if d]
+    patches = [yaml.safe_load(p["patch"]) for p in (yaml.safe_load(kustomization) or {}).get("patches", []) if "patch" in p]
+    ca = base64.b64encode(ca_pem).decode()
+    out: list[dict[str, object]] = []
+    for doc in docs:
+        for patch in patches:
+            if patch.get("kind") != doc.get("kind") or patch["metadata"]["name"] != doc["metadata"]["name"]:
+                continue
+            by_name = {w["name"]: w for w in doc["webhooks"]}
+            for change in patch.get("webhooks", []):
+                if change["name"] in by_name:
+                    by_name[change["name"]].update({k: v for k, v in change.items() if k != "name"})
+        for hook in doc["webhooks"]:
+            path = hook["clientConfig"]["service"]["path"]
+            hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca}
+        doc["metadata"] = {"name": f"kueue-{doc['metadata']['name']}", "labels": {"app.kubernetes.io/name": "kueue"}}
+        out.append(doc)
+    return out
+
+
+def install_kueue_crds(*, layout: Layout, ports: Ports, dist: Path) -> list[str]:
+    """Applies the release's CRDs (server-side); returns their names."""
+    import yaml
+
+    names = []
+    for path in sorted((dist / "crds").glob("*.yaml")):
+        text = path.read_text()
+        name = yaml.safe_load(text)["metadata"]["name"]
+        _apply(layout=layout, ports=ports, path=f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}", doc=text)
+        names.append(name)
+    return names
+
+
+def crds_established(*, layout: Layout, ports: Ports, names: list[str]) -> bool:
+    for name in names:
+        code, body = api_get(layout=layout, ports=ports, path=f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+        if code != 200:
+            return False
+        conditions = json.loads(body).get("status", {}).get("conditions") or []
+        if not any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions):
+            return False
+    return True
+
+
+def install_kueue_webhooks(*, layout: Layout, ports: Ports, dist: Path) -> None:
+    configs = kueue_webhook_configs(
+        manifests=(dist / "webhook" / "manifests.yaml").read_text(),
+        kustomization=(dist / "webhook" / "kustomization.yaml").read_text(),
+        port=ports.kueue_webhook,
+        ca_pem=(layout.pki / "ca.crt").read_bytes(),
+    )
+    for config in configs:
+        resource = f"{str(config['kind']).lower()}s"
+        name = config["metadata"]["name"]  # type: ignore[index]
+        _apply(layout=layout, ports=ports, path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}", doc=json.dumps(config))
+
+
+def delete_kueue_webhooks(*, layout: Layout, ports: Ports) -> bool:
+    """Deletes Kueue's webhook configurations; True when none is left (False: no API server)."""
+    gone = True
+    for resource, name in KUEUE_WEBHOOK_CONFIGS:
+        code, _ = api_request(
+            layout=layout, ports=ports, method="DELETE", path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}",
+            timeout=5.0,
+        )
+        gone = gone and code in (200, 202, 404)
+    return gone
+
+
+def kueue_webhooks_installed(*, layout: Layout, ports: Ports) -> bool:
+    return all(
+        api_get(layout=layout, ports=ports, path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}")[0] == 200
+        for resource, name in KUEUE_WEBHOOK_CONFIGS
+    )
+
+
+def kueue_ready(*, ports: Ports) -> bool:
+    """Kueue's /readyz (its webhook server started, its certificates read)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.kueue_health}/readyz", timeout=2) as resp:
+            return int(resp.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def kueue_webhook_answers(*, layout: Layout, ports: Ports) -> bool:
+    """A dry-run create of a Job labelled for a LocalQueue comes back suspended: the API server
+    reached Kueue's mutating webhook over TLS and Kueue handled it."""
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "kueue-webhook-probe", "labels": {"kueue.x-k8s.io/queue-name": "webhook-probe"}},
+        "spec": {
+            "suspend": False,
+            "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "probe", "command": ["true"]}]}},
+        },
+    }
+    code, body = api_request(
+        layout=layout, ports=ports, method="POST", path="/apis/batch/v1/namespaces/default/jobs?dryRun=All",
+        body=json.dumps(job).encode(),
+    )
+    return code == 201 and json.loads(body).get("spec", {}).get("suspend") is True
+
+
+def ensure_namespace(*, layout: Layout, ports: Ports, name: str) -> None:
+    doc = json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    _apply(layout=layout, ports=ports, path=f"/api/v1/namespaces/{name}", doc=doc)
+
+
+def prepare_kueue(*, layout: Layout, ports: Ports, dist: Path) -> list[str]:
+    """Writes Kueue's config and certificate folders; returns its command line."""
+    work = layout.dir / "kueue"
+    work.mkdir(parents=True, exist_ok=True)
+    config = work / "config.yaml"
+    config.write_text(kueue_config(layout=layout, ports=ports))
+    for sub in ("kueue-webhook", "kueue-metrics"):
+        folder = layout.pki / sub
+        folder.mkdir(mode=0o700, exist_ok=True)
+        for src, dst in (("kueue-serving.crt", "tls.crt"), ("kueue-serving.key", "tls.key")):
+            (folder / dst).write_bytes((layout.pki / src).read_bytes())
+            os.chmod(folder / dst, 0o600)
+    argv = [
+        str(dist / "bin" / "kueue"),
+        f"--config={config}",
+        f"--kubeconfig={layout.component_kubeconfig('kueue')}",
+        "--zap-log-level=info",
+    ]
+    if os.geteuid() != 0:
+        if (KUEUE_METRICS_CERT_DIR / "tls.crt").exists():
+            return argv  # someone provided the fixed metrics certificate folder
+        raise ClusterError(
+            f"Kueue's metrics server reads {KUEUE_METRICS_CERT_DIR} (fixed); binding this cluster's "
+            "certificate there needs root (a mount namespace). Run as root, or without Kueue: FTO_KUEUE=0"
+        )
+    spec = {
+        "mounts": [{"source": str(layout.pki / "kueue-metrics"), "target": str(KUEUE_METRICS_CERT_DIR), "readOnly": True}],
+        "workingDir": str(work),
+        "env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work)},
+        "argv": argv,
+        "startErrorPath": str(work / "start-error"),
+    }
+    (work / "exec-spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    return [sys.executable, "-I", str(ROOT / "hack" / "localcluster_exec.py"), str(work / "exec-spec.json")]
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -589,6 +864,8 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
     if healthy(layout=layout, ports=ports) and current_mode == wanted_mode:
         return time.monotonic() - started
     bin_dir = build_binaries()
+    kueue = kueue_enabled()
+    kueue_dist = build_kueue() if kueue else None
     for sub in ("bin", "logs", "volumes", "pids", "pods"):
         (layout.dir / sub).mkdir(parents=True, exist_ok=True)
     ensure_pki(pki=layout.pki)
@@ -606,9 +883,16 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
         "kube-apiserver": [(ports.apiserver, "kube-apiserver", "FTO_APISERVER_PORT")],
         "kube-controller-manager": [(ports.kcm, "kube-controller-manager", "FTO_KCM_PORT")],
         "podrunner": [(ports.kubelet, "the pod runner's log endpoint", "FTO_KUBELET_PORT")],
+        "kueue": [
+            (ports.kueue_webhook, "Kueue's webhook server", "FTO_KUEUE_WEBHOOK_PORT"),
+            (ports.kueue_metrics, "Kueue's metrics", "FTO_KUEUE_METRICS_PORT"),
+            (ports.kueue_health, "Kueue's health probes", "FTO_KUEUE_HEALTH_PORT"),
+        ],
     }
-    for name in COMPONENTS:
+    for name in wanted_components(kueue=kueue):
         if component_alive(layout=layout, name=name):
+            if name == "kueue" and kueue_dist is not None and not kueue_webhooks_installed(layout=layout, ports=ports):
+                _kueue_serving(layout=layout, ports=ports, dist=kueue_dist, proc=None, timeout=timeout)
             continue
         for port, what, env_var in own_ports[name]:
             check_port_free(port, what=what, env_var=env_var)
@@ -616,12 +900,22 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
         if name == "podrunner":
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             mode_file.write_text(wanted_mode + "\n")
-        proc = start_process(
-            layout=layout,
-            name=name,
-            argv=component_argv(name=name, bin_dir=bin_dir, layout=layout, ports=ports, simulate=simulate),
-            env=env,
-        )
+        if name == "kueue":
+            assert kueue_dist is not None
+            # A Kueue that died left webhooks nobody answers (failurePolicy Fail): drop them first.
+            delete_kueue_webhooks(layout=layout, ports=ports)
+            ensure_namespace(layout=layout, ports=ports, name=KUEUE_NAMESPACE)
+            # Kueue's indexes need its CRDs served before it starts.
+            crds = install_kueue_crds(layout=layout, ports=ports, dist=kueue_dist)
+            wait_until(
+                functools.partial(crds_established, layout=layout, ports=ports, names=crds),
+                timeout=max(10.0, timeout - (time.monotonic() - started)),
+                what="Kueue's CRDs Established", layout=layout, log="kube-apiserver",
+            )
+            argv = prepare_kueue(layout=layout, ports=ports, dist=kueue_dist)
+        else:
+            argv = component_argv(name=name, bin_dir=bin_dir, layout=layout, ports=ports, simulate=simulate)
+        proc = start_process(layout=layout, name=name, argv=argv, env=env)
         remaining = max(10.0, timeout - (time.monotonic() - started))
 
         def alive_or_fail(
@@ -655,6 +949,9 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
                 ),
                 timeout=remaining, what="the ServiceAccount controller (default/default)", layout=layout, log=name,
             )
+        elif name == "kueue":
+            assert kueue_dist is not None
+            _kueue_serving(layout=layout, ports=ports, dist=kueue_dist, proc=proc, timeout=remaining)
         else:
             wait_until(
                 alive_or_fail(functools.partial(node_ready, layout=layout, ports=ports, since=_now())),
@@ -673,6 +970,35 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
     return time.monotonic() - started
 
 
+def _kueue_serving(
+    *, layout: Layout, ports: Ports, dist: Path, proc: subprocess.Popen[bytes] | None, timeout: float
+) -> None:
+    """Kueue's /readyz answering (its CRDs installed before it started), then its webhook
+    configurations installed and answering (a dry-run Job comes back suspended)."""
+
+    def alive() -> None:
+        if proc is not None and proc.poll() is not None:
+            raise ClusterError(f"kueue exited during start-up; see {layout.logs / 'kueue.log'}")
+
+    def ready() -> bool:
+        alive()
+        return kueue_ready(ports=ports)
+
+    wait_until(ready, timeout=timeout, what="Kueue /readyz", layout=layout, log="kueue")
+    install_kueue_webhooks(layout=layout, ports=ports, dist=dist)
+
+    def answers() -> bool:
+        alive()
+        return kueue_webhook_answers(layout=layout, ports=ports)
+
+    try:
+        wait_until(answers, timeout=max(10.0, timeout), what="Kueue's webhook (a dry-run Job suspended)",
+                   layout=layout, log="kueue")
+    except ClusterError:
+        delete_kueue_webhooks(layout=layout, ports=ports)  # never leave a webhook that does not answer
+        raise
+
+
 def _tcp_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -681,12 +1007,28 @@ def _tcp_open(port: int) -> bool:
         return False
 
 
-def stop_component(*, layout: Layout, name: str) -> None:
+def stop_component(*, layout: Layout, name: str, ports: Ports | None = None) -> None:
+    """Stops one component by its pid file. Kueue's webhook configurations go first, while
+    the API server answers (at `ports.apiserver`; if None, the port in this cluster's kubeconfig)."""
+    if name == "kueue" and (layout.pki / "admin.crt").exists():
+        ports = ports or _ports_of(layout=layout)
+        if ports is not None:
+            delete_kueue_webhooks(layout=layout, ports=ports)
     pid = read_pid(layout.pidfile(name))
     if pid is not None:
         needle = {"podrunner": "podrunner.py", "session-reaper": "reap-when-unused"}.get(name, name)
         stop_pid(pid, needle=needle, grace_s=25.0 if name == "podrunner" else 10.0)
     layout.pidfile(name).unlink(missing_ok=True)
+
+
+def _ports_of(*, layout: Layout) -> Ports | None:
+    """The environment's ports with the API server's port this cluster's kubeconfig names."""
+    try:
+        server = json.loads(layout.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+        port = int(server.rsplit(":", 1)[1].split("/")[0])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    return dataclasses.replace(Ports.from_env(), apiserver=port)
 
 
 def attached_processes(*, layout: Layout) -> dict[str, int]:
@@ -720,9 +1062,10 @@ def stop_attached(*, layout: Layout, name: str | None = None, grace_s: float = 2
     return stopped
 
 
-def down(*, layout: Layout) -> None:
+def down(*, layout: Layout, ports: Ports | None = None) -> None:
     """Stops the attached processes, every process `up` started and any pod process the pod
-    runner left, by pid."""
+    runner left, by pid (Kueue's webhook configurations deleted first; `ports`: see
+    stop_component)."""
     stop_attached(layout=layout)
     # Where make demo kept its operator's pid before pids/attached/ (the pid alone).
     legacy = read_pid(layout.pidfile("demo-operator"))
@@ -730,7 +1073,7 @@ def down(*, layout: Layout) -> None:
         stop_pid(legacy, needle="finetune_operator", grace_s=20.0)
     layout.pidfile("demo-operator").unlink(missing_ok=True)
     for name in reversed(COMPONENTS):
-        stop_component(layout=layout, name=name)
+        stop_component(layout=layout, name=name, ports=ports)
     pod_pids = layout.pids / "pods"
     if pod_pids.is_dir():
         for path in pod_pids.glob("*.pid"):
@@ -810,8 +1153,12 @@ def start_reaper(*, layout: Layout) -> None:
 
 def status(*, layout: Layout, ports: Ports) -> int:
     ok = True
+    kueue = kueue_enabled()
     for name in COMPONENTS:
         pid = component_alive(layout=layout, name=name)
+        if name == "kueue" and not kueue and pid is None:
+            print(f"{name:26} off (FTO_KUEUE=0)")
+            continue
         ok = ok and pid is not None
         print(f"{name:26} {'running, pid ' + str(pid) if pid else 'stopped'}")
     for name, pid in attached_processes(layout=layout).items():
@@ -821,6 +1168,9 @@ def status(*, layout: Layout, ports: Ports) -> int:
         print(f"{'apiserver /readyz':26} {code}")
         print(f"{'node ' + NODE_NAME + ' Ready':26} {node_ready(layout=layout, ports=ports)}")
         ok = code == 200
+        if kueue:
+            installed = kueue_webhooks_installed(layout=layout, ports=ports)
+            print(f"{'kueue /readyz, webhooks':26} {kueue_ready(ports=ports)}, {'installed' if installed else 'missing'}")
     print(f"{'kubeconfig':26} {layout.kubeconfig}")
     return 0 if ok else 1
 
@@ -843,7 +1193,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cluster up in {seconds:.1f}s; KUBECONFIG={layout.kubeconfig} kubectl={layout.kubectl}")
             return 0
         if args.command == "down":
-            down(layout=layout)
+            down(layout=layout, ports=ports)
             print("cluster down")
             return 0
         if args.command == "reap-when-unused":
