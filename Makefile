@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help setup deps-debian control-plane gotools kueue helm helm-files lint crds test test-unit test-lowest test-integration test-e2e test-chaos \
+.PHONY: help setup deps-debian control-plane gotools kueue jobset helm helm-files lint crds test test-unit test-lowest test-integration test-e2e test-chaos \
         bench demo cluster-up cluster-down clean
 
 help:
@@ -51,6 +51,11 @@ control-plane:
 ## its CRDs and webhook manifests beside it; hack/cluster.py runs it unless FTO_KUEUE=0
 kueue:
 	hack/build-kueue.sh >/dev/null
+
+## jobset: build (once per release, cached) the JobSet controller manager (sigs.k8s.io/jobset) and copy
+## its CRDs and webhook manifests beside it; hack/cluster.py runs it unless FTO_JOBSET=0
+jobset:
+	hack/build-jobset.sh >/dev/null
 
 ## gotools: build (once per source version, cached) gitops-status: real kstatus + Argo CD's Lua runtime
 gotools:
@@ -99,15 +104,15 @@ test-lowest: setup deps-debian
 	uv pip install --quiet --python $(LOWEST_VENV)/bin/python --no-deps -e .
 	FTO_LOWEST_DIRECT=1 $(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(LOWEST_TESTS)
 
-test-integration: setup control-plane gotools kueue helm
+test-integration: setup control-plane gotools kueue jobset helm
 	$(PYTEST) -q tests/integration
 
-test-e2e: setup control-plane kueue deps-debian
+test-e2e: setup control-plane kueue jobset deps-debian
 	$(PYTEST) -q tests/e2e
 
 ## test-chaos: tests/chaos, hostile input and killed trainers on the local control plane; each test has a
 ## pytest timeout, the whole tier 20 minutes at most (SIGINT first, so the operators it started are stopped)
-test-chaos: setup control-plane kueue
+test-chaos: setup control-plane kueue jobset
 	timeout --signal=INT --kill-after=60 1200 $(PYTEST) -q tests/chaos
 
 test: setup deps-debian control-plane lint test-unit test-lowest test-integration test-chaos test-e2e
@@ -115,13 +120,13 @@ test: setup deps-debian control-plane lint test-unit test-lowest test-integratio
 bench: setup control-plane
 	$(PY) hack/bench.py $(BENCH_ARGS)
 
-cluster-up: setup control-plane kueue
+cluster-up: setup control-plane kueue jobset
 	$(PY) hack/cluster.py up
 
 cluster-down:
 	@if [ -x $(PY) ]; then $(PY) hack/cluster.py down; fi
 
-demo: setup control-plane kueue
+demo: setup control-plane kueue jobset
 	$(PY) hack/demo.py
 
 clean: cluster-down
