@@ -12,20 +12,30 @@ default); a RecursionError there would end the watch, and the operator, on every
 `main` raises the limit above the API server's own depth before Kopf starts. The CRD bounds a
 FineTuneJob's depth (about 15 levels) anyway; this covers objects stored under an older CRD,
 which the operator then fails as InvalidSpec like any other.
+
+Kopf's peering identity is the pod's name (POD_NAME, which deploy/base sets from the
+downward API, or Kopf's own POD_ID), else user@host: never a passwd lookup alone. The image
+runs as a uid that has no /etc/passwd entry (65532, or whatever uid an overlay or OpenShift
+picks), and Kopf's own `getpass.getuser()` raises KeyError there before the operator starts.
 """
 
 from __future__ import annotations
 
+import datetime
+import getpass
 import logging
+import os
 import random
+import socket
 import sys
 from collections.abc import Sequence
 
 import kopf
+from kopf._core.engines import peering  # Identity: not exported at kopf's top level
 
 from finetune_operator import settings
 
-__all__ = ["API_SERVER_MAX_DEPTH", "allow_api_server_nesting", "main"]
+__all__ = ["API_SERVER_MAX_DEPTH", "allow_api_server_nesting", "main", "own_identity"]
 
 API_SERVER_MAX_DEPTH = 10_000  # k8s.io/apimachinery/pkg/util/json maxDepth; Go's encoding/json allows as many
 _STACK_MARGIN = 5_000  # frames of asyncio, aiohttp, Kopf and handlers below and around a decode
@@ -36,6 +46,19 @@ def allow_api_server_nesting() -> int:
     limit = max(sys.getrecursionlimit(), API_SERVER_MAX_DEPTH + _STACK_MARGIN)
     sys.setrecursionlimit(limit)
     return limit
+
+
+def own_identity() -> str:
+    """Kopf's peering identity (see the module docstring): the pod's name, else user@host/time/random."""
+    pod = os.environ.get("POD_ID") or os.environ.get("POD_NAME")
+    if pod:
+        return pod
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no USER/LOGNAME and a uid without a passwd entry
+        user = f"uid-{os.getuid()}"
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d%H%M%S")
+    return f"{user}@{socket.gethostname()}/{now}/{random.randbytes(2).hex()}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         standalone=config.peering is None,
         peering_name=config.peering,
         priority=priority,
+        identity=peering.Identity(own_identity()),
         liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
     )
     return 0
