@@ -40,6 +40,20 @@ log in .cluster/logs/kueue.log. Its metrics server reads a fixed /etc/kueue/metr
 so Kueue runs in a mount namespace of its own (hack/localcluster_exec.py, root) with this
 cluster's certificate bound there. The audit policy records batch Job updates and patches at
 level Request (the body: who wrote `spec.suspend`), everything else at Metadata.
+
+JobSet (on unless FTO_JOBSET=0): `up` also runs the JobSet controller manager
+(hack/build-jobset.sh, cached; jobset.x-k8s.io/v1alpha2) as component `jobset`, before Kueue,
+the same way: its CRD installed and Established before it starts, its webhook server on
+127.0.0.1:FTO_JOBSET_WEBHOOK_PORT (10273) with a certificate from this CA, its own
+Mutating/ValidatingWebhookConfigurations (`jobset-mutating-webhook-configuration`,
+`jobset-validating-webhook-configuration`, failurePolicy Fail, the pod webhooks'
+objectSelectors as the release patches them) by `url`, installed once it serves and deleted
+before it stops. It runs as `jobset-controller-manager` in group system:masters
+(.cluster/jobset.kubeconfig), leader election and internal cert management off; metrics
+(HTTPS, self-signed) on FTO_JOBSET_METRICS_PORT (10274), /healthz and /readyz on
+FTO_JOBSET_HEALTH_PORT (10275); config in .cluster/jobset/config.yaml, log in
+.cluster/logs/jobset.log. With JobSet on, Kueue also manages `jobset.x-k8s.io/jobset` (a Kueue
+started without it is restarted).
 """
 
 from __future__ import annotations
@@ -70,8 +84,9 @@ ROOT = Path(__file__).resolve().parent.parent
 NODE_NAME = "local-node"
 SERVICE_CIDR = "10.0.0.0/24"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
-# Order matters: started in this order, stopped in reverse. "kueue" only when kueue_enabled().
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kueue", "podrunner")
+# Order matters: started in this order, stopped in reverse. "kueue" only when kueue_enabled(),
+# "jobset" only when jobset_enabled() (before Kueue, whose jobset integration needs its CRD).
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "jobset", "kueue", "podrunner")
 
 # Job updates and patches keep their request body (who wrote spec.suspend, e.g. under
 # Kueue); jobs/status and everything else stay at Metadata, to keep the log small.
@@ -105,6 +120,9 @@ class Ports:
     kueue_webhook: int = 10270
     kueue_metrics: int = 10271
     kueue_health: int = 10272
+    jobset_webhook: int = 10273
+    jobset_metrics: int = 10274
+    jobset_health: int = 10275
 
     @classmethod
     def from_env(cls) -> Ports:
@@ -117,6 +135,9 @@ class Ports:
             kueue_webhook=int(os.environ.get("FTO_KUEUE_WEBHOOK_PORT", "10270")),
             kueue_metrics=int(os.environ.get("FTO_KUEUE_METRICS_PORT", "10271")),
             kueue_health=int(os.environ.get("FTO_KUEUE_HEALTH_PORT", "10272")),
+            jobset_webhook=int(os.environ.get("FTO_JOBSET_WEBHOOK_PORT", "10273")),
+            jobset_metrics=int(os.environ.get("FTO_JOBSET_METRICS_PORT", "10274")),
+            jobset_health=int(os.environ.get("FTO_JOBSET_HEALTH_PORT", "10275")),
         )
 
 
@@ -277,6 +298,9 @@ def ensure_pki(*, pki: Path) -> None:
     # Kueue: its identity, and the loopback serving certificate of its webhook and metrics servers.
     issue("kueue", cn="kueue-controller-manager", org="system:masters", server=False)
     issue("kueue-serving", cn="kueue-webhook", org=None, server=True, sans=loopback)
+    # JobSet: the same two, for its controller manager and its webhook server.
+    issue("jobset", cn="jobset-controller-manager", org="system:masters", server=False)
+    issue("jobset-serving", cn="jobset-webhook", org=None, server=True, sans=loopback)
     if not (pki / "sa.key").exists():
         sa_key = ec.generate_private_key(ec.SECP256R1())
         write_key(pki / "sa.key", sa_key)
@@ -312,6 +336,7 @@ def write_kubeconfigs(*, layout: Layout, server: str) -> None:
         ("kube-controller-manager", layout.component_kubeconfig("kube-controller-manager")),
         ("podrunner", layout.component_kubeconfig("podrunner")),
         ("kueue", layout.component_kubeconfig("kueue")),
+        ("jobset", layout.component_kubeconfig("jobset")),
     ):
         text = build_kubeconfig(
             server=server,
@@ -492,8 +517,10 @@ def wait_until(check: Callable[[], bool], *, timeout: float, what: str, layout: 
     raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}; last lines of {log}.log:\n{tail}")
 
 
-def wanted_components(*, kueue: bool) -> tuple[str, ...]:
-    return tuple(n for n in COMPONENTS if kueue or n != "kueue")
+def wanted_components(*, kueue: bool, jobset: bool | None = None) -> tuple[str, ...]:
+    """COMPONENTS less Kueue and JobSet when they are off (`jobset`: jobset_enabled() if None)."""
+    jobset = jobset_enabled() if jobset is None else jobset
+    return tuple(n for n in COMPONENTS if (kueue or n != "kueue") and (jobset or n != "jobset"))
 
 
 def healthy(*, layout: Layout, ports: Ports, kueue: bool | None = None) -> bool:
@@ -507,6 +534,8 @@ def healthy(*, layout: Layout, ports: Ports, kueue: bool | None = None) -> bool:
     code, _ = api_get(layout=layout, ports=ports, path="/readyz")
     if not (code == 200 and kcm_healthy(ports=ports) and node_ready(layout=layout, ports=ports)):
         return False
+    if jobset_enabled() and not (jobset_ready(ports=ports) and jobset_webhooks_installed(layout=layout, ports=ports)):
+        return False
     return not kueue or (kueue_ready(ports=ports) and kueue_webhooks_installed(layout=layout, ports=ports))
 
 
@@ -516,8 +545,8 @@ def healthy(*, layout: Layout, ports: Ports, kueue: bool | None = None) -> bool:
 # kube-system/kueue-system, so they exist only while Kueue serves: installed after its
 # /readyz answers, deleted before it stops and, stale (Kueue died), before it starts.
 
-# Kueue's job integrations. JobSet: add "jobset.x-k8s.io/jobset" once its CRDs are installed
-# (Kueue defers a framework whose API is missing until it appears).
+# Kueue's job integrations; kueue_config adds JOBSET_KUEUE_FRAMEWORK when JobSet runs (its CRD
+# is installed before Kueue starts; Kueue defers a framework whose API is missing).
 KUEUE_FRAMEWORKS: tuple[str, ...] = ("batch/job",)
 KUEUE_NAMESPACE = "kueue-system"
 KUEUE_WEBHOOK_CONFIGS = (
@@ -571,8 +600,12 @@ def _apply(*, layout: Layout, ports: Ports, path: str, doc: str) -> None:
         raise ClusterError(f"apply {path}: HTTP {code}: {answer[:500].decode(errors='replace')}")
 
 
-def kueue_config(*, layout: Layout, ports: Ports, frameworks: tuple[str, ...] = KUEUE_FRAMEWORKS) -> str:
-    """The manager's Configuration (config.kueue.x-k8s.io/v1beta1), as YAML-compatible JSON."""
+def kueue_config(*, layout: Layout, ports: Ports, frameworks: tuple[str, ...] | None = None) -> str:
+    """The manager's Configuration (config.kueue.x-k8s.io/v1beta1), as YAML-compatible JSON.
+    `frameworks`: KUEUE_FRAMEWORKS, and JobSet's when JobSet runs (its CRD is installed before
+    Kueue starts), if None."""
+    if frameworks is None:
+        frameworks = KUEUE_FRAMEWORKS + ((JOBSET_KUEUE_FRAMEWORK,) if jobset_enabled() else ())
     config = {
         "apiVersion": "config.kueue.x-k8s.io/v1beta1",
         "kind": "Configuration",
@@ -742,6 +775,221 @@ def prepare_kueue(*, layout: Layout, ports: Ports, dist: Path) -> list[str]:
     return [sys.executable, "-I", str(ROOT / "hack" / "localcluster_exec.py"), str(work / "exec-spec.json")]
 
 
+# --- JobSet --------------------------------------------------------------------------------
+# The JobSet controller manager as a component, like Kueue (see the module docstring): its
+# webhook configurations (failurePolicy Fail on JobSet creates and on pods of JobSets) exist
+# only while it serves. Reuses Kueue's helpers: _apply, install_kueue_crds (any release's
+# crds/), crds_established, wait_until.
+
+JOBSET_KUEUE_FRAMEWORK = "jobset.x-k8s.io/jobset"
+JOBSET_WEBHOOK_CONFIGS = (
+    ("mutatingwebhookconfigurations", "jobset-mutating-webhook-configuration"),
+    ("validatingwebhookconfigurations", "jobset-validating-webhook-configuration"),
+)
+
+
+def jobset_enabled() -> bool:
+    """JobSet is part of the control plane unless FTO_JOBSET is 0/false/no/off."""
+    return os.environ.get("FTO_JOBSET", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def build_jobset() -> Path:
+    """hack/build-jobset.sh (cached): the folder holding bin/jobset, crds/ and webhook/."""
+    script = ROOT / "hack" / "build-jobset.sh"
+    proc = subprocess.run([str(script)], stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        raise ClusterError(f"{script} failed (exit {proc.returncode}); see its messages above")
+    return Path(proc.stdout.strip().splitlines()[-1]).parent
+
+
+def jobset_config(*, layout: Layout, ports: Ports) -> str:
+    """The manager's Configuration (config.jobset.x-k8s.io/v1alpha1), as YAML-compatible JSON."""
+    config = {
+        "apiVersion": "config.jobset.x-k8s.io/v1alpha1",
+        "kind": "Configuration",
+        "webhook": {"host": "127.0.0.1", "port": ports.jobset_webhook, "certDir": str(layout.pki / "jobset-webhook")},
+        "metrics": {"bindAddress": f"127.0.0.1:{ports.jobset_metrics}"},
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{ports.jobset_health}"},
+        "leaderElection": {"leaderElect": False},
+        "internalCertManagement": {"enable": False},
+        "clientConnection": {"qps": 100, "burst": 200},
+    }
+    return json.dumps(config, indent=2) + "\n"
+
+
+def jobset_webhook_configs(
+    *, manifests: str, kustomization: str, patches: dict[str, str], port: int, ca_pem: bytes
+) -> list[dict[str, object]]:
+    """JobSet's webhook configurations as its release installs them (named `jobset-...`, its
+    kustomization's JSON6902 patches applied: the pod webhooks only for pods of JobSets), each
+    clientConfig a loopback `url`. `patches`: the patch files' text by their kustomization path."""
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(manifests) if d]
+    for entry in (yaml.safe_load(kustomization) or {}).get("patches", []):
+        target = entry.get("target") or {}
+        ops = yaml.safe_load(patches[entry["path"]]) or []
+        for doc in docs:
+            if doc.get("kind") != target.get("kind") or doc["metadata"]["name"] != target.get("name"):
+                continue
+            for op in ops:
+                parts = op["path"].strip("/").split("/")
+                if op["op"] not in ("replace", "add") or len(parts) != 2 or parts[0] != "webhooks":
+                    raise ClusterError(f"JobSet webhook patch {entry['path']}: unsupported op {op}")
+                hooks = doc["webhooks"]
+                if parts[1] == "-":
+                    hooks.append(op["value"])
+                elif op["op"] == "replace":
+                    hooks[int(parts[1])] = op["value"]
+                else:
+                    hooks.insert(int(parts[1]), op["value"])
+    ca = base64.b64encode(ca_pem).decode()
+    for doc in docs:
+        for hook in doc["webhooks"]:
+            path = hook["clientConfig"]["service"]["path"]
+            hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca}
+        doc["metadata"] = {"name": f"jobset-{doc['metadata']['name']}", "labels": {"app.kubernetes.io/name": "jobset"}}
+    return docs
+
+
+def install_jobset_webhooks(*, layout: Layout, ports: Ports, dist: Path) -> None:
+    webhook = dist / "webhook"
+    configs = jobset_webhook_configs(
+        manifests=(webhook / "manifests.yaml").read_text(),
+        kustomization=(webhook / "kustomization.yaml").read_text(),
+        patches={f"patches/{p.name}": p.read_text() for p in sorted((webhook / "patches").glob("*.yaml"))},
+        port=ports.jobset_webhook,
+        ca_pem=(layout.pki / "ca.crt").read_bytes(),
+    )
+    for config in configs:
+        resource = f"{str(config['kind']).lower()}s"
+        name = config["metadata"]["name"]  # type: ignore[index]
+        _apply(layout=layout, ports=ports, path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}", doc=json.dumps(config))
+
+
+def delete_jobset_webhooks(*, layout: Layout, ports: Ports) -> bool:
+    """Deletes JobSet's webhook configurations; True when none is left (False: no API server)."""
+    gone = True
+    for resource, name in JOBSET_WEBHOOK_CONFIGS:
+        code, _ = api_request(
+            layout=layout, ports=ports, method="DELETE", path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}",
+            timeout=5.0,
+        )
+        gone = gone and code in (200, 202, 404)
+    return gone
+
+
+def jobset_webhooks_installed(*, layout: Layout, ports: Ports) -> bool:
+    return all(
+        api_get(layout=layout, ports=ports, path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}")[0] == 200
+        for resource, name in JOBSET_WEBHOOK_CONFIGS
+    )
+
+
+def jobset_ready(*, ports: Ports) -> bool:
+    """JobSet's /readyz (its webhook server started)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.jobset_health}/readyz", timeout=2) as resp:
+            return int(resp.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def jobset_webhook_answers(*, layout: Layout, ports: Ports) -> bool:
+    """A dry-run create of a JobSet comes back with the defaults only JobSet's mutating webhook
+    sets (startupPolicy, network.enableDNSHostnames): the API server reached it over TLS."""
+    jobset = {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {"name": "jobset-webhook-probe"},
+        "spec": {
+            "replicatedJobs": [{
+                "name": "w",
+                "template": {"spec": {"template": {"spec": {
+                    "restartPolicy": "Never", "containers": [{"name": "c", "image": "probe", "command": ["true"]}],
+                }}}},
+            }],
+        },
+    }
+    code, body = api_request(
+        layout=layout, ports=ports, method="POST",
+        path="/apis/jobset.x-k8s.io/v1alpha2/namespaces/default/jobsets?dryRun=All", body=json.dumps(jobset).encode(),
+    )
+    if code != 201:
+        return False
+    spec = json.loads(body).get("spec", {})
+    return bool(spec.get("startupPolicy")) and (spec.get("network") or {}).get("enableDNSHostnames") is True
+
+
+def prepare_jobset(*, layout: Layout, ports: Ports, dist: Path) -> list[str]:
+    """Writes JobSet's config and webhook certificate folder; returns its command line."""
+    work = layout.dir / "jobset"
+    work.mkdir(parents=True, exist_ok=True)
+    config = work / "config.yaml"
+    config.write_text(jobset_config(layout=layout, ports=ports))
+    folder = layout.pki / "jobset-webhook"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    for src, dst in (("jobset-serving.crt", "tls.crt"), ("jobset-serving.key", "tls.key")):
+        (folder / dst).write_bytes((layout.pki / src).read_bytes())
+        os.chmod(folder / dst, 0o600)
+    return [
+        str(dist / "bin" / "jobset"),
+        f"--config={config}",
+        f"--kubeconfig={layout.component_kubeconfig('jobset')}",
+        "--zap-log-level=info",
+    ]
+
+
+def start_jobset_prerequisites(*, layout: Layout, ports: Ports, dist: Path, timeout: float) -> list[str]:
+    """What JobSet needs before it starts: stale webhooks gone (nobody answers them), its CRD
+    installed and Established (its indexes need it served); returns its command line."""
+    delete_jobset_webhooks(layout=layout, ports=ports)
+    crds = install_kueue_crds(layout=layout, ports=ports, dist=dist)
+    wait_until(
+        functools.partial(crds_established, layout=layout, ports=ports, names=crds),
+        timeout=timeout, what="JobSet's CRDs Established", layout=layout, log="kube-apiserver",
+    )
+    return prepare_jobset(layout=layout, ports=ports, dist=dist)
+
+
+def jobset_serving(
+    *, layout: Layout, ports: Ports, dist: Path, proc: subprocess.Popen[bytes] | None, timeout: float
+) -> None:
+    """JobSet's /readyz answering, then its webhook configurations installed and answering
+    (a dry-run JobSet comes back defaulted); they are deleted again if it does not answer."""
+
+    def alive() -> None:
+        if proc is not None and proc.poll() is not None:
+            raise ClusterError(f"jobset exited during start-up; see {layout.logs / 'jobset.log'}")
+
+    def ready() -> bool:
+        alive()
+        return jobset_ready(ports=ports)
+
+    wait_until(ready, timeout=timeout, what="JobSet /readyz", layout=layout, log="jobset")
+    install_jobset_webhooks(layout=layout, ports=ports, dist=dist)
+
+    def answers() -> bool:
+        alive()
+        return jobset_webhook_answers(layout=layout, ports=ports)
+
+    try:
+        wait_until(answers, timeout=max(10.0, timeout), what="JobSet's webhook (a dry-run JobSet defaulted)",
+                   layout=layout, log="jobset")
+    except ClusterError:
+        delete_jobset_webhooks(layout=layout, ports=ports)
+        raise
+
+
+def kueue_config_stale(*, layout: Layout, ports: Ports) -> bool:
+    """Kueue runs with another config than it would get now (JobSet switched on or off)."""
+    path = layout.dir / "kueue" / "config.yaml"
+    try:
+        return path.read_text() != kueue_config(layout=layout, ports=ports)
+    except OSError:
+        return False
+
+
 # --- commands ------------------------------------------------------------------------------
 
 
@@ -866,6 +1114,8 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
     bin_dir = build_binaries()
     kueue = kueue_enabled()
     kueue_dist = build_kueue() if kueue else None
+    jobset = jobset_enabled()
+    jobset_dist = build_jobset() if jobset else None
     for sub in ("bin", "logs", "volumes", "pids", "pods"):
         (layout.dir / sub).mkdir(parents=True, exist_ok=True)
     ensure_pki(pki=layout.pki)
@@ -878,6 +1128,8 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
 
     if component_alive(layout=layout, name="podrunner") and current_mode != wanted_mode:
         stop_component(layout=layout, name="podrunner")
+    if kueue and component_alive(layout=layout, name="kueue") and kueue_config_stale(layout=layout, ports=ports):
+        stop_component(layout=layout, name="kueue", ports=ports)  # restarted below with JobSet's integration
     own_ports = {
         "etcd": [(ports.etcd, "etcd", "FTO_ETCD_PORT"), (ports.etcd_peer, "etcd peer", "FTO_ETCD_PEER_PORT")],
         "kube-apiserver": [(ports.apiserver, "kube-apiserver", "FTO_APISERVER_PORT")],
@@ -888,11 +1140,18 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
             (ports.kueue_metrics, "Kueue's metrics", "FTO_KUEUE_METRICS_PORT"),
             (ports.kueue_health, "Kueue's health probes", "FTO_KUEUE_HEALTH_PORT"),
         ],
+        "jobset": [
+            (ports.jobset_webhook, "JobSet's webhook server", "FTO_JOBSET_WEBHOOK_PORT"),
+            (ports.jobset_metrics, "JobSet's metrics", "FTO_JOBSET_METRICS_PORT"),
+            (ports.jobset_health, "JobSet's health probes", "FTO_JOBSET_HEALTH_PORT"),
+        ],
     }
-    for name in wanted_components(kueue=kueue):
+    for name in wanted_components(kueue=kueue, jobset=jobset):
         if component_alive(layout=layout, name=name):
             if name == "kueue" and kueue_dist is not None and not kueue_webhooks_installed(layout=layout, ports=ports):
                 _kueue_serving(layout=layout, ports=ports, dist=kueue_dist, proc=None, timeout=timeout)
+            if name == "jobset" and jobset_dist is not None and not jobset_webhooks_installed(layout=layout, ports=ports):
+                jobset_serving(layout=layout, ports=ports, dist=jobset_dist, proc=None, timeout=timeout)
             continue
         for port, what, env_var in own_ports[name]:
             check_port_free(port, what=what, env_var=env_var)
@@ -913,6 +1172,11 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
                 what="Kueue's CRDs Established", layout=layout, log="kube-apiserver",
             )
             argv = prepare_kueue(layout=layout, ports=ports, dist=kueue_dist)
+        elif name == "jobset":
+            assert jobset_dist is not None
+            argv = start_jobset_prerequisites(
+                layout=layout, ports=ports, dist=jobset_dist, timeout=max(10.0, timeout - (time.monotonic() - started))
+            )
         else:
             argv = component_argv(name=name, bin_dir=bin_dir, layout=layout, ports=ports, simulate=simulate)
         proc = start_process(layout=layout, name=name, argv=argv, env=env)
@@ -952,6 +1216,9 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
         elif name == "kueue":
             assert kueue_dist is not None
             _kueue_serving(layout=layout, ports=ports, dist=kueue_dist, proc=proc, timeout=remaining)
+        elif name == "jobset":
+            assert jobset_dist is not None
+            jobset_serving(layout=layout, ports=ports, dist=jobset_dist, proc=proc, timeout=remaining)
         else:
             wait_until(
                 alive_or_fail(functools.partial(node_ready, layout=layout, ports=ports, since=_now())),
@@ -1014,6 +1281,10 @@ def stop_component(*, layout: Layout, name: str, ports: Ports | None = None) -> 
         ports = ports or _ports_of(layout=layout)
         if ports is not None:
             delete_kueue_webhooks(layout=layout, ports=ports)
+    if name == "jobset" and (layout.pki / "admin.crt").exists():
+        ports = ports or _ports_of(layout=layout)
+        if ports is not None:
+            delete_jobset_webhooks(layout=layout, ports=ports)
     pid = read_pid(layout.pidfile(name))
     if pid is not None:
         needle = {"podrunner": "podrunner.py", "session-reaper": "reap-when-unused"}.get(name, name)
@@ -1159,6 +1430,9 @@ def status(*, layout: Layout, ports: Ports) -> int:
         if name == "kueue" and not kueue and pid is None:
             print(f"{name:26} off (FTO_KUEUE=0)")
             continue
+        if name == "jobset" and not jobset_enabled() and pid is None:
+            print(f"{name:26} off (FTO_JOBSET=0)")
+            continue
         ok = ok and pid is not None
         print(f"{name:26} {'running, pid ' + str(pid) if pid else 'stopped'}")
     for name, pid in attached_processes(layout=layout).items():
@@ -1171,6 +1445,9 @@ def status(*, layout: Layout, ports: Ports) -> int:
         if kueue:
             installed = kueue_webhooks_installed(layout=layout, ports=ports)
             print(f"{'kueue /readyz, webhooks':26} {kueue_ready(ports=ports)}, {'installed' if installed else 'missing'}")
+        if jobset_enabled():
+            installed = jobset_webhooks_installed(layout=layout, ports=ports)
+            print(f"{'jobset /readyz, webhooks':26} {jobset_ready(ports=ports)}, {'installed' if installed else 'missing'}")
     print(f"{'kubeconfig':26} {layout.kubeconfig}")
     return 0 if ok else 1
 
