@@ -3,6 +3,12 @@
 What it does, in order:
 
 1. starts the local control plane and pod runner (`hack/cluster.py up`), unless one is up;
+   the pod runner in container mode (FTO_PODS=container, the demo's default): the trainer
+   runs from the image `make images` built (localhost/finetune-trainer:dev, TRAINER_IMAGE to
+   change it) with podman + runc, under the Job's restricted securityContext. A control plane
+   already up in process mode gets its pod runner restarted in container mode (and keeps it;
+   a simulated one is left as it is).
+   FTO_PODS=process runs the trainer as a local process from .venv instead (no image);
 2. installs the CRD and deploy/'s RBAC (Namespace, ServiceAccount, ClusterRole, binding)
    from `kubectl kustomize deploy/base`: the same objects a real install gets, minus the
    operator's Deployment, because here the operator runs as a local process;
@@ -51,6 +57,9 @@ import operator_proc  # hack/operator_proc.py, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_DIR = Path(os.environ.get("FTO_CLUSTER_DIR", ROOT / ".cluster"))
+PODS = os.environ.get("FTO_PODS") or "container"  # the demo runs the trainer image by default
+TRAINER_IMAGE = os.environ.get("TRAINER_IMAGE", "localhost/finetune-trainer:dev")
+CONTAINERS_CONF = ROOT / "hack" / "containers" / "containers.conf"
 ADMIN_KUBECONFIG = CLUSTER_DIR / "kubeconfig"
 KUBECTL = CLUSTER_DIR / "bin" / "kubectl"
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -105,10 +114,49 @@ def kubectl(
 
 
 def cluster(command: str) -> int:
-    """`hack/cluster.py <command>` with this Python; returns its exit code."""
+    """`hack/cluster.py <command>` with this Python (FTO_PODS set to the demo's mode); its exit code."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "hack" / "cluster.py"), command], check=False
-    ).returncode
+        [sys.executable, str(ROOT / "hack" / "cluster.py"), command], check=False,
+        env={**os.environ, "FTO_PODS": PODS},
+    ).returncode  # fmt: skip
+
+
+def ensure_cluster(*, was_up: bool) -> str:
+    """`hack/cluster.py up` in the demo's pod mode when the control plane is down or its pod
+    runner runs in the other mode (only the pod runner is restarted then); a simulated pod
+    runner someone started on purpose is left as it is. Returns the pod runner's mode."""
+    mode_file = CLUSTER_DIR / "podrunner-mode"
+    current = mode_file.read_text().strip() if was_up and mode_file.exists() else ""
+    wanted = "container" if PODS == "container" else "real"
+    if was_up and current.startswith("simulate="):
+        return current
+    if wanted == "container":
+        require_trainer_image()
+    if not was_up:
+        say(f"starting the local control plane (hack/cluster.py up, pods: {PODS})")
+    elif current != wanted:
+        say(f"restarting the pod runner in {PODS} mode (hack/cluster.py up)")
+    else:
+        return current
+    if cluster("up") != 0:
+        raise DemoError(f"hack/cluster.py up failed (its logs are in {CLUSTER_DIR / 'logs'})")
+    return wanted
+
+
+def require_trainer_image() -> None:
+    env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
+    try:
+        found = subprocess.run(
+            ["podman", "image", "exists", TRAINER_IMAGE], env=env, capture_output=True, timeout=60, check=False
+        ).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        found = False
+    if not found:
+        raise DemoError(
+            f"the trainer image {TRAINER_IMAGE} is not in podman's store: `make images` builds it "
+            "(or FTO_PODS=process runs the trainer as a local process)"
+        )
+    say(f"trainer image {TRAINER_IMAGE} (pods run in containers: podman + runc)")
 
 
 def cluster_is_up() -> bool:
@@ -158,7 +206,9 @@ def service_account_kubeconfig(*, path: Path) -> None:
         say(f"operator credentials: {who.stdout.strip()}")
 
 
-def start_operator(*, kubeconfig: Path, ports: dict[str, int], log: Path) -> subprocess.Popen[bytes]:
+def start_operator(
+    *, kubeconfig: Path, ports: dict[str, int], log: Path, pods: str
+) -> subprocess.Popen[bytes]:
     """Starts `finetune-operator` as the ServiceAccount, watching every namespace, and waits for
     its health endpoint; its pid goes to the cluster's attached pid files at once."""
     args = [
@@ -169,6 +219,8 @@ def start_operator(*, kubeconfig: Path, ports: dict[str, int], log: Path) -> sub
         f"--progress-url=http://127.0.0.1:{ports['progress']}/v1/progress",
         f"--metrics-port={ports['metrics']}",
     ]
+    if pods == "container":  # the image the pod runner runs; otherwise the .venv's finetune-train
+        args.append(f"--trainer-image={TRAINER_IMAGE}")
     env = {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
         process = operator_proc.start(
@@ -224,16 +276,13 @@ def start_operator_only() -> int:
     """`hack/demo.py start-operator`: control plane, API and RBAC, the operator; left running."""
     ports = {"progress": operator_proc.free_port(), "metrics": operator_proc.free_port(), "health": operator_proc.free_port()}
     try:
-        if not cluster_is_up():
-            say("starting the local control plane (hack/cluster.py up)")
-            if cluster("up") != 0:
-                raise DemoError(f"hack/cluster.py up failed (its logs are in {CLUSTER_DIR / 'logs'})")
+        pods = ensure_cluster(was_up=cluster_is_up())
         stop_kept_operator()
         install_api_and_rbac()
         operator_kubeconfig = CLUSTER_DIR / "operator.kubeconfig"
         service_account_kubeconfig(path=operator_kubeconfig)
         process = start_operator(
-            kubeconfig=operator_kubeconfig, ports=ports, log=CLUSTER_DIR / "logs" / "demo-operator.log"
+            kubeconfig=operator_kubeconfig, ports=ports, log=CLUSTER_DIR / "logs" / "demo-operator.log", pods=pods
         )
     except DemoError as exc:
         print(f"demo: {exc}", file=sys.stderr, flush=True)
@@ -398,15 +447,12 @@ def main() -> int:
     ports = {"progress": operator_proc.free_port(), "metrics": operator_proc.free_port(), "health": operator_proc.free_port()}
     phase = ""
     try:
-        if not was_up:
-            say("starting the local control plane (hack/cluster.py up)")
-            if cluster("up") != 0:
-                raise DemoError(f"hack/cluster.py up failed (its logs are in {CLUSTER_DIR / 'logs'})")
+        pods = ensure_cluster(was_up=was_up)
         stop_kept_operator()
         install_api_and_rbac()
         operator_kubeconfig = CLUSTER_DIR / "operator.kubeconfig"
         service_account_kubeconfig(path=operator_kubeconfig)
-        operator = start_operator(kubeconfig=operator_kubeconfig, ports=ports, log=operator_log)
+        operator = start_operator(kubeconfig=operator_kubeconfig, ports=ports, log=operator_log, pods=pods)
         prepare_namespace()
         job = apply_example()
         say("training (kubectl get ftj -w):")
