@@ -6,13 +6,18 @@ or truncated files (a few are skipped with a warning, more fail the run with a D
 converts grayscale, palette and RGBA images to RGB and resizes them to the model's input
 size. When the decoded images fit in memory (the usual fine-tuning set) they stay there and
 every epoch reads them from RAM; otherwise the pipeline decodes the surviving files again
-each epoch. Augmentation is a stack of Keras preprocessing layers mapped over the training
-batches only.
+each epoch. Augmentation is one random affine transform per image (flip, rotation, zoom and
+shifts composed into a single matrix, applied by one ImageProjectiveTransformV3 per batch),
+mapped over the training batches only: the distribution of Keras' RandomFlip, RandomRotation,
+RandomZoom and RandomTranslation layers in a row, with one resampling instead of three.
+Pipeline parallelism follows the CPUs the container may use (`cpu_limit`: the cgroup quota
+and the affinity mask), not the host's core count.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +32,14 @@ from finetune_trainer.errors import DataError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "Augmentation",
     "ClassFolders",
     "ImageSet",
     "Splits",
     "bad_file_tolerance",
     "build_augmentation",
     "cache_budget",
+    "cpu_limit",
     "load_splits",
     "make_dataset",
     "read_image",
@@ -174,7 +181,7 @@ def _try_read(path: Path, size: tuple[int, int], keep: bool) -> tuple[np.ndarray
 def _decode_all(
     files: Sequence[tuple[Path, int]], *, size: tuple[int, int], keep: bool
 ) -> tuple[list[tuple[np.ndarray | None, int, Path]], list[tuple[str, str]]]:
-    workers = max(1, min(16, (os.cpu_count() or 1) * 2))
+    workers = max(1, min(16, cpu_limit() * 2))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         results = list(pool.map(lambda item: _try_read(item[0], size, keep), files))
     good: list[tuple[np.ndarray | None, int, Path]] = []
@@ -263,30 +270,84 @@ def load_splits(
     )
 
 
-def build_augmentation(*, spec: AugmentationSpec, seed: int) -> Any | None:
-    """The seed's augmentation as Keras preprocessing layers (float32, on raw 0-255 batches), or None."""
-    import keras
+@dataclass(frozen=True)
+class Augmentation:
+    """The seed's random augmentation as one affine transform per image.
 
+    Per image, like the four Keras layers in a row (RandomFlip("horizontal"), RandomRotation,
+    RandomZoom, RandomTranslation, fill "nearest", bilinear): a horizontal flip with
+    probability 1/2, an angle uniform in +-rotation degrees, one zoom factor uniform in
+    [1 - zoom, 1 + zoom] for both axes (above 1 zooms out), and shifts uniform in +-shift of
+    the height and width. With c the image centre, p an output pixel and q its source pixel:
+    q = z * F * R * (p - c - d) + c, the product of the layers' own output-to-input maps.
+    """
+
+    horizontal_flip: bool
+    rotation: float  # degrees
+    zoom: float
+    height_shift: float
+    width_shift: float
+
+    def transforms(self, *, batch: Any, height: int, width: int, seed: Any) -> Any:
+        """[batch, 8] projective transforms (output to input pixel), drawn from a stateless seed."""
+        import tensorflow as tf
+
+        seeds = tf.random.experimental.stateless_split(seed, num=5)
+
+        def uniform(index: int, bound: float) -> Any:
+            return tf.random.stateless_uniform((batch,), seeds[index], minval=-bound, maxval=bound)
+
+        flip = (
+            tf.where(tf.random.stateless_uniform((batch,), seeds[0]) > 0.5, -1.0, 1.0)
+            if self.horizontal_flip
+            else tf.ones((batch,))
+        )
+        angle = uniform(1, self.rotation * math.pi / 180.0)
+        scale = 1.0 + uniform(2, self.zoom)
+        dy = uniform(3, self.height_shift) * float(height)
+        dx = uniform(4, self.width_shift) * float(width)
+        cos, sin = tf.cos(angle), tf.sin(angle)
+        a00, a01 = scale * flip * cos, -scale * flip * sin
+        a10, a11 = scale * sin, scale * cos
+        cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+        ux, uy = -cx - dx, -cy - dy
+        zeros = tf.zeros((batch,))
+        return tf.stack(
+            [a00, a01, a00 * ux + a01 * uy + cx, a10, a11, a10 * ux + a11 * uy + cy, zeros, zeros], axis=1
+        )
+
+    def __call__(self, images: Any, *, seed: Any) -> Any:
+        """A batch of float images [n, h, w, c], each moved by its own random transform."""
+        import tensorflow as tf
+
+        shape = tf.shape(images)
+        height, width = int(images.shape[1]), int(images.shape[2])
+        matrices = self.transforms(batch=shape[0], height=height, width=width, seed=seed)
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=images,
+            transforms=matrices,
+            output_shape=tf.constant([height, width], tf.int32),
+            fill_value=tf.constant(0.0, images.dtype),
+            interpolation="BILINEAR",
+            fill_mode="NEAREST",
+        )
+
+
+def build_augmentation(*, spec: AugmentationSpec, seed: int) -> Augmentation | None:
+    """The spec's augmentation as one fused random transform, or None when it moves nothing."""
+    del seed  # the pipeline seeds each batch (make_dataset)
     if not spec.enabled:
         return None
-    layers: list[Any] = []
-    if spec.horizontal_flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed, dtype="float32"))
-    if spec.rotation > 0:
-        layers.append(
-            keras.layers.RandomRotation(spec.rotation / 360.0, fill_mode="nearest", seed=seed + 1, dtype="float32")
-        )
-    if spec.zoom > 0:
-        layers.append(keras.layers.RandomZoom(spec.zoom, fill_mode="nearest", seed=seed + 2, dtype="float32"))
-    if spec.width_shift > 0 or spec.height_shift > 0:
-        layers.append(
-            keras.layers.RandomTranslation(
-                spec.height_shift, spec.width_shift, fill_mode="nearest", seed=seed + 3, dtype="float32"
-            )
-        )
-    if not layers:
+    fused = Augmentation(
+        horizontal_flip=spec.horizontal_flip,
+        rotation=spec.rotation,
+        zoom=spec.zoom,
+        height_shift=spec.height_shift,
+        width_shift=spec.width_shift,
+    )
+    if not (fused.horizontal_flip or fused.rotation > 0 or fused.zoom > 0 or fused.height_shift > 0 or fused.width_shift > 0):
         return None
-    return keras.Sequential(layers, name="augmentation")
+    return fused
 
 
 def _batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuffle: bool, seed: int) -> Callable[
@@ -308,9 +369,12 @@ def _batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuffle
 
 
 def make_dataset(
-    *, images: ImageSet, batch_size: int, shuffle: bool, seed: int, augmentation: Any | None = None
+    *, images: ImageSet, batch_size: int, shuffle: bool, seed: int, augmentation: Augmentation | None = None
 ) -> Any:
-    """A batched tf.data pipeline of (float32 raw 0-255 images, int labels), augmented when given layers."""
+    """A batched tf.data pipeline of (float32 raw 0-255 images, int labels), augmented when given one.
+
+    Augmented batches draw their transforms from seeds that follow `seed` and change every epoch.
+    """
     import tensorflow as tf
 
     n = len(images)
@@ -331,10 +395,19 @@ def make_dataset(
             ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
         ds = ds.map(_stream_decoder(images), num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
     ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     if augmentation is not None:
-        ds = ds.map(lambda x, y: (augmentation(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda xy, s: (augmentation(tf.cast(xy[0], tf.float32), seed=s), xy[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    else:
+        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = cpu_limit()
+    options.autotune.cpu_budget = cpu_limit()
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def _stream_decoder(images: ImageSet) -> Callable[[Any, Any], tuple[Any, Any]]:
@@ -355,6 +428,35 @@ def _stream_decoder(images: ImageSet) -> Callable[[Any, Any], tuple[Any, Any]]:
         return image, label
 
     return fn
+
+
+def cpu_limit() -> int:
+    """CPUs this process may use: the cgroup's CPU quota (v2 cpu.max, v1 cfs quota) and affinity mask."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The cgroup CPU quota in CPUs, or None when unlimited or unreadable."""
+    try:
+        quota, period = (root / "cpu.max").read_text(encoding="utf-8").split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for folder in (root / "cpu", root / "cpu,cpuacct"):
+        try:
+            quota_us = int((folder / "cpu.cfs_quota_us").read_text(encoding="utf-8"))
+            period_us = int((folder / "cpu.cfs_period_us").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    return None
 
 
 def cache_budget() -> int:

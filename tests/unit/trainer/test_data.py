@@ -130,14 +130,11 @@ def test_too_many_bad_files_fail(make_folder: Callable[..., Path]) -> None:
 def test_augmentation_touches_training_batches_only(image_sets: dict[str, Path]) -> None:
     splits = data.load_splits(data=_spec(image_sets["train"], image_sets["val"]), image_size=(32, 32), seed=0)
     assert data.build_augmentation(spec=AugmentationSpec(enabled=False), seed=0) is None
+    assert data.build_augmentation(
+        spec=AugmentationSpec(horizontal_flip=False, rotation=0, zoom=0, width_shift=0, height_shift=0), seed=0
+    ) is None
     augment = data.build_augmentation(spec=AugmentationSpec(), seed=0)
     assert augment is not None
-    assert [type(layer).__name__ for layer in augment.layers] == [
-        "RandomFlip",
-        "RandomRotation",
-        "RandomZoom",
-        "RandomTranslation",
-    ]
     val = data.make_dataset(images=splits.validation, batch_size=8, shuffle=False, seed=0)
     x_val = np.concatenate([np.asarray(x) for x, _ in val])
     assert splits.validation.images is not None
@@ -160,3 +157,94 @@ def test_streamed_pipeline_matches_in_memory(image_sets: dict[str, Path]) -> Non
     np.testing.assert_array_equal(a, b)
     labels = np.concatenate([np.asarray(y) for _, y in data.make_dataset(images=streamed.train, batch_size=7, shuffle=True, seed=3)])
     assert sorted(labels.tolist()) == sorted(streamed.train.labels.tolist())
+
+
+def _centroids(images: np.ndarray) -> np.ndarray:
+    """[n, 2] (x, y) centre of mass of the first channel of each image."""
+    mass = images[..., 0]
+    yy, xx = np.mgrid[0 : mass.shape[1], 0 : mass.shape[2]]
+    total = mass.sum(axis=(1, 2)) + 1e-9
+    return np.stack([(mass * xx).sum(axis=(1, 2)) / total, (mass * yy).sum(axis=(1, 2)) / total], axis=1)
+
+
+def test_fused_augmentation_moves_images_like_the_four_keras_layers() -> None:
+    """Same distribution of transforms as RandomFlip, RandomRotation, RandomZoom, RandomTranslation in a row."""
+    import keras
+    import tensorflow as tf
+
+    spec = AugmentationSpec()
+    fused = data.build_augmentation(spec=spec, seed=0)
+    assert fused is not None
+    layers = keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=1),
+            keras.layers.RandomRotation(spec.rotation / 360.0, fill_mode="nearest", seed=2),
+            keras.layers.RandomZoom(spec.zoom, fill_mode="nearest", seed=3),
+            keras.layers.RandomTranslation(spec.height_shift, spec.width_shift, fill_mode="nearest", seed=4),
+        ]
+    )
+    image = np.zeros((1, 32, 40, 3), np.float32)  # a small bright square off the centre, not square images
+    image[0, 6:9, 8:11, :] = 255.0
+    batch = np.repeat(image, 1024, axis=0)
+    theirs = _centroids(np.asarray(layers(batch, training=True)))
+    ours = _centroids(np.asarray(fused(tf.constant(batch), seed=tf.constant([5, 6], tf.int64))))
+    flipped = (ours[:, 0] > 19.5).mean()  # the square starts left of the centre: right of it means flipped
+    assert 0.4 < flipped < 0.6
+    for points in (ours, theirs):  # the flip folded away: the distance from the vertical centre line
+        points[:, 0] = np.abs(points[:, 0] - 19.5)
+    for axis in (0, 1):
+        assert abs(ours[:, axis].mean() - theirs[:, axis].mean()) < 1.0
+        assert ours[:, axis].std() == pytest.approx(theirs[:, axis].std(), rel=0.1)
+        for q in (5, 50, 95):
+            assert abs(np.percentile(ours[:, axis], q) - np.percentile(theirs[:, axis], q)) < 1.5
+
+
+def test_fused_augmentation_parts_are_exact() -> None:
+    import tensorflow as tf
+
+    image = np.random.default_rng(0).uniform(0, 255, (2, 12, 16, 3)).astype(np.float32)
+    seed = tf.constant([1, 2], tf.int64)
+    still = data.Augmentation(horizontal_flip=False, rotation=0.0, zoom=0.0, height_shift=0.0, width_shift=0.0)
+    np.testing.assert_allclose(np.asarray(still(tf.constant(image), seed=seed)), image, atol=1e-3)
+    flip = data.Augmentation(horizontal_flip=True, rotation=0.0, zoom=0.0, height_shift=0.0, width_shift=0.0)
+    outs = [np.asarray(flip(tf.constant(image), seed=tf.constant([i, 0], tf.int64))) for i in range(20)]
+    for out in outs:
+        for k in range(2):
+            assert np.allclose(out[k], image[k], atol=1e-3) or np.allclose(out[k], image[k, :, ::-1], atol=1e-3)
+    assert any(np.allclose(o[0], image[0, :, ::-1], atol=1e-3) for o in outs)
+    assert any(np.allclose(o[0], image[0], atol=1e-3) for o in outs)
+
+
+def test_augmented_epochs_differ_and_repeat_with_the_seed(image_sets: dict[str, Path]) -> None:
+    splits = data.load_splits(data=_spec(image_sets["train"], image_sets["val"]), image_size=(16, 16), seed=0)
+    augment = data.build_augmentation(spec=AugmentationSpec(), seed=0)
+
+    def epochs(seed: int) -> list[np.ndarray]:
+        ds = data.make_dataset(images=splits.train, batch_size=8, shuffle=False, seed=seed, augmentation=augment)
+        return [np.concatenate([np.asarray(x) for x, _ in ds]) for _ in range(2)]
+
+    first, second = epochs(7)
+    assert np.abs(first - second).mean() > 1.0
+    again = epochs(7)
+    np.testing.assert_array_equal(first, again[0])
+    np.testing.assert_array_equal(second, again[1])
+
+
+def test_cpu_limit_reads_the_cgroup_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert data._cgroup_quota(v2) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert data._cgroup_quota(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert data._cgroup_quota(v1) == 3.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert data._cgroup_quota(v1) is None
+    monkeypatch.setattr(data, "_cgroup_quota", lambda: 0.5)
+    assert data.cpu_limit() == 1
+    monkeypatch.setattr(data, "_cgroup_quota", lambda: None)
+    assert data.cpu_limit() == len(__import__("os").sched_getaffinity(0))
