@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from finetune_trainer import data as data_lib
+from finetune_trainer import distribute as distribute_lib
 from finetune_trainer import evaluation as evaluation_lib
 from finetune_trainer import model as model_lib
 from finetune_trainer.config import TrainerSpec
@@ -60,7 +61,7 @@ from finetune_trainer.errors import DivergedError, InvalidSpecError
 from finetune_trainer.observer import TrainingObserver
 from finetune_trainer.protocol import Stage
 
-__all__ = ["HISTORY_FIELDS", "RunResult", "Terminated", "resolve_policy", "run", "shielded", "terminate"]
+__all__ = ["HISTORY_FIELDS", "RunResult", "Terminated", "cpu_has_bf16", "resolve_policy", "run", "shielded", "terminate"]
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +137,50 @@ class RunResult:
     summary: dict[str, Any]  # the content of metrics.json
 
 
-def resolve_policy(setting: str) -> str:
-    """The Keras dtype policy for spec.training.mixedPrecision: auto is mixed_float16 on a GPU only."""
+def resolve_policy(setting: str, *, base: Any | None = None) -> str:
+    """The Keras dtype policy for spec.training.mixedPrecision.
+
+    auto: mixed_float16 on a GPU; on a CPU with native bfloat16 arithmetic (avx512_bf16 or
+    amx_bf16 on x86, bf16 on Arm) mixed_bfloat16, unless `base` (a ModelSpec) is built from
+    depthwise convolutions (MobileNet, EfficientNet...), which oneDNN runs slower in bfloat16
+    than in float32; float32 otherwise.
+    """
     if setting == "off":
         return "float32"
     if setting == "auto":
         import tensorflow as tf
 
-        return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+        if tf.config.list_physical_devices("GPU"):
+            return "mixed_float16"
+        if cpu_has_bf16() and (base is None or not model_lib.has_depthwise(spec=base)):
+            return "mixed_bfloat16"
+        return "float32"
     return setting
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU does bfloat16 arithmetic natively (its flags in /proc/cpuinfo)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags = set(value.split())
+            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
+
+
+def _configure_threads() -> int:
+    """TensorFlow's thread pools sized to the CPUs the container may use (not the host's cores)."""
+    import tensorflow as tf
+
+    cpus = data_lib.cpu_limit()
+    with contextlib.suppress(RuntimeError):  # already initialised (a second run in one process)
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(max(2, cpus))
+    return cpus
 
 
 class _Observers:
@@ -267,11 +303,28 @@ class _Run:
             _write_history(self.out / "history.csv", self.state.history)
 
 
-def _add_timing(summary: dict[str, Any], *, extraction: float, cpu_started: float) -> None:
-    """A stage's timing in metrics.json: wall seconds with feature extraction, and CPU seconds."""
+def _add_timing(
+    summary: dict[str, Any], *, extraction: float, extracted: int, validation_images: int, cpu_started: float
+) -> None:
+    """A stage's timing in metrics.json: wall and CPU seconds, and images/s of each part.
+
+    `extracted`: images whose frozen features were computed once before training (0: none).
+    """
     summary["durationSeconds"] = round(summary["durationSeconds"] + extraction, 3)
     summary["extractionSeconds"] = round(extraction, 3)
     summary["cpuSeconds"] = round(time.process_time() - cpu_started, 3)
+    profile = summary.setdefault("profileSeconds", {})
+    profile["extraction"] = round(extraction, 3)
+    epochs = max(1, int(summary.get("epochsThisRun") or 0))
+
+    def rate(images: int, seconds: float | None) -> float | None:
+        return round(images / seconds, 2) if images and seconds else None
+
+    summary["imagesPerSecondByPart"] = {
+        "train": summary.get("imagesPerSecond"),
+        "validation": rate(validation_images * epochs, profile.get("validation")),
+        "extraction": rate(extracted, extraction),
+    }
 
 
 def _make_stage_callback(run: _Run, *, stage: Stage, stage_epochs: int, epochs_before: int, steps: int) -> Any:
@@ -333,6 +386,41 @@ def _make_stage_callback(run: _Run, *, stage: Stage, stage_epochs: int, epochs_b
             )
 
     return StageCallback()
+
+
+@dataclass
+class _Clock:
+    """Wall seconds of an epoch's end, per part: the ticks between the epoch-end callbacks."""
+
+    progress: Any  # the StageCallback: when the epoch's last training batch ended
+    seconds: dict[str, float] = field(default_factory=dict)
+    mark: float = 0.0
+
+
+PROFILE_PARTS = ("validation", "callbacks", "checkpoint", "tensorboard")
+
+
+def _make_tick(clock: _Clock, *, part: str | None) -> Any:
+    """Charges the time since the previous tick to `part` (None: the first tick, the epoch-end start).
+
+    The first tick charges what fit did between the last training batch and the epoch-end
+    callbacks (its own validation pass) to "validation".
+    """
+    import keras
+
+    class Tick(keras.callbacks.Callback):  # type: ignore[misc]
+        """Times the callbacks before it, back to the previous tick."""
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            now = time.monotonic()
+            if part is None:
+                spent, name = now - clock.progress.last_batch, "validation"
+            else:
+                spent, name = now - clock.mark, part
+            clock.seconds[name] = clock.seconds.get(name, 0.0) + max(0.0, spent)
+            clock.mark = now
+
+    return Tick()
 
 
 def _make_shield_callback(*, begin: bool) -> Any:
@@ -537,20 +625,25 @@ def _fit_stage(
     nan_guard = _make_nan_guard()
     progress = _make_stage_callback(run, stage=stage, stage_epochs=epochs, epochs_before=epochs_before, steps=steps)
     cached = validation if isinstance(validation, _CachedValidation) else None
+    clock = _Clock(progress=progress)
     callbacks = [
-        *([_make_cached_validation_callback(cached)] if cached is not None else []),
+        _make_tick(clock, part=None),
+        *([_make_cached_validation_callback(cached), _make_tick(clock, part="validation")] if cached is not None else []),
         _make_shield_callback(begin=True),  # from here to the end: the epoch's state, saved whole
         nan_guard,
         early,
         reduce,
         progress,
+        _make_tick(clock, part="callbacks"),
         keras.callbacks.BackupAndRestore(
             backup_dir=str(backup_dir), double_checkpoint=True, delete_checkpoint=False
         ),
         _make_callback_state(directory=backup_dir, early=early, reduce=reduce),
+        _make_tick(clock, part="checkpoint"),
         keras.callbacks.TensorBoard(
             log_dir=str(run.out / "tensorboard" / stage), write_graph=False, profile_batch=0
         ),
+        _make_tick(clock, part="tensorboard"),
         _make_shield_callback(begin=False),
     ]
     _compile(model, learning_rate=learning_rate)
@@ -594,6 +687,10 @@ def _fit_stage(
         else None,
         "resumedFromEpoch": first,
         "epochsThisRun": progress.epochs_this_run,
+        "profileSeconds": {
+            "train": round(progress.train_seconds, 3),
+            **{part: round(clock.seconds.get(part, 0.0), 3) for part in PROFILE_PARTS},
+        },
     }
 
 
@@ -642,11 +739,22 @@ def run(
     output_dir: str | Path | None = None,
     observers: Sequence[TrainingObserver] = (),
     verbose: int | str | None = None,
+    distribution: distribute_lib.Plan | None = None,
 ) -> RunResult:
-    """Trains both phases as `spec` says and writes every output; raises TrainerError subclasses."""
+    """Trains both phases as `spec` says and writes every output; raises TrainerError subclasses.
+
+    `distribution`: the workers and devices to train on (distribute.py); None: one device.
+    Only the chief sends progress; the other workers write into scratch space.
+    """
     hooks = _Observers(observers)
     try:
-        result = _run(spec=spec, output_dir=output_dir, hooks=hooks, verbose=verbose)
+        _configure_threads()  # before the strategy initialises TensorFlow's devices
+        out = Path(output_dir if output_dir is not None else spec.output.path)
+        dist = distribute_lib.start(plan=distribution or distribute_lib.Plan(), output_dir=out,
+                                    batch_size=spec.training.batch_size)
+        hooks = hooks if dist.is_chief else _Observers(())
+        with dist.scope():
+            result = _run(spec=spec, output_dir=dist.output_dir(out), hooks=hooks, verbose=verbose)
     except BaseException as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hooks.call("on_finish", result="failed", metrics={}, message=message[:1000])
@@ -664,14 +772,18 @@ def _run(
     out = Path(output_dir if output_dir is not None else spec.output.path)
     training = spec.training
     model_lib.application(name=spec.model.base)  # an unknown base fails before any data is read
-    policy = resolve_policy(training.mixed_precision)
-    keras.backend.clear_session()
+    cpus = _configure_threads()
+    policy = resolve_policy(training.mixed_precision, base=spec.model)
+    log.info("precision policy %s (mixedPrecision: %s), %d CPUs", policy, training.mixed_precision, cpus)
+    distribute_lib.clear_session()  # keeps a strategy's scope
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(training.seed)
     _prepare_output(out)
 
     image_size = (spec.model.input_shape[0], spec.model.input_shape[1])
+    decode_started = time.monotonic()
     splits = data_lib.load_splits(data=spec.data, image_size=image_size, seed=training.seed)
+    decode_seconds = time.monotonic() - decode_started
     log.info(
         "classes %s: %d training and %d validation images (%d skipped, %s)",
         list(splits.class_names),
@@ -772,7 +884,13 @@ def _run(
             steps=steps,
             fit_kwargs=fit_kwargs,
         )
-        _add_timing(summary, extraction=extraction, cpu_started=cpu_started)
+        _add_timing(
+            summary,
+            extraction=extraction,
+            extracted=len(splits.validation) + (len(splits.train) if augmentation is None else 0),
+            validation_images=len(splits.validation),
+            cpu_started=cpu_started,
+        )
         summary["fastPath"] = "features" if augmentation is None else "validation-features"
         summary["trainableLayers"] = [layer.name for layer in network.head.layers if layer.trainable and layer.weights]
         _finish_stage(run_ctx, stage="head", network=network, summary=summary)
@@ -826,7 +944,13 @@ def _run(
                 steps=steps,
                 fit_kwargs=fit_kwargs,
             )
-            _add_timing(summary, extraction=extraction, cpu_started=cpu_started)
+            _add_timing(
+                summary,
+                extraction=extraction,
+                extracted={"none": 0, "validation-prefix": len(splits.validation)}.get(mode, cached_images),
+                validation_images=len(splits.validation),
+                cpu_started=cpu_started,
+            )
             summary["fastPath"] = mode
             summary["cachedBelow"] = split.cut if split is not None else None
             summary["trainableLayers"] = unfrozen
@@ -841,6 +965,7 @@ def _run(
         val=predictor or val_ds(),
         policy=policy,
         started=started,
+        decode_seconds=decode_seconds,
     )
 
 
@@ -853,6 +978,7 @@ def _save_outputs(
     val: Any,
     policy: str,
     started: float,
+    decode_seconds: float = 0.0,
 ) -> RunResult:
     """model.keras, saved_model/, classes.json, metrics.json (history.csv is already written)."""
     out = run.out
@@ -893,6 +1019,12 @@ def _save_outputs(
         "skippedFiles": len(splits.skipped),
         "skipped": [{"path": p, "error": why} for p, why in splits.skipped[:50]],
         "mixedPrecision": policy,
+        "mixedPrecisionSetting": run.spec.training.mixed_precision,
+        "decodeSeconds": round(decode_seconds, 3),
+        "decodeImagesPerSecond": round((len(splits.train) + len(splits.validation)) / decode_seconds, 2)
+        if decode_seconds > 0
+        else None,
+        "cpus": data_lib.cpu_limit(),
         "durationSeconds": round(time.monotonic() - started, 3),
         "modelPath": str(model_path),
     }

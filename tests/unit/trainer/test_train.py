@@ -190,6 +190,16 @@ def test_augmented_run_with_split_and_no_phase_two(image_sets: dict[str, Path], 
     assert [r["stage"] for r in _history(tmp_path / "out")] == ["head", "head"]
     assert [s["stage"] for s in recorder.named("on_stage_start")] == ["head"]
     assert recorder.named("on_stage_end")[0]["total_epochs"] == 2
+    # What each part of the stage cost, and the precision policy it ran in.
+    head = metrics["stages"]["head"]
+    parts = head["profileSeconds"]
+    assert set(parts) == {"train", "validation", "callbacks", "checkpoint", "tensorboard", "extraction"}
+    assert parts["train"] > 0 and parts["validation"] > 0 and parts["checkpoint"] > 0
+    assert sum(parts.values()) <= head["durationSeconds"] + 0.5
+    rates = head["imagesPerSecondByPart"]
+    assert rates["train"] == head["imagesPerSecond"] > 0 and rates["validation"] > 0 and rates["extraction"] > 0
+    assert metrics["mixedPrecision"] == "float32" and metrics["mixedPrecisionSetting"] == "off"
+    assert metrics["decodeImagesPerSecond"] > 0 and metrics["cpus"] >= 1
 
 
 def test_fast_path_is_the_same_math(image_sets: dict[str, Path]) -> None:
@@ -212,10 +222,26 @@ def test_fast_path_is_the_same_math(image_sets: dict[str, Path]) -> None:
     np.testing.assert_allclose(losses["features"], losses["full"], rtol=1e-4)
 
 
-def test_auto_mixed_precision_is_off_on_cpu() -> None:
-    assert train.resolve_policy("auto") == "float32"
+def test_auto_mixed_precision_on_cpu_is_bfloat16_where_native_and_it_pays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert train.resolve_policy("off") == "float32"
     assert train.resolve_policy("mixed_bfloat16") == "mixed_bfloat16"
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_bf16\n")
+    plain = tmp_path / "plain"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert train.cpu_has_bf16(amx) and train.cpu_has_bf16(arm) and not train.cpu_has_bf16(plain)
+    assert not train.cpu_has_bf16(tmp_path / "missing")
+    vgg = ModelSpec(base="VGG16", weights="none", input_shape=SHAPE)
+    mobile = ModelSpec(base="MobileNetV2", weights="none", input_shape=SHAPE, base_options={"alpha": 0.35})
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    assert train.resolve_policy("auto", base=vgg) == "mixed_bfloat16"
+    assert train.resolve_policy("auto", base=mobile) == "float32"  # depthwise convolutions: slower in bf16
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
+    assert train.resolve_policy("auto", base=vgg) == "float32"
 
 
 class _Interrupted(Exception):
