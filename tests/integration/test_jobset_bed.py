@@ -9,6 +9,7 @@ controller under it and the pod runner running the pods as processes.
   `jobset.sigs.k8s.io/restart-attempt` label, read through the downward API), the whole group
   is recreated (a new Job, attempt 1, the other pod killed with it), and the JobSet Completes
   with status.restarts 1;
+- (a private cluster) JobSet's failurePolicy-Fail webhooks exist only while JobSet serves;
 - with Kueue's jobset.x-k8s.io/jobset integration on, a JobSet labelled for a LocalQueue is
   suspended on create and admitted as ONE Workload (one pod set of 2 pods), no Workload of
   its own for its Job, and Completes.
@@ -17,11 +18,13 @@ controller under it and the pod runner running the pods as processes.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.cluster import Cluster, wait_for
+from fixtures.cluster import Cluster, private_cluster, wait_for
 from fixtures.kueue import QUEUE_LABEL, KueueObjects, require_kueue, workload_admitted, workloads
 
 GROUP_PATH = "/apis/jobset.x-k8s.io/v1alpha2"
@@ -223,6 +226,40 @@ def test_failure_policy_restarts_the_whole_group_once(jobset_on: Cluster, namesp
     ]
     logs = {cluster.pod_log(namespace=namespace, pod=p["metadata"]["name"], container="worker").strip() for p in final}
     assert {line.split(" host ")[0] for line in logs} == {"worker 0 attempt 1", "worker 1 attempt 1"}, logs
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_webhooks_exist_only_while_jobset_serves(tmp_path: Path) -> None:
+    """On a private cluster: a JobSet manager that died leaves its failurePolicy-Fail webhooks
+    refusing every JobSet create until `up` restarts it; stopping it removes them first."""
+    if os.environ.get("FTO_JOBSET", "1").strip().lower() in ("0", "false", "no", "off"):
+        pytest.skip("JobSet is off (FTO_JOBSET=0)")
+    with private_cluster(cluster_dir=tmp_path / "cluster") as own:
+        require_jobset(own)
+        assert create_jobset(own, namespace="default", manifest=jobset_manifest(name="probe-1"))["spec"]["network"]
+        pid = int((own.dir / "pids" / "jobset.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: _gone(pid), timeout=10, message="jobset gone")
+        code, answer = own.request(
+            "POST", f"{GROUP_PATH}/namespaces/default/jobsets", body=jobset_manifest(name="probe-2")
+        )
+        assert code == 500 and "mjobset.kb.io" in answer.get("message", ""), (code, answer)
+
+        own.up()  # deletes the stale webhooks, starts JobSet, installs them once it answers
+        require_jobset(own)
+        assert create_jobset(own, namespace="default", manifest=jobset_manifest(name="probe-3"))["spec"]["network"]
+
+        own.stop_component("jobset")
+        for kind, name in zip(("mutating", "validating"), WEBHOOK_CONFIGS, strict=True):
+            assert own.get(f"/apis/admissionregistration.k8s.io/v1/{kind}webhookconfigurations/{name}") is None
+        # No JobSet manager, no webhook: a JobSet is stored as written (nobody defaults it).
+        assert "network" not in create_jobset(own, namespace="default", manifest=jobset_manifest(name="probe-4"))["spec"]
 
 
 @pytest.fixture
