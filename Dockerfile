@@ -14,11 +14,14 @@
 # lock's tensorflow-cpu instead of keeping a base's GPU TensorFlow. README.md, "Images".
 #
 # checkov:skip=CKV_DOCKER_2:No HEALTHCHECK: Kubernetes ignores it; deploy/base probes the operator (liveness /healthz on 8082, readiness /healthz on 8081) and the trainer is a batch process with nothing to probe.
-ARG PYTHON_BASE=python:3.11.14-slim-bookworm
-ARG TRAINER_BASE=tensorflow/tensorflow:2.21.0-gpu
+# Each base is two arguments, the image and its tag (a pinned version).
+ARG PYTHON_BASE=python
+ARG PYTHON_BASE_TAG=3.11.14-slim-bookworm
+ARG TRAINER_BASE=tensorflow/tensorflow
+ARG TRAINER_BASE_TAG=2.21.0-gpu
 
 # ---- build: uv, the locked requirement lists, the wheel ------------------------------------
-FROM ${PYTHON_BASE} AS build
+FROM ${PYTHON_BASE}:${PYTHON_BASE_TAG} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_PYTHON_DOWNLOADS=never UV_LINK_MODE=copy
 # The package index: PyPI unless the builder passes another.
 ARG PIP_INDEX_URL=https://pypi.org/simple
@@ -37,7 +40,8 @@ RUN mkdir -p /dist/req \
     && /opt/uv/bin/uv export --frozen --no-dev --no-emit-project --extra "$TRAINER_EXTRA" \
          --no-emit-package tensorflow -o /dist/req/trainer.txt \
     && /opt/uv/bin/uv export --frozen --no-dev --no-emit-project --no-hashes --extra "$TRAINER_EXTRA" \
-         | sed -n 's/^\(tensorflow\(-cpu\)\{0,1\}\)==\([^ ;]*\).*/\3/p' > /dist/req/tensorflow-version \
+         -o /tmp/trainer-all.txt \
+    && sed -n 's/^\(tensorflow\(-cpu\)\{0,1\}\)==\([^ ;]*\).*/\3/p' /tmp/trainer-all.txt > /dist/req/tensorflow-version \
     && test -s /dist/req/tensorflow-version
 COPY README.md ./
 COPY operator/ ./operator/
@@ -46,7 +50,7 @@ RUN --mount=type=cache,id=finetune-uv,target=/root/.cache/uv \
     /opt/uv/bin/uv build --wheel --out-dir /dist/wheel
 
 # ---- operator: slim Python, no TensorFlow --------------------------------------------------
-FROM ${PYTHON_BASE} AS operator
+FROM ${PYTHON_BASE}:${PYTHON_BASE_TAG} AS operator
 LABEL org.opencontainers.image.title="finetune-operator" \
       org.opencontainers.image.description="Kopf operator for FineTuneJob (finetune.dev/v1alpha1)" \
       org.opencontainers.image.source="https://github.com/finetune-dev/finetune-operator" \
@@ -75,7 +79,7 @@ EXPOSE 8080 8081 8082
 ENTRYPOINT ["finetune-operator"]
 
 # ---- trainer: TensorFlow GPU base + the trainer extra -------------------------------------
-FROM ${TRAINER_BASE} AS trainer
+FROM ${TRAINER_BASE}:${TRAINER_BASE_TAG} AS trainer
 LABEL org.opencontainers.image.title="finetune-trainer" \
       org.opencontainers.image.description="Two-phase Keras 3 fine-tuning (finetune-train)" \
       org.opencontainers.image.source="https://github.com/finetune-dev/finetune-operator" \

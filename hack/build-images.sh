@@ -101,7 +101,8 @@ case "$BASES" in
       rm -rf "$work"
       trap - EXIT
     fi
-    build_args+=(--build-arg "PYTHON_BASE=$base" --build-arg "TRAINER_BASE=$base"
+    build_args+=(--build-arg "PYTHON_BASE=${base%:*}" --build-arg "PYTHON_BASE_TAG=${base##*:}"
+                 --build-arg "TRAINER_BASE=${base%:*}" --build-arg "TRAINER_BASE_TAG=${base##*:}"
                  --build-arg TRAINER_EXTRA=trainer-cpu)
     ;;
   public) ;;
