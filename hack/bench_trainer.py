@@ -1,19 +1,28 @@
-"""Trainer benchmark: this trainer against the seed's literal ImageDataGenerator pipeline.
+"""Trainer benchmark: this trainer against the seed's ImageDataGenerator pipeline and the keras-io recipe.
 
-On the same generated images and hyper-parameters, runs (a) `finetune_trainer.train.run` and
-(b) a baseline written the way the seed script was: `ImageDataGenerator` (Keras 3 still ships
-it under keras.src.legacy) + `flow_from_directory`, a frozen base with a
-GlobalAveragePooling2D -> Dense(relu) -> Dropout -> Dense(softmax) head, then the last
-layers unfrozen and recompiled at a low learning rate; both with EarlyStopping,
-ReduceLROnPlateau. It prints per phase: wall seconds, images/s, epochs run, val accuracy,
-and the speed-up, once with augmentation on and once off.
+On the same generated images and hyper-parameters, for each model (by default MobileNetV2
+alpha 0.35 at 32x32 and 96x96, VGG16 at 64x64), runs interleaved in one process:
+(a) the seed, literally: `ImageDataGenerator` (Keras 3 still ships it under keras.src.legacy)
+    + `flow_from_directory`, a frozen base with a GlobalAveragePooling2D -> Dense(relu) ->
+    Dropout -> Dense(softmax) head, then the last layers unfrozen and recompiled at a low
+    learning rate; both phases with EarlyStopping and ReduceLROnPlateau;
+(b) the keras-io transfer-learning recipe: `image_dataset_from_directory`, the augmentation
+    as preprocessing layers inside the model, `model.fit` (augmentation on only);
+(c) `finetune_trainer.train.run` with `mixedPrecision: auto`.
+It prints per phase wall and CPU seconds, images/s, epochs, val accuracy, peak RSS and the
+ratios, once with augmentation on and once off, then a profile of one phase-1 epoch of (c)
+(decode, augmentation, base forward, head step, validation, callbacks, checkpoint,
+TensorBoard) and phase 1's images/s as a share of the frozen base's pure inference on the
+same augmented batches in the same precision (the ceiling of a pass that must run the base
+over freshly augmented images).
 
-    .venv/bin/python hack/bench_trainer.py [--quick] [--base VGG16] [--size 64] [--per-class 80]
+    .venv/bin/python hack/bench_trainer.py [--quick] [--model mobilenet32|mobilenet96|vgg64 ...] [--per-class 30]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,6 +39,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "trainer"))
 
 _COLOURS = ((220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 200, 40))
+
+MODELS: dict[str, dict[str, Any]] = {
+    "mobilenet32": {"base": "MobileNetV2", "alpha": 0.35, "size": 32, "per_class": 40},
+    "mobilenet96": {"base": "MobileNetV2", "alpha": 0.35, "size": 96, "per_class": 30},
+    "vgg64": {"base": "VGG16", "alpha": None, "size": 64, "per_class": 16},
+}
+
+
+def _reset_peak_rss() -> None:
+    """Clears the process' peak-RSS mark (Linux: 5 > /proc/self/clear_refs), so each run reports its own."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _draw(label: int, *, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -92,11 +123,10 @@ def calibrated_weights(*, hp: dict[str, Any], images: Path, path: Path) -> str:
     return str(path)
 
 
-def run_mine(*, train: Path, val: Path, out: Path, hp: dict[str, Any], augment: bool) -> dict[str, Any]:
-    from finetune_trainer import train as trainer
+def _spec(*, train: Path, val: Path, out: Path, hp: dict[str, Any], augment: bool, precision: str = "auto") -> Any:
     from finetune_trainer.config import parse_config
 
-    spec = parse_config(
+    return parse_config(
         {
             "model": {
                 "base": hp["base"],
@@ -112,12 +142,21 @@ def run_mine(*, train: Path, val: Path, out: Path, hp: dict[str, Any], augment: 
                 "fineTune": {"epochs": hp["fine_epochs"], "learningRate": hp["fine_lr"], "unfreezeLast": hp["unfreeze"]},
                 "earlyStopping": {"patience": hp["patience"], "restoreBestWeights": True},
                 "reduceLROnPlateau": {"monitor": "val_loss", "factor": 0.3, "patience": 3},
-                "mixedPrecision": "auto",
+                "mixedPrecision": precision,
                 "seed": hp["seed"],
             },
             "output": {"path": str(out)},
         }
     )
+
+
+def run_mine(
+    *, train: Path, val: Path, out: Path, hp: dict[str, Any], augment: bool, precision: str = "auto"
+) -> dict[str, Any]:
+    from finetune_trainer import train as trainer
+
+    spec = _spec(train=train, val=val, out=out, hp=hp, augment=augment, precision=precision)
+    _reset_peak_rss()
     started, cpu = time.monotonic(), time.process_time()
     result = trainer.run(spec=spec, output_dir=out, verbose=0)
     total, cpu = time.monotonic() - started, time.process_time() - cpu
@@ -129,12 +168,98 @@ def run_mine(*, train: Path, val: Path, out: Path, hp: dict[str, Any], augment: 
                 "cpu": s["cpuSeconds"],
                 "epochs": s["epochsRun"],
                 "val_accuracy": s["bestValAccuracy"],
+                "train_images_per_second": s["imagesPerSecond"],
+                "profile": s.get("profileSeconds", {}),
             }
             for name, s in stages.items()
         },
         "val_accuracy": result.summary["final"]["val_accuracy"],
+        "policy": result.summary["mixedPrecision"],
+        "decode_seconds": result.summary.get("decodeSeconds"),
         "total": total,
         "total_cpu": cpu,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _augmentation_layers(keras: Any) -> Any:
+    """The spec's default augmentation (rotation 20, zoom 0.2, shifts 0.1, flip) as keras-io would write it."""
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal"),
+            keras.layers.RandomRotation(20 / 360, fill_mode="nearest"),
+            keras.layers.RandomZoom(0.2, fill_mode="nearest"),
+            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest"),
+        ],
+        name="data_augmentation",
+    )
+
+
+def run_keras_io(*, train: Path, val: Path, out: Path, hp: dict[str, Any]) -> dict[str, Any]:
+    """keras-io's transfer-learning guide: image_dataset_from_directory, augmentation layers in the model, fit."""
+    import keras
+    import tensorflow as tf
+
+    _reset_peak_rss()
+    started, cpu = time.monotonic(), time.process_time()
+    keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy("float32")
+    keras.utils.set_random_seed(hp["seed"])
+    size = (hp["size"], hp["size"])
+    train_ds = keras.utils.image_dataset_from_directory(
+        str(train), image_size=size, batch_size=hp["batch"], seed=hp["seed"], verbose=False
+    )
+    val_ds = keras.utils.image_dataset_from_directory(
+        str(val), image_size=size, batch_size=hp["batch"], shuffle=False, verbose=False
+    )
+    num_classes = len(train_ds.class_names)
+    train_ds = train_ds.cache().prefetch(tf.data.AUTOTUNE)
+    val_ds = val_ds.cache().prefetch(tf.data.AUTOTUNE)
+    application = getattr(keras.applications, hp["base"])
+    preprocess_input = sys.modules[application.__module__].preprocess_input
+    base = application(weights=None, include_top=False, input_shape=(*size, 3), **hp["base_options"])
+    if hp["weights"] != "none":
+        base.load_weights(hp["weights"])
+    base.trainable = False
+    inputs = keras.Input(shape=(*size, 3))
+    x = _augmentation_layers(keras)(inputs)
+    x = keras.layers.Lambda(preprocess_input)(x)
+    x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(hp["units"], activation="relu")(x)
+    x = keras.layers.Dropout(hp["dropout"])(x)
+    model = keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(x))
+
+    def callbacks() -> list[Any]:
+        return [
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=hp["patience"], restore_best_weights=True),
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=3),
+        ]
+
+    phases: dict[str, dict[str, Any]] = {}
+    for phase, lr, epochs in (("head", hp["head_lr"], hp["head_epochs"]), ("fine-tune", hp["fine_lr"], hp["fine_epochs"])):
+        if phase == "fine-tune":
+            base.trainable = True
+            for layer in base.layers[: -hp["unfreeze"]]:
+                layer.trainable = False
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        t0, c0 = time.monotonic(), time.process_time()
+        history = model.fit(train_ds, epochs=epochs, validation_data=val_ds, callbacks=callbacks(), verbose=0)
+        phases[phase] = {
+            "seconds": time.monotonic() - t0,
+            "cpu": time.process_time() - c0,
+            "epochs": len(history.history["loss"]),
+            "val_accuracy": max(history.history["val_accuracy"]),
+        }
+    val_accuracy = float(model.evaluate(val_ds, verbose=0, return_dict=True)["accuracy"])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(out / "model.keras")
+    return {
+        "phases": phases,
+        "val_accuracy": val_accuracy,
+        "total": time.monotonic() - started,
+        "total_cpu": time.process_time() - cpu,
+        "peak_rss_mb": _peak_rss_mb(),
     }
 
 
@@ -143,6 +268,7 @@ def run_baseline(*, train: Path, val: Path, out: Path, hp: dict[str, Any], augme
     import keras
     from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
+    _reset_peak_rss()
     started, cpu = time.monotonic(), time.process_time()
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy("float32")
@@ -216,6 +342,96 @@ def run_baseline(*, train: Path, val: Path, out: Path, hp: dict[str, Any], augme
         "val_accuracy": val_accuracy,
         "total": time.monotonic() - started,
         "total_cpu": time.process_time() - cpu,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def profile(*, train: Path, val: Path, hp: dict[str, Any], mine_aug: dict[str, Any]) -> dict[str, Any]:
+    """One phase-1 epoch of this trainer, stage by stage, and the frozen base's pure inference ceiling.
+
+    decode: Pillow decoding and resizing of every image (once per run); augmentation: one epoch
+    of the training pipeline with the fused transform, no model; the seed's ImageDataGenerator
+    pipeline for the same epoch beside it; base forward: the frozen base and pooling over
+    those same augmented batches (predict_on_batch, in the policy `auto` picks); head step: one
+    epoch of the head alone on the pooled features. Validation, callbacks, checkpoint and
+    TensorBoard are this trainer's own per-epoch figures from the augmentation-on run above.
+    """
+    import keras
+    from finetune_trainer import data as data_lib
+    from finetune_trainer import model as model_lib
+    from finetune_trainer import train as trainer
+    from keras.src.legacy.preprocessing.image import ImageDataGenerator
+
+    spec = _spec(train=train, val=val, out=Path("/nonexistent"), hp=hp, augment=True)
+    size = (hp["size"], hp["size"])
+    t0 = time.monotonic()
+    splits = data_lib.load_splits(data=spec.data, image_size=size, seed=hp["seed"])
+    decode = time.monotonic() - t0
+    n = len(splits.train)
+    augmentation = data_lib.build_augmentation(spec=spec.data.augmentation, seed=hp["seed"])
+    ds = data_lib.make_dataset(images=splits.train, batch_size=hp["batch"], shuffle=True, seed=1, augmentation=augmentation)
+    list(ds)  # warm-up (traces the map functions)
+    t0 = time.monotonic()
+    batches = [(np.asarray(x), np.asarray(y)) for x, y in ds]
+    augment_s = time.monotonic() - t0
+
+    application = getattr(keras.applications, hp["base"])
+    generator = ImageDataGenerator(
+        preprocessing_function=sys.modules[application.__module__].preprocess_input,
+        rotation_range=20, zoom_range=0.2, width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True,
+    )
+    flow = generator.flow_from_directory(str(train), target_size=size, batch_size=hp["batch"], seed=hp["seed"])
+    t0 = time.monotonic()
+    for _ in range(len(flow)):
+        next(flow)
+    seed_pipeline_s = time.monotonic() - t0
+
+    policy = trainer.resolve_policy("auto", base=spec.model)
+    keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy(policy)
+    network = model_lib.build_network(spec=spec.model, num_classes=len(splits.class_names))
+    features = network.features
+    for x, _ in batches:  # warm-up: one trace per batch shape
+        features.predict_on_batch(x)
+    t0 = time.monotonic()
+    pooled = [np.asarray(features.predict_on_batch(x), np.float32) for x, _ in batches]
+    forward_s = time.monotonic() - t0
+    x_feat, y_feat = np.concatenate(pooled), np.concatenate([y for _, y in batches])
+    network.head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    network.head.fit(x_feat, y_feat, batch_size=hp["batch"], epochs=1, verbose=0)  # warm-up (traces)
+    t0 = time.monotonic()
+    network.head.fit(x_feat, y_feat, batch_size=hp["batch"], epochs=1, verbose=0)
+    head_s = time.monotonic() - t0
+    keras.mixed_precision.set_global_policy("float32")
+
+    head = mine_aug["phases"]["head"]
+    epochs = max(1, head["epochs"])
+    per_epoch = {k: v / epochs for k, v in head["profile"].items() if k not in ("extraction", "train")}
+    stages = {
+        "decode (once)": (decode, n + len(splits.validation)),
+        "augmentation": (augment_s, n),
+        "seed ImageDataGenerator": (seed_pipeline_s, n),
+        "base forward": (forward_s, n),
+        "head step": (head_s, n),
+        "fit train step (incl. tracing)": (head["profile"].get("train", 0.0) / epochs, n),
+        **{name: (seconds, len(splits.validation) if name == "validation" else 0) for name, seconds in per_epoch.items()},
+    }
+    print(f"\n-- one phase-1 epoch with augmentation ({n} images, policy {policy})")
+    print(f"{'stage':<28} {'seconds':>8} {'images/s':>9}")
+    for name, (seconds, images) in stages.items():
+        rate = f"{images / seconds:9.0f}" if images and seconds > 0 else f"{'':>9}"
+        print(f"{name:<28} {seconds:8.3f} {rate}")
+    inference = n / forward_s
+    share = head["train_images_per_second"] / inference if head.get("train_images_per_second") else float("nan")
+    print(
+        f"ceiling: phase-1 training {head['train_images_per_second']:.0f} images/s with augmentation on is "
+        f"{100 * share:.0f}% of the frozen base's pure inference ({inference:.0f} images/s, same batches, {policy})"
+    )
+    return {
+        "policy": policy,
+        "stages": {k: {"seconds": v[0], "images": v[1]} for k, v in stages.items()},
+        "inference_images_per_second": inference,
+        "phase1_share_of_inference": share,
     }
 
 
@@ -227,96 +443,128 @@ def _row(label: str, phase: dict[str, Any], n_train: int) -> str:
     )
 
 
-def report(*, augment: bool, mine: dict[str, Any], base: dict[str, Any], n_train: int) -> dict[str, Any]:
+def report(
+    *, augment: bool, mine: dict[str, Any], base: dict[str, Any], n_train: int, keras_io: dict[str, Any] | None = None,
+    float32: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Prints one table and returns its figures.
 
     Wall seconds are what a user waits; CPU seconds (all threads of the process) are the
     work done, and are the steadier figure on a machine shared with other jobs.
     """
-    print(f"\n-- augmentation {'on' if augment else 'off'} ({n_train} training images)")
+    print(f"\n-- augmentation {'on' if augment else 'off'} ({n_train} training images; this: {mine['policy']})")
     print(f"{'phase':<10} {'run':<9} {'wall s':>8} {'cpu s':>8} {'images/s':>9} {'epochs':>6} {'val acc':>8}")
     ratios: dict[str, float] = {}
+    others = [("baseline", base), *([("keras-io", keras_io)] if keras_io else [])]
     for phase in ("head", "fine-tune"):
         if phase not in mine["phases"]:
             continue
-        b, m = base["phases"][phase], mine["phases"][phase]
-        print(f"{phase:<10} {_row('baseline', b, n_train)}")
+        m = mine["phases"][phase]
+        for label, other in others:
+            print(f"{phase if label == 'baseline' else '':<10} {_row(label, other['phases'][phase], n_train)}")
         print(f"{'':<10} {_row('this', m, n_train)}")
+        b = base["phases"][phase]
         ratios[f"{phase}_wall"] = b["seconds"] / m["seconds"]
         ratios[f"{phase}_cpu"] = b["cpu"] / m["cpu"]
-        ratios[f"{phase}_wall_per_epoch"] = (b["seconds"] / b["epochs"]) / (m["seconds"] / m["epochs"])
-        print(
-            f"{'':<10} speed-up  {ratios[f'{phase}_wall']:.1f}x wall, {ratios[f'{phase}_cpu']:.1f}x cpu, "
-            f"{ratios[f'{phase}_wall_per_epoch']:.1f}x wall per epoch"
-        )
+        print(f"{'':<10} speed-up vs baseline {ratios[f'{phase}_wall']:.1f}x wall, {ratios[f'{phase}_cpu']:.1f}x cpu")
     ratios["end_to_end_wall"] = base["total"] / mine["total"]
     ratios["end_to_end_cpu"] = base["total_cpu"] / mine["total_cpu"]
     ratios["val_accuracy_points"] = 100 * (mine["val_accuracy"] - base["val_accuracy"])
-    print(
-        f"{'total':<10} baseline {base['total']:.1f}s wall / {base['total_cpu']:.1f}s cpu, "
-        f"this {mine['total']:.1f}s / {mine['total_cpu']:.1f}s -> {ratios['end_to_end_wall']:.1f}x wall, "
-        f"{ratios['end_to_end_cpu']:.1f}x cpu (this one also writes saved_model/, checkpoints/, tensorboard/)"
-    )
-    print(
-        f"{'val acc':<10} baseline {base['val_accuracy']:.3f}, this {mine['val_accuracy']:.3f} "
-        f"({ratios['val_accuracy_points']:+.1f} points)"
-    )
-    return {"augment": augment, "ratios": ratios, "mine": mine, "baseline": base}
+    for label, other in [*others, ("this", mine), *([("this fp32", float32)] if float32 else [])]:
+        print(
+            f"{'total' if label == 'baseline' else '':<10} {label:<9} {other['total']:8.1f} {other['total_cpu']:8.1f} "
+            f"val acc {other['val_accuracy']:.3f}  peak RSS {other.get('peak_rss_mb') or float('nan'):.0f} MB"
+        )
+    line = f"end to end: {ratios['end_to_end_wall']:.2f}x wall ({ratios['end_to_end_cpu']:.2f}x cpu) vs baseline"
+    if keras_io:
+        ratios["vs_keras_io_wall"] = keras_io["total"] / mine["total"]
+        ratios["vs_keras_io_cpu"] = keras_io["total_cpu"] / mine["total_cpu"]
+        line += f", {ratios['vs_keras_io_wall']:.2f}x wall ({ratios['vs_keras_io_cpu']:.2f}x cpu) vs keras-io"
+    if float32:
+        ratios["bf16_vs_fp32_val_accuracy_points"] = 100 * (mine["val_accuracy"] - float32["val_accuracy"])
+    print(f"{line}; val acc {ratios['val_accuracy_points']:+.1f} points vs baseline (this one also writes "
+          "saved_model/, checkpoints/, tensorboard/)")
+    return {"augment": augment, "ratios": ratios, "mine": mine, "baseline": base, "keras_io": keras_io, "float32": float32}
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bench_trainer", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in about a minute")
-    parser.add_argument("--base", default="VGG16")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--alpha", type=float, help="MobileNet width multiplier (baseOptions.alpha)")
-    parser.add_argument("--per-class", type=int, default=60, help="training images per class (validation: a quarter)")
-    parser.add_argument("--classes", type=int, default=3)
-    parser.add_argument("--head-epochs", type=int, default=20, help="the spec's default")
-    parser.add_argument("--fine-epochs", type=int, default=5)
-    parser.add_argument("--only", choices=("on", "off"), help="run only augmentation on or off")
-    parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.size, args.per_class, args.head_epochs, args.fine_epochs = 32, 24, 4, 1
+def bench_model(*, name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    model = MODELS[name]
     hp = {
-        "base": args.base,
-        "base_options": {"alpha": args.alpha} if args.alpha else {},
+        "base": model["base"],
+        "base_options": {"alpha": model["alpha"]} if model["alpha"] else {},
         "weights": "none",
-        "size": args.size,
+        "size": model["size"],
         "units": 256,
         "dropout": 0.5,
         "batch": 32,
         "head_epochs": args.head_epochs,
-        "head_lr": 1e-3 if args.base != "VGG16" else 1e-2,  # random VGG16 features are small: a bolder head rate
+        "head_lr": 1e-3 if model["base"] != "VGG16" else 1e-2,  # random VGG16 features are small: a bolder head rate
         "fine_epochs": args.fine_epochs,
         "fine_lr": 1e-5,
         "unfreeze": 4,
         "patience": 5,
         "seed": 1234,
     }
+    per_class = args.per_class or model["per_class"]
+    folder = root / name
+    train = generate(folder / "train", classes=args.classes, per_class=per_class, size=hp["size"], seed=1)
+    val = generate(folder / "val", classes=args.classes, per_class=max(2, per_class // 4), size=hp["size"], seed=2)
+    n_train = args.classes * per_class
+    hp["weights"] = calibrated_weights(hp=hp, images=train, path=folder / "base.weights.h5")
+    print(
+        f"\n== {name}: {hp['base']}{hp['base_options'] or ''} weights={'calibrated' if hp['weights'] != 'none' else 'none'} "
+        f"at {hp['size']}x{hp['size']}, {args.classes} classes, {n_train} train / "
+        f"{args.classes * max(2, per_class // 4)} val images, batch {hp['batch']}, epochs {hp['head_epochs']}+{hp['fine_epochs']}",
+        flush=True,
+    )
+    results: dict[str, Any] = {"model": name, "hp": hp}
+    for augment in (True, False):
+        if args.only and (args.only == "on") != augment:
+            continue
+        tag = "aug" if augment else "noaug"
+        # Interleaved: baseline, this, (keras-io), so that a load change hits every contender.
+        base = run_baseline(train=train, val=val, out=folder / f"baseline-{tag}", hp=hp, augment=augment)
+        mine = run_mine(train=train, val=val, out=folder / f"mine-{tag}", hp=hp, augment=augment)
+        keras_io = run_keras_io(train=train, val=val, out=folder / "keras-io", hp=hp) if augment else None
+        float32 = None
+        if not augment and mine["policy"] != "float32":  # does bfloat16 learn what float32 learns?
+            float32 = run_mine(train=train, val=val, out=folder / "mine-fp32", hp=hp, augment=False, precision="off")
+        results[tag] = report(augment=augment, mine=mine, base=base, n_train=n_train, keras_io=keras_io, float32=float32)
+        if augment:
+            results["profile"] = profile(train=train, val=val, hp=hp, mine_aug=mine)
+    return results
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench_trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of one model")
+    parser.add_argument("--model", action="append", choices=sorted(MODELS), help="repeatable; default: all three")
+    parser.add_argument("--per-class", type=int, help="training images per class (validation: a quarter); default: per model, 16 to 40")
+    parser.add_argument("--classes", type=int, default=3)
+    parser.add_argument("--head-epochs", type=int, default=4)
+    parser.add_argument("--fine-epochs", type=int, default=2)
+    parser.add_argument("--only", choices=("on", "off"), help="run only augmentation on or off")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model = args.model or ["mobilenet32"]
+        args.per_class, args.head_epochs, args.fine_epochs = 12, 2, 1
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
-        root = Path(tmp)
-        train = generate(root / "train", classes=args.classes, per_class=args.per_class, size=args.size, seed=1)
-        val = generate(root / "val", classes=args.classes, per_class=max(2, args.per_class // 4), size=args.size, seed=2)
-        n_train = args.classes * args.per_class
-        hp["weights"] = calibrated_weights(hp=hp, images=train, path=root / "base.weights.h5")
+        for name in args.model or ["mobilenet32", "mobilenet96", "vgg64"]:
+            results.append(bench_model(name=name, args=args, root=Path(tmp)))
+    print("\n-- summary (wall-clock ratios from this command; on a shared machine, compare ratios, not seconds)")
+    print(f"{'model':<12} {'aug on vs seed':>14} {'aug off vs seed':>15} {'vs keras-io':>11} {'ph1 / infer':>11} {'val acc pts':>11}")
+    for r in results:
+        on, off = r.get("aug", {}).get("ratios", {}), r.get("noaug", {}).get("ratios", {})
+        share = r.get("profile", {}).get("phase1_share_of_inference", float("nan"))
         print(
-            f"bench trainer: {hp['base']}{hp['base_options'] or ''} weights={'calibrated' if hp['weights'] != 'none' else 'none'} at {args.size}x{args.size}, {args.classes} classes, "
-            f"{n_train} train / {args.classes * max(2, args.per_class // 4)} val images, batch {hp['batch']}, "
-            f"epochs {hp['head_epochs']}+{hp['fine_epochs']}",
-            flush=True,
+            f"{r['model']:<12} {on.get('end_to_end_wall', float('nan')):>13.2f}x {off.get('end_to_end_wall', float('nan')):>14.2f}x "
+            f"{on.get('vs_keras_io_wall', float('nan')):>10.2f}x {100 * share:>10.0f}% "
+            f"{on.get('val_accuracy_points', float('nan')):>+5.1f}/{off.get('val_accuracy_points', float('nan')):>+5.1f}"
         )
-        for augment in (True, False):
-            if args.only and (args.only == "on") != augment:
-                continue
-            tag = "aug" if augment else "noaug"
-            base = run_baseline(train=train, val=val, out=root / f"baseline-{tag}", hp=hp, augment=augment)
-            mine = run_mine(train=train, val=val, out=root / f"mine-{tag}", hp=hp, augment=augment)
-            results.append(report(augment=augment, mine=mine, base=base, n_train=n_train))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return 0
 
 
