@@ -613,6 +613,10 @@ def derive(
         elif job.queue_name is not None:
             held = kueue_wait(workload=workload, queue=job.queue_name, installed=kueue_installed)
             phase, reason, message = "Pending", held.reason, held.message
+            last = previous.get("reason")
+            if reason in WAITING_REASONS and prev_phase == "Pending" and last and last not in WAITING_REASONS:
+                # Evicted, now queued or admitted again: the reason stays (Preempted) until it runs again.
+                reason = str(last)
         else:
             phase, reason, message = "Pending", "Queued", "the batch Job is suspended (e.g. waiting for admission by Kueue)"
     else:

@@ -217,8 +217,13 @@ def test_preemption_is_pending_preempted_with_an_event_then_running_again_with_r
         cond("Evicted", "False", "QuotaReserved", "Previously: Preempted to accommodate a higher priority Workload"),
         cond("Preempted", "False", "QuotaReserved", f"Previously: {PREEMPTED_BY}"),
     )
+    # Kueue reserves quota and admits before it unsuspends the Job: still Preempted until a pod runs.
+    readmitted = derive(kueue_job(suspend=True), admitted, pods=[preempted_pod()], previous=again.status,
+                        counted=frozenset({"uid-p1"}))  # fmt: skip
+    assert (readmitted.status["phase"], readmitted.status["reason"]) == ("Pending", "Preempted")
+    assert "admitted by Kueue" in readmitted.status["message"] and readmitted.events == ()
     back = derive(kueue_job(suspend=False, active=1), admitted, pods=[preempted_pod(), running_pod("p2")],
-                  previous=again.status, counted=frozenset({"uid-p1"}))  # fmt: skip
+                  previous=readmitted.status, counted=frozenset({"uid-p1"}))  # fmt: skip
     assert (back.status["phase"], back.status["reason"], back.status["attempts"]) == ("Running", "Training", 2)
     assert [e.reason for e in back.events] == ["Resumed"]
     assert "after Preempted" in back.events[0].message
