@@ -28,8 +28,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from finetune_trainer import errors, report, train
-from finetune_trainer.config import ConfigError, TrainerSpec, load_config
+from finetune_trainer import distribute, errors, report, train
+from finetune_trainer.config import ConfigError, TrainerSpec, load_config, load_runtime
 from finetune_trainer.observer import TrainingObserver
 from finetune_trainer.protocol import ENV_PROGRESS_URL, TerminationSummary
 
@@ -97,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         spec: TrainerSpec = load_config(path=args.config)
+        runtime = load_runtime(path=args.config)  # workers, gpus: the distribution strategy
     except ConfigError as exc:
         return _finish(code=errors.EXIT_INVALID_SPEC, reason=errors.InvalidSpecError.reason, message=str(exc))
     output = args.output or spec.output.path
@@ -110,18 +111,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:  # not the main thread (tests calling main in a thread)
         previous = None
     try:
-        return _train(spec=spec, output=output, progress_url=args.progress_url, handler=handler)
+        return _train(spec=spec, output=output, progress_url=args.progress_url, handler=handler, runtime=runtime)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _train(*, spec: TrainerSpec, output: str, progress_url: str | None, handler: _Handler) -> int:
+def _train(*, spec: TrainerSpec, output: str, progress_url: str | None, handler: _Handler,
+           runtime: dict[str, Any] | None = None) -> int:
     """Runs training under the armed handler; disarms it before the summary is written."""
     try:
         try:
             observers = _build_observers(progress_url or os.environ.get(ENV_PROGRESS_URL) or None)
-            result = train.run(spec=spec, output_dir=output, observers=observers)
+            distribution = distribute.plan(runtime=runtime, env=os.environ)
+            result = train.run(spec=spec, output_dir=output, observers=observers, distribution=distribution)
         finally:
             handler.armed = False
     except errors.TrainerError as exc:

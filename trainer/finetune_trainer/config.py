@@ -34,6 +34,7 @@ __all__ = [
     "TrainingSpec",
     "format_validation_error",
     "load_config",
+    "load_runtime",
     "parse_config",
 ]
 
@@ -345,9 +346,8 @@ def _json_or_none(text: str) -> Any:
         return None
 
 
-def load_config(*, path: str | Path) -> TrainerSpec:
-    """Reads and validates a FineTuneJob manifest file, YAML or JSON."""
-    file = Path(path)
+def _read_document(file: Path) -> Any:
+    """The parsed manifest file, YAML or JSON."""
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
@@ -360,4 +360,21 @@ def load_config(*, path: str | Path) -> TrainerSpec:
             document = yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{file}: not valid YAML or JSON: {str(exc).splitlines()[0]}") from exc
-    return parse_config(document, source=str(file))
+    return document
+
+
+def load_config(*, path: str | Path) -> TrainerSpec:
+    """Reads and validates a FineTuneJob manifest file, YAML or JSON."""
+    file = Path(path)
+    return parse_config(_read_document(file), source=str(file))
+
+
+def load_runtime(*, path: str | Path) -> dict[str, Any]:
+    """The manifest's spec.runtime mapping ({} when absent), for choosing a distribution strategy.
+
+    The operator validates runtime; the trainer reads only its gpus and workers
+    (finetune_trainer.distribute.plan checks their types).
+    """
+    file = Path(path)
+    runtime = _spec_of(_read_document(file), source=str(file)).get("runtime")
+    return dict(runtime) if isinstance(runtime, dict) else {}
