@@ -113,7 +113,7 @@ class Operator:
         self.jobs: Any = None
         self.pods: Any = None
         self.workloads: Any = None
-        self.kueue_installed = True  # whether the cluster serves Kueue's Workload API (looked up at startup)
+        self.kueue_installed: bool | None = None  # whether the cluster serves Kueue's Workload API (looked up once)
         self._active_sent: dict[str, bool] = {}  # FineTuneJob uid -> spec.active last written to its Workload
         self._running: set[Key] = set()
         self._dirty: set[Key] = set()
@@ -278,6 +278,8 @@ class Operator:
 
         suspend = ftj.suspend
         kueue = job.queue_name is not None  # Kueue's Job: its spec.suspend and pod template are never written
+        if kueue and self.kueue_installed is None:
+            await self._look_for_kueue()
         workload = self._workload(key, job.uid) if kueue else None
         finished = "Complete" in job.conditions or "Failed" in job.conditions
         if not finished and kueue:
@@ -302,7 +304,7 @@ class Operator:
             pending_timeout_s=self.config.pending_timeout_s,
             creation_failure=creation_failure,
             workload=workload,
-            kueue_installed=self.kueue_installed,
+            kueue_installed=self.kueue_installed is not False,
         )
         wait = self._coalesce_wait(ftj.uid, outcome, previous)
         if wait > 0:
@@ -328,6 +330,21 @@ class Operator:
             if waiting or not pods:
                 self.enqueue(key, delay=self.config.pending_timeout_s + 1.0)
 
+    async def _look_for_kueue(self) -> None:
+        """Whether the cluster serves Kueue's Workload API, looked up (API discovery) for the first Kueue job.
+
+        Kopf resolves the Workload watch once, at start: a Kueue installed later needs a restart.
+        """
+        try:
+            self.kueue_installed = await self.actions.kueue_served()
+        except Exception as exc:  # only a status message depends on it: looked up again next time
+            logger.warning("could not look up Kueue's Workload API: %s", exc)
+            return
+        if not self.kueue_installed:
+            logger.warning(
+                "Kueue's Workload API (kueue.x-k8s.io/v1beta1) is not served: jobs with a queue label stay queued"
+            )
+
     async def _kueue_activate(
         self, key: Key, ftj: FtjView, workload: status.WorkloadView | None, *, active: bool
     ) -> None:
@@ -339,7 +356,7 @@ class Operator:
         for a suspend, after a few seconds at the latest).
         """
         if workload is None:
-            if not active and self.kueue_installed:
+            if not active and self.kueue_installed is not False:
                 self.enqueue(key, delay=5.0)
             return
         if workload.active == active:
@@ -610,12 +627,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         resolve=STATE.actions.resolve_job,
     )
     port = await hub.start(host=STATE.config.progress_host, port=STATE.config.progress_port)
-    try:
-        STATE.kueue_installed = await STATE.actions.kueue_served()
-    except Exception as exc:  # only a status message depends on it
-        logger.warning("could not look up Kueue's Workload API: %s", exc)
-    if not STATE.kueue_installed:
-        logger.info("Kueue's Workload API (kueue.x-k8s.io/v1beta1) is not served: jobs with a queue label stay queued")
+
     STATE.hub = hub
     metrics_port = metrics.start_metrics_server(host=STATE.config.metrics_host, port=STATE.config.metrics_port)
     logger.info(

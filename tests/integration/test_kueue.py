@@ -12,7 +12,10 @@ The operator runs as its ServiceAccount under deploy/base/rbac.yaml, in a restri
   resuming activates it again; the job Succeeds; the audit log shows no write of
   `spec.suspend` to a Kueue-managed Job by the operator;
 - a LocalQueue that does not exist: Pending/Queued with Kueue's "LocalQueue ... doesn't
-  exist", no pod, no reconcile error, the operator alive.
+  exist", no pod, no reconcile error, the operator alive;
+- on a control plane of its own without Kueue (FTO_KUEUE=0, no Kueue CRDs) the operator starts,
+  runs a plain job to Succeeded, and a job with a queue label waits with a message that says
+  Kueue's Workload API is not served: no crash loop.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import pytest
 import yaml
 from e2e.e2e_helpers import write_images
 from fixtures import jobs
-from fixtures.cluster import Cluster, ServiceAccountKubeconfig, wait_for
-from fixtures.jobs import operator_in_namespace, restricted_namespace
+from fixtures.cluster import Cluster, ServiceAccountKubeconfig, private_cluster, wait_for
+from fixtures.jobs import fake_trainer_operator, mint_kubeconfig, operator_in_namespace, restricted_namespace
 from fixtures.kueue import (
     PRIORITY_LABEL,
     QUEUE_LABEL,
@@ -357,3 +360,28 @@ def test_high_priority_preempts_low_which_resumes_from_its_checkpoint(
         assert 0 <= reached - fine["resumedFromEpoch"] <= 1  # at most one epoch trained twice
     finally:
         jobs.delete_namespace(cluster, namespace)
+
+
+def test_without_kueue_the_operator_runs_plain_jobs_and_says_why_a_queued_one_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FTO_KUEUE", "0")
+    monkeypatch.setenv("FTO_JOBSET", "0")
+    with private_cluster(cluster_dir=tmp_path / "cluster") as bare:
+        assert bare.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/workloads.kueue.x-k8s.io") is None
+        install_crd_and_rbac(bare)
+        namespace = restricted_namespace(bare, prefix="ftj-nokueue")
+        operator = fake_trainer_operator(kubeconfig=mint_kubeconfig(bare, path=tmp_path / "kubeconfig"),
+                                         namespace=namespace, log=tmp_path / "operator.log", pending_timeout=60)  # fmt: skip
+        env = Env(cluster=bare, namespace=namespace, operator=operator)
+        with operator:
+            env.apply(jobs.ftj("plain", output="/tmp/out-plain", env={"FAKE_SLEEP": "0"}))
+            env.apply(fake("queued", queue="team-a", sleep=0))
+            assert env.wait_phase("plain", "Succeeded")["attempts"] == 1
+            shown = wait_for(lambda: (s := env.status("queued")).get("reason") == "Queued" and s, timeout=WAIT,
+                             message="queued: Queued")  # fmt: skip
+            assert "Workload API (kueue.x-k8s.io/v1beta1) is not served" in shown["message"], shown
+            assert (env.job("queued") or {})["spec"]["suspend"] is True
+            assert operator.alive() and operator.metric("finetune_reconcile_errors_total") == 0
+        log = operator.log.read_text()
+        assert "Traceback" not in log, log[-3000:]
