@@ -10,7 +10,7 @@ import importlib
 import sys
 from pathlib import Path
 
-SECTIONS = ("trainer", "operator", "progress")
+SECTIONS = ("trainer", "operator", "progress", "distribute")
 
 
 def main(argv: list[str]) -> int:
