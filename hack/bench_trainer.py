@@ -8,7 +8,8 @@ alpha 0.35 at 32x32 and 96x96, VGG16 at 64x64), runs interleaved in one process:
     learning rate; both phases with EarlyStopping and ReduceLROnPlateau;
 (b) the keras-io transfer-learning recipe: `image_dataset_from_directory`, the augmentation
     as preprocessing layers inside the model, `model.fit` (augmentation on only);
-(c) `finetune_trainer.train.run` with `mixedPrecision: auto`.
+(c) `finetune_trainer.train.run` with `mixedPrecision: auto` (and, augmentation off, once more
+    with mixed_bfloat16 where the CPU has native bfloat16).
 It prints per phase wall and CPU seconds, images/s, epochs, val accuracy, peak RSS and the
 ratios, once with augmentation on and once off, then a profile of one phase-1 epoch of (c)
 (decode, augmentation, base forward, head step, validation, callbacks, checkpoint,
@@ -386,7 +387,7 @@ def profile(*, train: Path, val: Path, hp: dict[str, Any], mine_aug: dict[str, A
         next(flow)
     seed_pipeline_s = time.monotonic() - t0
 
-    policy = trainer.resolve_policy("auto", base=spec.model)
+    policy = trainer.resolve_policy("auto")
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy(policy)
     network = model_lib.build_network(spec=spec.model, num_classes=len(splits.class_names))
@@ -470,7 +471,7 @@ def report(
     ratios["end_to_end_wall"] = base["total"] / mine["total"]
     ratios["end_to_end_cpu"] = base["total_cpu"] / mine["total_cpu"]
     ratios["val_accuracy_points"] = 100 * (mine["val_accuracy"] - base["val_accuracy"])
-    for label, other in [*others, ("this", mine), *([("this fp32", float32)] if float32 else [])]:
+    for label, other in [*others, ("this", mine), *([("this bf16", float32)] if float32 else [])]:
         print(
             f"{'total' if label == 'baseline' else '':<10} {label:<9} {other['total']:8.1f} {other['total_cpu']:8.1f} "
             f"val acc {other['val_accuracy']:.3f}  peak RSS {other.get('peak_rss_mb') or float('nan'):.0f} MB"
@@ -481,13 +482,16 @@ def report(
         ratios["vs_keras_io_cpu"] = keras_io["total_cpu"] / mine["total_cpu"]
         line += f", {ratios['vs_keras_io_wall']:.2f}x wall ({ratios['vs_keras_io_cpu']:.2f}x cpu) vs keras-io"
     if float32:
-        ratios["bf16_vs_fp32_val_accuracy_points"] = 100 * (mine["val_accuracy"] - float32["val_accuracy"])
+        ratios["bf16_vs_fp32_val_accuracy_points"] = 100 * (float32["val_accuracy"] - mine["val_accuracy"])
+        ratios["bf16_vs_fp32_wall"] = mine["total"] / float32["total"]
     print(f"{line}; val acc {ratios['val_accuracy_points']:+.1f} points vs baseline (this one also writes "
           "saved_model/, checkpoints/, tensorboard/)")
     return {"augment": augment, "ratios": ratios, "mine": mine, "baseline": base, "keras_io": keras_io, "float32": float32}
 
 
 def bench_model(*, name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    from finetune_trainer.train import cpu_has_bf16
+
     model = MODELS[name]
     hp = {
         "base": model["base"],
@@ -527,8 +531,10 @@ def bench_model(*, name: str, args: argparse.Namespace, root: Path) -> dict[str,
         mine = run_mine(train=train, val=val, out=folder / f"mine-{tag}", hp=hp, augment=augment)
         keras_io = run_keras_io(train=train, val=val, out=folder / "keras-io", hp=hp) if augment else None
         float32 = None
-        if not augment and mine["policy"] != "float32":  # does bfloat16 learn what float32 learns?
-            float32 = run_mine(train=train, val=val, out=folder / "mine-fp32", hp=hp, augment=False, precision="off")
+        if not augment and cpu_has_bf16():  # what explicit mixed_bfloat16 gains, and whether it learns the same
+            float32 = run_mine(
+                train=train, val=val, out=folder / "mine-bf16", hp=hp, augment=False, precision="mixed_bfloat16"
+            )
         results[tag] = report(augment=augment, mine=mine, base=base, n_train=n_train, keras_io=keras_io, float32=float32)
         if augment:
             results["profile"] = profile(train=train, val=val, hp=hp, mine_aug=mine)

@@ -266,10 +266,7 @@ class TrainingSpec(SpecModel):
     )
     mixed_precision: Literal["auto", "off", "mixed_float16", "mixed_bfloat16"] = Field(
         default="auto",
-        description=(
-            "Keras mixed-precision policy; auto means mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native "
-            "bfloat16 (avx512_bf16, amx_bf16) unless the base uses depthwise convolutions, float32 otherwise."
-        ),
+        description="Keras mixed-precision policy; auto means mixed_float16 on a GPU and off on a CPU.",
     )
     seed: int = Field(default=1234, ge=0, le=2**32 - 1, description="Random seed for shuffling, splitting and initialisation.")
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from finetune_trainer import distribute
 from finetune_trainer.config import ModelSpec
 from finetune_trainer.errors import InvalidSpecError
 
@@ -33,7 +32,6 @@ __all__ = [
     "build_network",
     "fine_tune_layers",
     "freeze_base",
-    "has_depthwise",
     "preprocessing_layer",
     "split_below_trainable",
     "unfreeze_last",
@@ -147,30 +145,6 @@ def build_base(*, spec: ModelSpec) -> Any:
                 f"(inputShape {list(spec.input_shape)}, baseOptions {spec.base_options}): {_first_line(exc)}"
             ) from exc
     return base
-
-
-def has_depthwise(*, spec: ModelSpec) -> bool:
-    """Whether the base is built from depthwise (or separable) convolutions; False if it cannot be built.
-
-    Builds the architecture alone (no weights) under float32 and throws it away.
-    """
-    import keras
-
-    policy = keras.mixed_precision.global_policy()
-    try:
-        keras.mixed_precision.set_global_policy("float32")
-        base = application(name=spec.base)(
-            include_top=False, weights=None, input_shape=tuple(spec.input_shape), **spec.base_options
-        )
-    except Exception:  # build_base reports the problem properly later
-        return False
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
-    kinds = (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
-    found = any(isinstance(layer, kinds) for layer in base._flatten_layers(include_self=False))
-    del base
-    distribute.clear_session()  # keeps a strategy's scope
-    return found
 
 
 def build_network(*, spec: ModelSpec, num_classes: int) -> Network:

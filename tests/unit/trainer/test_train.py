@@ -199,6 +199,7 @@ def test_augmented_run_with_split_and_no_phase_two(image_sets: dict[str, Path], 
     rates = head["imagesPerSecondByPart"]
     assert rates["train"] == head["imagesPerSecond"] > 0 and rates["validation"] > 0 and rates["extraction"] > 0
     assert metrics["mixedPrecision"] == "float32" and metrics["mixedPrecisionSetting"] == "off"
+    assert isinstance(metrics["cpuNativeBfloat16"], bool)
     assert metrics["decodeImagesPerSecond"] > 0 and metrics["cpus"] >= 1
 
 
@@ -222,9 +223,8 @@ def test_fast_path_is_the_same_math(image_sets: dict[str, Path]) -> None:
     np.testing.assert_allclose(losses["features"], losses["full"], rtol=1e-4)
 
 
-def test_auto_mixed_precision_on_cpu_is_bfloat16_where_native_and_it_pays(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_auto_mixed_precision_is_off_on_cpu_and_native_bf16_is_detected(tmp_path: Path) -> None:
+    assert train.resolve_policy("auto") == "float32"  # bf16 learned worse in make bench: explicit only
     assert train.resolve_policy("off") == "float32"
     assert train.resolve_policy("mixed_bfloat16") == "mixed_bfloat16"
     amx = tmp_path / "amx"
@@ -235,13 +235,6 @@ def test_auto_mixed_precision_on_cpu_is_bfloat16_where_native_and_it_pays(
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
     assert train.cpu_has_bf16(amx) and train.cpu_has_bf16(arm) and not train.cpu_has_bf16(plain)
     assert not train.cpu_has_bf16(tmp_path / "missing")
-    vgg = ModelSpec(base="VGG16", weights="none", input_shape=SHAPE)
-    mobile = ModelSpec(base="MobileNetV2", weights="none", input_shape=SHAPE, base_options={"alpha": 0.35})
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
-    assert train.resolve_policy("auto", base=vgg) == "mixed_bfloat16"
-    assert train.resolve_policy("auto", base=mobile) == "float32"  # depthwise convolutions: slower in bf16
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
-    assert train.resolve_policy("auto", base=vgg) == "float32"
 
 
 class _Interrupted(Exception):
