@@ -151,7 +151,9 @@ def test_cluster_down_stops_the_operator_the_demo_started(
         encoding="utf-8",
     )
     ports = {name: demo.operator_proc.free_port() for name in ("progress", "metrics", "health")}
-    process = demo.start_operator(kubeconfig=kubeconfig, ports=ports, log=cluster_dir / "logs" / "demo-operator.log")
+    process = demo.start_operator(
+        kubeconfig=kubeconfig, ports=ports, log=cluster_dir / "logs" / "demo-operator.log", pods="process"
+    )
     try:
         pidfile = cluster_dir / "pids" / "attached" / "demo-operator.pid"
         assert pidfile.read_text(encoding="utf-8").split() == [str(process.pid), "finetune_operator"]
