@@ -13,7 +13,9 @@ that fits to it, and runs each container's command as a local process:
   its lifetime as the kubelet does), the termination-message path a per-pod file, `readOnly`
   honoured;
 - logging to .cluster/logs/<ns>_<pod>_<container>.log;
-- pod IP 127.0.0.1 (pods share the machine's network, as with hostNetwork).
+- pod IP 127.0.0.1 (pods share the machine's network, as with hostNetwork); or, with
+  `--pod-network=netns` (FTO_POD_NETWORK=netns in hack/cluster.py), a network namespace per
+  pod on a bridge, its own address, hostname and /etc/hosts: see hack/podnet.py.
 
 Status is written like a kubelet's: Running with startedAt, then Succeeded/Failed with the
 exit code, reason and termination message (FallbackToLogsOnError honoured). A deleted pod's
@@ -66,6 +68,7 @@ from typing import Any
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by file path (tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+import podnet  # hack/podnet.py: FTO_POD_NETWORK=netns
 import podrunner_container as containers  # hack/podrunner_container.py, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -529,6 +532,7 @@ class PodRun:
     mounts: dict[str, list[Obj]] = field(default_factory=dict)
     last_written: str = ""
     tokens: list[tuple[Path, Obj, float]] = field(default_factory=list)  # file, source, monotonic renew time
+    address: podnet.PodAddress | None = None  # --pod-network=netns
 
     @property
     def namespace(self) -> str:
@@ -560,8 +564,10 @@ class PodRunner:
         kubelet_port: int,
         bind: bool = True,
         pods: str = "process",
+        network: str = "host",
     ) -> None:
         self.api = api
+        self.net = podnet.PodNetwork(cluster_dir=cluster_dir) if network == "netns" and simulate is None else None
         self.podman = containers.Podman(cluster_dir=cluster_dir) if pods == "container" else None
         self.runtime_version = f"podman://{self.podman.version()}" if self.podman is not None else "local://1"
         self.kubelet_port = kubelet_port
@@ -595,6 +601,8 @@ class PodRunner:
         (self.dir / "pods").mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.dir / "pids" / "pods").mkdir(parents=True, exist_ok=True)
+        if self.net is not None:
+            self.net.setup()
 
     # -- node --
 
@@ -941,6 +949,14 @@ class PodRunner:
         out.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
         return out
 
+    def host_ip(self) -> str:
+        """Where pods reach this machine: loopback (host network) or the bridge (netns)."""
+        return self.net.gateway if self.net is not None else "127.0.0.1"
+
+    def pod_ip(self, uid: str) -> str:
+        address = self.net.pods.get(uid) if self.net is not None else None
+        return address.ip if address is not None else "127.0.0.1"
+
     def field_value(self, pod: Obj, path: str) -> str:
         meta = pod["metadata"]
         simple = {
@@ -949,10 +965,10 @@ class PodRunner:
             "metadata.uid": meta["uid"],
             "spec.nodeName": self.node,
             "spec.serviceAccountName": pod["spec"].get("serviceAccountName", "default"),
-            "status.hostIP": "127.0.0.1",
-            "status.hostIPs": "127.0.0.1",
-            "status.podIP": "127.0.0.1",
-            "status.podIPs": "127.0.0.1",
+            "status.hostIP": self.host_ip(),
+            "status.hostIPs": self.host_ip(),
+            "status.podIP": self.pod_ip(meta["uid"]),
+            "status.podIPs": self.pod_ip(meta["uid"]),
         }
         if path in simple:
             return str(simple[path])
@@ -991,7 +1007,7 @@ class PodRunner:
                 "HOSTNAME": pod["metadata"]["name"],
             })  # fmt: skip
         env.update({
-            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_HOST": self.host_ip(),
             "KUBERNETES_SERVICE_PORT": str(self.api_port),
             "KUBERNETES_SERVICE_PORT_HTTPS": str(self.api_port),
         })  # fmt: skip
@@ -1186,6 +1202,11 @@ class PodRunner:
         sources: dict[str, tuple[Path, bool]] = {}
         for vol in run.pod["spec"].get("volumes") or []:
             sources[vol["name"]] = self.volume_source(run, vol)
+        if self.net is not None and run.address is None:
+            try:
+                run.address = self.net.attach(pod=run.pod)
+            except podnet.NetworkError as err:
+                raise ConfigError(f"pod network: {err}") from err
         for c in run.init + run.main:
             c.dir.mkdir(parents=True, exist_ok=True)
             mounts: list[Obj] = []
@@ -1204,8 +1225,14 @@ class PodRunner:
             os.chmod(term, 0o666)  # the kubelet's mode: any uid in the container writes it
             target = c.spec.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH
             mounts.append({"source": str(term), "target": target, "readOnly": False})
+            if run.address is not None:
+                mounts.append({"source": str(self.net_hosts(run)), "target": "/etc/hosts", "readOnly": True})
             run.mounts[c.name] = mounts
         run.prepared = True
+
+    def net_hosts(self, run: PodRun) -> Path:
+        assert self.net is not None
+        return self.net.hosts_path(run.uid)
 
     # -- real mode: running --
 
@@ -1252,8 +1279,11 @@ class PodRunner:
         os.chmod(spec_path, 0o600)
         mode = "ab" if c.restart_count else "wb"
         with open(c.log_path, mode) as logf:
+            prefix = [] if run.address is None or self.net is None else self.net.exec_prefix(
+                uid=run.uid, hostname=podnet.pod_hostname(pod=run.pod)
+            )
             c.proc = subprocess.Popen(
-                [sys.executable, "-I", str(EXEC_HELPER), str(spec_path)],
+                [*prefix, sys.executable, "-I", str(EXEC_HELPER), str(spec_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
@@ -1292,6 +1322,7 @@ class PodRunner:
                 podman=self.podman.binary, name=name, image=image, pod=run.pod, container=c.spec, info=info,
                 env=env, mounts=run.mounts[c.name], cidfile=cidfile, conmon_pidfile=conmon_pidfile,
                 seccomp_dir=self.podman.seccomp_dir, cluster_label=self.podman.cluster_label, expand=expand_vars,
+                network=f"ns:/run/netns/{run.address.netns}" if run.address is not None else "host",
             )  # fmt: skip
         except (ConfigError, containers.ContainerConfigError) as err:
             c.waiting = ("CreateContainerConfigError", str(err))
@@ -1526,6 +1557,8 @@ class PodRunner:
         self.done.add(run.uid)
         log.info("finished %s: %s", pod_key(run.pod), self.phase(run))
         shutil.rmtree(run.dir / "volumes", ignore_errors=True)
+        if self.net is not None:
+            self.net.detach(uid=run.uid)
 
     def fail_orphan(self, pod: Obj) -> None:
         """A pod this node ran before the pod runner restarted: its processes are gone."""
@@ -1648,11 +1681,17 @@ class PodRunner:
             initialized=run.stage != "init",
             completed=phase in ("Succeeded", "Failed"),
         )
+        if self.net is not None:  # netns: no podIP until the pod has its address (lists merge by ip)
+            status["hostIP"], status["hostIPs"] = self.host_ip(), [{"ip": self.host_ip()}]
+            del status["podIP"], status["podIPs"]
+            if run.address is not None:
+                status["podIP"], status["podIPs"] = run.address.ip, [{"ip": run.address.ip}]
         status["containerStatuses"] = [self.container_status(c, uid=run.uid) for c in run.main]
         if run.init:
             status["initContainerStatuses"] = [self.container_status(c, uid=run.uid) for c in run.init]
         fingerprint = json.dumps(
-            [phase, ready, [(s["state"], s["restartCount"], s.get("containerID")) for s in status["containerStatuses"]],
+            [phase, ready, status.get("podIP"),
+             [(s["state"], s["restartCount"], s.get("containerID")) for s in status["containerStatuses"]],
              status.get("initContainerStatuses")],
             sort_keys=True,
         )
@@ -1689,6 +1728,8 @@ class PodRunner:
             self.forget_pid(run, c)
         if self.podman is not None:
             self.podman.wait_background(timeout=10.0)
+        if self.net is not None:
+            self.net.shutdown()
         self.writers.stop(timeout=5.0)
         log.info("stopped")
 
@@ -1713,6 +1754,10 @@ def main(argv: list[str] | None = None) -> int:
         "--pods", choices=["process", "container"], default="process",
         help="run containers as local processes (fast) or from their images with podman + runc",
     )
+    parser.add_argument(
+        "--pod-network", choices=["host", "netns"], default="host",
+        help="share the machine's network (default) or give each pod a network namespace on a bridge (hack/podnet.py)",
+    )
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--cpu", default="16", help="advertised CPU capacity (pods are not limited)")
     parser.add_argument("--memory", default="64Gi", help="advertised memory capacity")
@@ -1736,6 +1781,7 @@ def main(argv: list[str] | None = None) -> int:
         kubelet_port=args.kubelet_port,
         bind=not args.no_bind,
         pods=args.pods,
+        network=args.pod_network,
     )
     if args.tls_dir is not None:
         LogServer(

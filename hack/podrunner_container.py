@@ -20,7 +20,9 @@ kubelet with a CRI runtime does, as far as this machine allows:
   allowPrivilegeEscalation: false -> no-new-privileges, seccomp RuntimeDefault -> podman's
   default profile, Unconfined (or no profile at all: the kubelet's default) -> unconfined,
   Localhost -> <cluster>/seccomp/<profile>.
-- host network (pods share the machine's loopback, as in process mode), hostname = the pod's;
+- host network (pods share the machine's loopback, as in process mode), or with
+  `--pod-network=netns` the pod's own namespace (`--network ns:/run/netns/<ns>`, hack/podnet.py);
+  hostname = the pod's;
   every volume a bind mount at its mountPath, read-only where asked; the termination message
   a bind-mounted file (mode 0666, as the kubelet makes it) read after exit.
 - stdout and stderr go straight to the container's log file (podman's passthrough driver),
@@ -229,8 +231,12 @@ def run_argv(
     seccomp_dir: Path,
     cluster_label: str,
     expand: Any,
+    network: str = "host",
 ) -> tuple[list[str], dict[str, str]]:
     """`podman run` for one container, and the variables its environment must carry.
+
+    `network`: "host", or `ns:/run/netns/<name>` for the pod's own namespace (hack/podnet.py,
+    which also puts its /etc/hosts among `mounts`).
 
     Env values travel in podman's own environment (`--env NAME` imports it), not in its argv,
     where every local user could read them. `expand` is the `$(VAR)` expansion.
@@ -248,7 +254,7 @@ def run_argv(
         raise ContainerConfigError("failed to generate container spec: no command specified")
     argv = [
         podman, "run", "--runtime", "runc", "--name", name,
-        "--network", "host", "--hostname", str(pod["spec"].get("hostname") or meta["name"])[:63],
+        "--network", network, "--hostname", str(pod["spec"].get("hostname") or meta["name"])[:63],
         "--log-driver", "passthrough", "--pull", "never", "--passwd=false",
         "--cidfile", str(cidfile), "--conmon-pidfile", str(conmon_pidfile),
         "--label", f"{LABEL_CLUSTER}={cluster_label}",
