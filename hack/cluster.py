@@ -1088,6 +1088,8 @@ def component_argv(*, name: str, bin_dir: Path, layout: Layout, ports: Ports, si
             argv.append(f"--simulate={simulate}")
         elif mode == "container":
             argv.append("--pods=container")
+        if simulate is None and os.environ.get("FTO_POD_NETWORK", "host") == "netns":
+            argv.append("--pod-network=netns")  # a namespace per pod on a bridge: hack/podnet.py
         return argv
     raise ValueError(name)
 
