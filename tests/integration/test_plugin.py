@@ -365,7 +365,10 @@ def test_watch_draws_live_bars_in_a_terminal(env: Env, tmp_path: Path) -> None:
         head_row = next(line for line in head.splitlines() if "phase 1/2 head" in line)
         assert "█" * 10 + "░" * 10 in head_row, head
         assert "overall " + "█" * 5 + "░" * 15 + "  25%" in head
-        assert "Running" in head and "val_accuracy=0.75" in head
+        assert "val_accuracy=0.75" in head
+        # The progress report can land before the pod's Running reaches the Job's status: the
+        # phase follows the Job, so it turns Running on its own, within the wait.
+        wait_for(lambda: showing("Running", "val_accuracy=0.75"), timeout=WAIT, message="Running in the pane")
         # Phase 2: a report with the pod's own token moves it to fine-tune epoch 1/2 (75% overall).
         assert report(env, name=name, stage="fine-tune", epoch=1, done=3, total=4, stage_epochs=2) == 202  # Accepted
         fine = wait_for(
