@@ -188,9 +188,12 @@ def build_job(
     Kueue: the FineTuneJob's Kueue labels (`KUEUE_LABELS`) go on the Job; with a queue label
     the Job is created suspended, whatever `spec.suspend` says, and from then on it is Kueue's
     to start and stop (the operator never writes its `spec.suspend` or pod template again;
-    `spec.suspend` of the FineTuneJob deactivates the Workload instead). A pod that ends with
-    exit code 143 (SIGTERM: preempted, suspended, drained; the trainer saved its state) is
-    ignored by the pod failure policy: it never counts toward `backoffLimit`.
+    `spec.suspend` of the FineTuneJob deactivates the Workload instead). In a Kueue-managed Job a
+    pod that ends with exit code 143 (SIGTERM: preempted or deactivated, the trainer saved its
+    state) is ignored by the pod failure policy: the v1.34 Job controller deletes a suspended
+    Job's pods without a DisruptionTarget condition, so without this rule every preemption
+    would count toward `backoffLimit`. Only there: elsewhere a trainer that exits 143 by itself
+    would otherwise be retried without end.
     """
     runtime = spec.runtime
     if raw_spec is None:
@@ -291,14 +294,20 @@ def build_job(
                     },
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                {
-                    "action": "Ignore",
-                    "onExitCodes": {
-                        "containerName": CONTAINER_NAME,
-                        "operator": "In",
-                        "values": [TERMINATED_EXIT_CODE],
-                    },
-                },
+                *(
+                    [
+                        {
+                            "action": "Ignore",
+                            "onExitCodes": {
+                                "containerName": CONTAINER_NAME,
+                                "operator": "In",
+                                "values": [TERMINATED_EXIT_CODE],
+                            },
+                        }
+                    ]
+                    if queued
+                    else []
+                ),
             ]
         },
         "template": {

@@ -139,6 +139,12 @@ def test_sigterm_exit_is_ignored_by_the_pod_failure_policy() -> None:
     assert rules[0]["action"] == "FailJob" and 143 not in rules[0]["onExitCodes"]["values"]
 
 
+def test_sigterm_exit_counts_toward_backoff_without_kueue() -> None:
+    # Without a queue there is no preemption: a trainer exiting 143 by itself must not be retried forever.
+    rules = job_for({})["spec"]["podFailurePolicy"]["rules"]
+    assert not [r for r in rules if r["action"] == "Ignore" and "onExitCodes" in r]
+
+
 def test_ftj_view_keeps_only_kueue_labels() -> None:
     body = {"metadata": {"uid": "u", "labels": {"kueue.x-k8s.io/priority-class": "low", "app": "x"}}, "spec": {}}
     assert dict(handlers.ftj_view(body).labels) == {"kueue.x-k8s.io/priority-class": "low"}
