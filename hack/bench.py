@@ -14,8 +14,7 @@ SECTIONS = ("trainer", "operator", "progress", "distribute")
 
 
 def main(argv: list[str]) -> int:
-    here = Path(__file__).resolve().parent
-    sys.path.insert(0, str(here))
+    here = Path(__file__).resolve().parent  # on sys.path: the folder of the script Python runs
     chosen = [a for a in argv if not a.startswith("-")] or list(SECTIONS)
     rc = 0
     for name in chosen:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from finetune_testbed.net import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 16
@@ -30,17 +31,6 @@ BATCH = 16
 def _command() -> list[str]:
     script = Path(sys.executable).with_name("finetune-train")
     return [str(script)] if script.exists() else [sys.executable, "-m", "finetune_trainer"]
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _spec(*, train: Path, val: Path, output: Path, epochs: int, workers: int) -> dict[str, Any]:
@@ -64,7 +54,7 @@ def _run(*, tmp: Path, name: str, train: Path, val: Path, epochs: int, workers: 
     out = tmp / name
     config = tmp / f"{name}.json"
     config.write_text(json.dumps(_spec(train=train, val=val, output=out, epochs=epochs, workers=workers)))
-    hosts = ",".join(f"127.0.0.1:{p}" for p in _free_ports(workers))
+    hosts = ",".join(f"127.0.0.1:{p}" for p in free_ports(workers))
     started = time.monotonic()
     procs = []
     for index in range(workers):

@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import operator_proc  # hack/operator_proc.py, beside this file
+from finetune_testbed import operator_proc
+from finetune_testbed.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_PY = ROOT / "hack" / "cluster.py"
@@ -69,11 +69,11 @@ class Bench:
         self.dir = Path(tempfile.mkdtemp(prefix="fto-bench-"))
         self.env = {
             **os.environ,
-            "FTO_APISERVER_PORT": str(operator_proc.free_port()),
-            "FTO_ETCD_PORT": str(operator_proc.free_port()),
-            "FTO_ETCD_PEER_PORT": str(operator_proc.free_port()),
-            "FTO_KCM_PORT": str(operator_proc.free_port()),
-            "FTO_KUBELET_PORT": str(operator_proc.free_port()),
+            "FTO_APISERVER_PORT": str(free_port()),
+            "FTO_ETCD_PORT": str(free_port()),
+            "FTO_ETCD_PEER_PORT": str(free_port()),
+            "FTO_KCM_PORT": str(free_port()),
+            "FTO_KUBELET_PORT": str(free_port()),
         }
         self.kubeconfig = self.dir / "kubeconfig"
         self.kubectl_bin = self.dir / "bin" / "kubectl"
@@ -115,7 +115,7 @@ class Bench:
         profile = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
         self.operator = operator_proc.start(
             args=["--namespace", NAMESPACE, "--progress-port", "0", "--metrics-port", "0", "--pending-timeout", "0"],
-            kubeconfig=self.dir / "operator.kubeconfig", health_port=operator_proc.free_port(),
+            kubeconfig=self.dir / "operator.kubeconfig", health_port=free_port(),
             log=self.dir / "operator.log", python_args=profile, env=self.env, timeout_s=60,
         )  # fmt: skip
 

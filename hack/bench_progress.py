@@ -51,10 +51,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from finetune_testbed.net import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-for _p in (ROOT / "operator", ROOT / "trainer"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 # The local control plane's admin kubeconfig ($FTO_CLUSTER_DIR moves .cluster/; --kubeconfig wins).
 KUBECONFIG = Path(os.environ.get("FTO_CLUSTER_DIR", str(ROOT / ".cluster"))) / "kubeconfig"
@@ -495,14 +494,6 @@ def part_c(backend: Backend, *, jobs: int, seconds: float, flat_out: bool) -> di
     }
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _scrape(url: str) -> dict[str, float]:
     """`name{labels}` -> value from a Prometheus text exposition."""
     import urllib.request
@@ -532,8 +523,8 @@ def part_d(*, jobs: int, seconds: float, flat_seconds: float) -> dict[str, Any]:
     objects: Any = client.CustomObjectsApi(api_client)
     namespace = f"bench-operator-{uuid.uuid4().hex[:6]}"
     core.create_namespace({"metadata": {"name": namespace, "labels": {"finetune.dev/bench": "progress"}}})
-    progress_port, metrics_port, health_port = _free_port(), _free_port(), _free_port()
-    import operator_proc  # hack/operator_proc.py, beside this file
+    progress_port, metrics_port, health_port = free_port(), free_port(), free_port()
+    from finetune_testbed import operator_proc
 
     log = Path(tempfile.mkstemp(prefix="bench-operator-", suffix=".log")[1])
     proc = operator_proc.start(

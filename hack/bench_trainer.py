@@ -37,7 +37,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "trainer"))
 
 _COLOURS = ((220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 200, 40))
 

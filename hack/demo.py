@@ -49,11 +49,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cluster as control_plane  # hack/cluster.py, beside this file
-import operator_proc  # hack/operator_proc.py, beside this file
+import yaml
+from finetune_testbed import operator_proc
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_DIR = Path(os.environ.get("FTO_CLUSTER_DIR", ROOT / ".cluster"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,11 +22,12 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import yaml
+from finetune_testbed import kubeconfigs
+from finetune_testbed.net import free_port
 
 __all__ = ["NEEDLE", "OperatorStartError", "free_port", "start", "write_service_account_kubeconfig"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # In the operator's command line (`python -m finetune_operator ...`): a pid file holds
 # "PID NEEDLE", and whoever stops it by pid checks the needle first (the pid may be reused).
 NEEDLE = "finetune_operator"
@@ -37,37 +37,21 @@ class OperatorStartError(RuntimeError):
     """The operator exited, or did not answer its health endpoint in time."""
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def write_service_account_kubeconfig(
     *, kubectl: Path, admin_kubeconfig: Path, path: Path, namespace: str, name: str, duration: str = "24h"
 ) -> Path:
     """Writes `path`: a kubeconfig that authenticates as ServiceAccount namespace/name (TokenRequest)."""
-    minted = subprocess.run(
-        [str(kubectl), f"--kubeconfig={admin_kubeconfig}", "create", "token", name, "-n", namespace,
-         f"--duration={duration}"],
-        capture_output=True, text=True, check=False, timeout=60,
-    )  # fmt: skip
-    if minted.returncode != 0:
-        raise OperatorStartError(f"kubectl create token {namespace}/{name}: {minted.stderr.strip()}")
-    admin = yaml.safe_load(admin_kubeconfig.read_text(encoding="utf-8"))
-    user = f"system:serviceaccount:{namespace}:{name}"
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
-        "users": [{"name": user, "user": {"token": minted.stdout.strip()}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "local", "user": user}}],
-        "current-context": "operator",
-    }
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    path.chmod(0o600)
-    return path
+    try:
+        token = kubeconfigs.mint_token(
+            kubectl=kubectl, admin_kubeconfig=admin_kubeconfig, namespace=namespace, name=name, duration=duration
+        )
+    except kubeconfigs.KubeconfigError as exc:
+        raise OperatorStartError(str(exc)) from exc
+    config = kubeconfigs.token_kubeconfig(
+        cluster=kubeconfigs.admin_cluster(admin_kubeconfig),
+        user=kubeconfigs.service_account_user(namespace=namespace, name=name), token=token, context="operator",
+    )
+    return kubeconfigs.write(path, config)
 
 
 def start(
