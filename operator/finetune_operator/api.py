@@ -13,12 +13,14 @@ an unknown or wrong one, and whatever it admits fits in the batch Job the operat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from finetune_trainer import config
+from finetune_trainer import config, protocol
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from pydantic.alias_generators import to_camel
+from pydantic.fields import FieldInfo
 
 from finetune_operator.models import KERAS_APPLICATIONS
 
@@ -32,10 +34,19 @@ __all__ = [
     "PHASES",
     "PLURAL",
     "Condition",
+    "ConditionStatus",
+    "ConditionType",
     "FineTuneJobSpec",
     "FineTuneJobStatus",
+    "Phase",
     "RuntimeSpec",
+    "Stage",
+    "Writer",
+    "WrittenBy",
     "operator_refusal",
+    "shared_status_fields",
+    "status_fields",
+    "status_patch",
 ]
 
 API_GROUP = config.API_GROUP
@@ -46,6 +57,7 @@ SINGULAR = "finetunejob"
 SHORT_NAMES = ("ftj",)
 CATEGORIES = ("finetune",)
 
+Stage = protocol.Stage  # head (phase 1) or fine-tune (phase 2), as the trainer reports it
 Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
 PHASES: tuple[Phase, ...] = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 ConditionType = Literal["Ready", "Running", "Complete", "Failed", "Suspended", "Reconciling", "Stalled"]
@@ -194,8 +206,32 @@ class FineTuneJobSpec(config.TrainerSpec):
     )
 
 
+Writer = Literal["operator", "progress"]
+
+
+@dataclass(frozen=True)
+class WrittenBy:
+    """Metadata of a status field: who writes it, the reconciler ("operator"), the progress hub, or both.
+
+    `status_fields` derives each writer's field list from it; `status_patch` refuses a field
+    its writer does not own.
+    """
+
+    writers: tuple[Writer, ...]
+
+
+_OPERATOR = WrittenBy(("operator",))
+_PROGRESS = WrittenBy(("progress",))
+_BOTH = WrittenBy(("operator", "progress"))  # the hub's while training, the operator's at the end
+
+
 class _StatusModel(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    # Forbid: a misspelt or unknown status field is a ValidationError here (and a mypy error
+    # where the model is constructed), not a key the API server silently prunes.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
 
 
 class Condition(_StatusModel):
@@ -207,7 +243,7 @@ class Condition(_StatusModel):
             "or Stalled (kstatus: failed)."
         )
     )
-    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
     observed_generation: int | None = Field(
         default=None, ge=0, description="The metadata.generation the condition was set from."
     )
@@ -225,45 +261,61 @@ class Condition(_StatusModel):
 class FineTuneJobStatus(_StatusModel):
     """What the job is doing: phase, conditions, progress of the training and where the model is."""
 
-    observed_generation: int | None = Field(
+    observed_generation: Annotated[int | None, _OPERATOR] = Field(
         default=None, description="The metadata.generation this status describes."
     )
-    phase: Phase | None = Field(default=None, description="Pending, Running, Suspended, Succeeded or Failed.")
-    reason: str | None = Field(
+    phase: Annotated[Phase | None, _OPERATOR] = Field(
+        default=None, description="Pending, Running, Suspended, Succeeded or Failed."
+    )
+    reason: Annotated[str | None, _OPERATOR] = Field(
         default=None,
         description="Why the job is in its phase, CamelCase (e.g. DataError, BackoffLimitExceeded on Failed).",
     )
-    stage: Literal["head", "fine-tune"] | None = Field(
+    stage: Annotated[Stage | None, _PROGRESS] = Field(
         default=None, description="The training phase now running: head (phase 1) or fine-tune (phase 2)."
     )
-    epoch: int | None = Field(default=None, ge=0, description="Epochs completed within the current stage.")
-    epochs: str | None = Field(
+    epoch: Annotated[int | None, _PROGRESS] = Field(
+        default=None, ge=0, description="Epochs completed within the current stage."
+    )
+    epochs: Annotated[str | None, _PROGRESS] = Field(
         default=None,
         description="Epoch within the stage over the stage's planned epochs, e.g. 4/10 (the EPOCH column).",
     )
-    total_epochs: int | None = Field(default=None, ge=0, description="Planned epochs of both stages.")
-    progress: int | None = Field(
+    total_epochs: Annotated[int | None, _PROGRESS] = Field(
+        default=None, ge=0, description="Planned epochs of both stages."
+    )
+    progress: Annotated[int | None, _BOTH] = Field(
         default=None, ge=0, le=100, description="Percent of the planned epochs done; early stopping jumps it."
     )
-    eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds until training ends.")
-    metrics: dict[str, float] | None = Field(
+    eta_seconds: Annotated[int | None, _BOTH] = Field(
+        default=None, ge=0, description="Estimated seconds until training ends."
+    )
+    metrics: Annotated[dict[str, float] | None, _PROGRESS] = Field(
         default=None, description="Latest epoch metrics: loss, accuracy, val_loss, val_accuracy."
     )
-    best_val_accuracy: float | None = Field(default=None, description="Best validation accuracy so far.")
-    images_per_second: float | None = Field(default=None, ge=0, description="Training throughput of the last epoch.")
-    attempts: int | None = Field(default=None, ge=0, description="Pods started so far (retries and resumes).")
-    start_time: str | None = Field(
+    best_val_accuracy: Annotated[float | None, _PROGRESS] = Field(
+        default=None, description="Best validation accuracy so far."
+    )
+    images_per_second: Annotated[float | None, _PROGRESS] = Field(
+        default=None, ge=0, description="Training throughput of the last epoch."
+    )
+    attempts: Annotated[int | None, _OPERATOR] = Field(
+        default=None, ge=0, description="Pods started so far (retries and resumes)."
+    )
+    start_time: Annotated[str | None, _OPERATOR] = Field(
         default=None, json_schema_extra={"format": "date-time"}, description="When the first pod started."
     )
-    completion_time: str | None = Field(
+    completion_time: Annotated[str | None, _OPERATOR] = Field(
         default=None, json_schema_extra={"format": "date-time"}, description="When the job succeeded or failed."
     )
-    last_progress_time: str | None = Field(
+    last_progress_time: Annotated[str | None, _PROGRESS] = Field(
         default=None, json_schema_extra={"format": "date-time"}, description="When the last progress report arrived."
     )
-    model_path: str | None = Field(default=None, description="The saved model (model.keras) once trained.")
-    message: str | None = Field(default=None, description="A human-readable summary of the state.")
-    conditions: list[Condition] | None = Field(
+    model_path: Annotated[str | None, _OPERATOR] = Field(
+        default=None, description="The saved model (model.keras) once trained."
+    )
+    message: Annotated[str | None, _BOTH] = Field(default=None, description="A human-readable summary of the state.")
+    conditions: Annotated[list[Condition] | None, _OPERATOR] = Field(
         default=None,
         description=(
             "Ready, Running, Complete, Failed, Suspended, and kstatus' Reconciling (True while Pending or "
@@ -271,6 +323,53 @@ class FineTuneJobStatus(_StatusModel):
         ),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
+
+
+def _writers(field: FieldInfo) -> tuple[Writer, ...]:
+    for meta in field.metadata:
+        if isinstance(meta, WrittenBy):
+            return meta.writers
+    raise TypeError(f"status field {field.alias} says not who writes it (api.WrittenBy)")
+
+
+def status_fields(*, writer: Writer, only: bool = False) -> tuple[str, ...]:
+    """The JSON names of the status fields `writer` writes, in the model's order.
+
+    `only`: just the fields no one else writes. The fields both write (`shared_status_fields`)
+    are the hub's while the job trains and the operator's once it has finished.
+    """
+    return tuple(
+        field.alias or name
+        for name, field in FineTuneJobStatus.model_fields.items()
+        if writer in _writers(field) and not (only and len(_writers(field)) > 1)
+    )
+
+
+def shared_status_fields() -> tuple[str, ...]:
+    """The JSON names of the status fields both the operator and the progress hub write."""
+    return tuple(
+        field.alias or name
+        for name, field in FineTuneJobStatus.model_fields.items()
+        if set(_writers(field)) == {"operator", "progress"}
+    )
+
+
+def status_patch(
+    status: FineTuneJobStatus, *, writer: Writer, exclude: Collection[str] = ()
+) -> dict[str, JsonValue]:
+    """`status` as a JSON merge patch of the status subresource, as `writer` may write it.
+
+    The fields that were set go in, by their JSON names (camelCase), and only those: a field
+    set to None is null in the patch and so clears the field on the server (merge-patch
+    semantics); a field left at its default is left out. A field that `writer` does not write
+    (`WrittenBy`) is a ValueError. `exclude`: JSON names to leave out.
+    """
+    fields = FineTuneJobStatus.model_fields
+    foreign = sorted(name for name in status.model_fields_set if writer not in _writers(fields[name]))
+    if foreign:
+        raise ValueError(f"status field(s) {', '.join(foreign)} are not written by the {writer} (api.WrittenBy)")
+    dumped = status.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    return {key: value for key, value in dumped.items() if key not in exclude}
 
 
 MAX_NAME_LENGTH = 52  # Job names become pod labels (63) and pod names get a 6-char suffix and more.
