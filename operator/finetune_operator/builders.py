@@ -1,9 +1,11 @@
-"""Pure builders: a FineTuneJob -> the manifest (a dict) of its batch Job.
+"""Pure builders: a FineTuneJob -> the manifest (a dict) of its batch Job, or of its JobSet.
 
 No I/O here; the handlers send what these return. The Job is owned by the FineTuneJob
-(ownerReferences), so deleting the FineTuneJob deletes it and its pods.
+(ownerReferences), so deleting the FineTuneJob deletes it and its pods. With
+`runtime.workers > 1` a JobSet (`build_jobset`) takes the Job's place: the same trainer pod
+(`build_pod_template`) for every worker, restarted as a group.
 
-The Job is the only object the operator creates. The spec the trainer reads (`--config`)
+The Job (or JobSet) is the only object the operator creates. The spec the trainer reads (`--config`)
 travels in the Job itself: the FineTuneJob manifest, as compact JSON, is the pod-template
 annotation `finetune.dev/spec`, mounted as a file at `CONFIG_FILE` by a downwardAPI volume.
 So a Job can only ever run the spec of the FineTuneJob that made it (a ConfigMap of the same
@@ -28,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_trainer import protocol
+from finetune_trainer import distribute, protocol
 
 from finetune_operator import api
 
@@ -36,6 +38,7 @@ __all__ = [
     "CONFIG_DIR",
     "CONFIG_FILE",
     "CONTAINER_NAME",
+    "JOBSET_API_VERSION",
     "JOB_NAME_LABEL",
     "KUEUE_LABELS",
     "KUEUE_QUEUE_LABEL",
@@ -44,11 +47,16 @@ __all__ = [
     "PROGRESS_TOKEN_FILE",
     "SPEC_ANNOTATION",
     "TERMINATED_EXIT_CODE",
+    "WORKER_PORT",
     "Owner",
     "build_job",
+    "build_jobset",
+    "build_pod_template",
+    "jobset_name_refusal",
     "kueue_labels",
     "labels",
     "spec_document",
+    "worker_hosts",
 ]
 
 CONTAINER_NAME = "trainer"
@@ -76,6 +84,30 @@ NON_RETRYABLE_EXIT_CODES = (2, 3, 4)  # invalid spec, data error, diverged: API.
 # later from its checkpoint, never a failure that counts toward backoffLimit.
 TERMINATED_EXIT_CODE = 143
 MANAGED_BY = "finetune-operator"
+# Multi-worker training (runtime.workers > 1): a JobSet, its workers' env as the trainer reads it
+# (finetune_trainer.distribute), and the port they talk gRPC on (TFJob's default).
+JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
+WORKER_PORT = 2222
+ENV_WORKER_HOSTS = distribute.ENV_WORKER_HOSTS
+ENV_WORKER_INDEX = distribute.ENV_WORKER_INDEX
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+REPLICATED_JOB = "worker"  # the JobSet's one replicatedJob: pods <name>-worker-0-<index>-<suffix>
+MAX_POD_NAME = 63  # JobSet's webhook refuses a JobSet whose pod names could be longer (DNS-1035 label)
+
+
+def jobset_name_refusal(*, name: str, workers: int) -> str | None:
+    """Why JobSet would refuse a JobSet NAME of `workers` pods (its longest pod name is too long), or None.
+
+    JobSet's webhook checks `<name>-worker-0-<workers-1>-abcde` against 63 characters.
+    """
+    longest = f"{name}-{REPLICATED_JOB}-0-{workers - 1}-abcde"
+    if len(longest) <= MAX_POD_NAME:
+        return None
+    most = MAX_POD_NAME - (len(longest) - len(name))
+    return (
+        f"metadata.name: at most {most} characters with runtime.workers {workers} "
+        f"(JobSet names the pods {name[:8]}...-{REPLICATED_JOB}-0-<index>-<suffix>, {MAX_POD_NAME} at most)"
+    )
 
 
 @dataclass(frozen=True)
@@ -168,7 +200,32 @@ def _resources(runtime: api.RuntimeSpec) -> dict[str, Any]:
     return resources
 
 
-def build_job(
+def _pod_failure_rules(*, ignore_terminated: bool) -> list[dict[str, Any]]:
+    """The trainer's pod failure policy: exit codes 2-4 fail at once, disruptions never count.
+
+    `ignore_terminated`: exit code 143 (SIGTERM: the pod was deleted because its Job was
+    suspended or preempted, the trainer saved its state) is ignored too.
+    """
+    return [
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": list(NON_RETRYABLE_EXIT_CODES)},
+        },
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        *(
+            [
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [TERMINATED_EXIT_CODE]},
+                }
+            ]
+            if ignore_terminated
+            else []
+        ),
+    ]
+
+
+def build_pod_template(
     *,
     owner: Owner,
     spec: api.FineTuneJobSpec,
@@ -177,36 +234,29 @@ def build_job(
     trainer_command: Sequence[str] = ("finetune-train",),
     run_as_user: int = 1000,
     raw_spec: Mapping[str, Any] | None = None,
+    extra_env: Sequence[Mapping[str, Any]] = (),
+    extra_ports: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The batch/v1 Job that runs the trainer, named like the FineTuneJob.
+    """The trainer pod template (metadata and spec) of a FineTuneJob: the same for a Job and for each JobSet worker.
 
-    `raw_spec` is the FineTuneJob's spec as the API server holds it, handed to the trainer
-    as it is (default: `spec` dumped back, for callers that have only the parsed model).
-    `runtime.ttlSecondsAfterFinished` is not put on the Job: the operator deletes the Job
-    itself once it has recorded the outcome (a TTL controller could delete it first).
-
-    Kueue: the FineTuneJob's Kueue labels (`KUEUE_LABELS`) go on the Job; with a queue label
-    the Job is created suspended, whatever `spec.suspend` says, and from then on it is Kueue's
-    to start and stop (the operator never writes its `spec.suspend` or pod template again;
-    `spec.suspend` of the FineTuneJob deactivates the Workload instead). In a Kueue-managed Job a
-    pod that ends with exit code 143 (SIGTERM: preempted or deactivated, the trainer saved its
-    state) is ignored by the pod failure policy: the v1.34 Job controller deletes a suspended
-    Job's pods without a DisruptionTarget condition, so without this rule every preemption
-    would count toward `backoffLimit`. Only there: elsewhere a trainer that exits 143 by itself
-    would otherwise be retried without end.
+    `extra_env` (the operator's own, e.g. a worker's place in its group) wins over a
+    `runtime.env` variable of the same name; `extra_ports` come after the metrics port. See `build_job` for `raw_spec`.
     """
     runtime = spec.runtime
     if raw_spec is None:
         raw_spec = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-    job_labels = {**labels(owner=owner), **kueue_labels(owner.labels)}
-    queued = KUEUE_QUEUE_LABEL in job_labels
+    ours = {str(e.get("name")) for e in extra_env}
+    user_env = [e for e in runtime.env if str(e.get("name")) not in ours]
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": runtime.image or default_image,
         "imagePullPolicy": "IfNotPresent",
         "command": [*trainer_command, "--config", CONFIG_FILE],
-        "env": _env(owner=owner, progress_url=progress_url, extra=runtime.env),
-        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "env": _env(owner=owner, progress_url=progress_url, extra=[*user_env, *extra_env]),
+        "ports": [
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            *(copy.deepcopy(dict(p)) for p in extra_ports),
+        ],
         "resources": _resources(runtime),
         "volumeMounts": [
             {"name": "finetune-config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -278,48 +328,164 @@ def build_job(
         pod_spec["affinity"] = copy.deepcopy(dict(runtime.affinity))
     if runtime.priority_class_name:
         pod_spec["priorityClassName"] = runtime.priority_class_name
+    return {
+        "metadata": {
+            "labels": labels(owner=owner),
+            "annotations": {SPEC_ANNOTATION: spec_document(owner=owner, spec=raw_spec)},
+        },
+        "spec": pod_spec,
+    }
+
+
+def build_job(
+    *,
+    owner: Owner,
+    spec: api.FineTuneJobSpec,
+    default_image: str,
+    progress_url: str | None,
+    trainer_command: Sequence[str] = ("finetune-train",),
+    run_as_user: int = 1000,
+    raw_spec: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The batch/v1 Job that runs the trainer, named like the FineTuneJob.
+
+    `raw_spec` is the FineTuneJob's spec as the API server holds it, handed to the trainer
+    as it is (default: `spec` dumped back, for callers that have only the parsed model).
+    `runtime.ttlSecondsAfterFinished` is not put on the Job: the operator deletes the Job
+    itself once it has recorded the outcome (a TTL controller could delete it first).
+
+    Kueue: the FineTuneJob's Kueue labels (`KUEUE_LABELS`) go on the Job; with a queue label
+    the Job is created suspended, whatever `spec.suspend` says, and from then on it is Kueue's
+    to start and stop (the operator never writes its `spec.suspend` or pod template again;
+    `spec.suspend` of the FineTuneJob deactivates the Workload instead). In a Kueue-managed Job a
+    pod that ends with exit code 143 (SIGTERM: preempted or deactivated, the trainer saved its
+    state) is ignored by the pod failure policy: the v1.34 Job controller deletes a suspended
+    Job's pods without a DisruptionTarget condition, so without this rule every preemption
+    would count toward `backoffLimit`. Only there: elsewhere a trainer that exits 143 by itself
+    would otherwise be retried without end.
+    """
+    runtime = spec.runtime
+    job_labels = {**labels(owner=owner), **kueue_labels(owner.labels)}
+    queued = KUEUE_QUEUE_LABEL in job_labels
     job_spec: dict[str, Any] = {
         "backoffLimit": runtime.backoff_limit,
         "completions": 1,
         "parallelism": 1,
         "suspend": spec.suspend or queued,
-        "podFailurePolicy": {
-            "rules": [
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": CONTAINER_NAME,
-                        "operator": "In",
-                        "values": list(NON_RETRYABLE_EXIT_CODES),
-                    },
-                },
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                *(
-                    [
-                        {
-                            "action": "Ignore",
-                            "onExitCodes": {
-                                "containerName": CONTAINER_NAME,
-                                "operator": "In",
-                                "values": [TERMINATED_EXIT_CODE],
-                            },
-                        }
-                    ]
-                    if queued
-                    else []
-                ),
-            ]
-        },
-        "template": {
-            "metadata": {
-                "labels": labels(owner=owner),
-                "annotations": {SPEC_ANNOTATION: spec_document(owner=owner, spec=raw_spec)},
-            },
-            "spec": pod_spec,
-        },
+        "podFailurePolicy": {"rules": _pod_failure_rules(ignore_terminated=queued)},
+        "template": build_pod_template(
+            owner=owner,
+            spec=spec,
+            default_image=default_image,
+            progress_url=progress_url,
+            trainer_command=trainer_command,
+            run_as_user=run_as_user,
+            raw_spec=raw_spec,
+        ),
     }
     if runtime.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = runtime.active_deadline_seconds
     metadata = _metadata(owner=owner, name=owner.name)
     metadata["labels"] = job_labels
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
+
+
+def worker_hosts(*, name: str, workers: int, port: int = WORKER_PORT) -> list[str]:
+    """`host:port` of every worker of JobSet NAME, index order: the stable names JobSet gives its pods.
+
+    With `network.enableDNSHostnames` each pod's hostname is `<jobset>-<replicatedJob>-<jobIndex>-<podIndex>`
+    and its subdomain the JobSet's headless Service (named like the JobSet), so within the
+    namespace it resolves as `<hostname>.<jobset>`; there is one Job (index 0) of `workers` pods.
+    """
+    return [f"{name}-{REPLICATED_JOB}-0-{index}.{name}:{port}" for index in range(workers)]
+
+
+def build_jobset(
+    *,
+    owner: Owner,
+    spec: api.FineTuneJobSpec,
+    default_image: str,
+    progress_url: str | None,
+    trainer_command: Sequence[str] = ("finetune-train",),
+    run_as_user: int = 1000,
+    raw_spec: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JobSet (jobset.x-k8s.io/v1alpha2) of a FineTuneJob with `runtime.workers > 1`, named like it.
+
+    One replicatedJob `worker` of one Indexed Job with `workers` pods, each the trainer pod of
+    `build_pod_template` plus its place in the group: `FINETUNE_WORKER_HOSTS` (every worker's
+    stable name under the JobSet's headless Service, `worker_hosts`, port `WORKER_PORT`) and
+    `FINETUNE_WORKER_INDEX` (the pod's completion index, from its
+    `batch.kubernetes.io/job-completion-index` annotation); worker 0 is the chief. Every pod
+    gets the progress URL and token (one template for all), but only the chief reports.
+    `publishNotReadyAddresses`: the workers dial each other while they start, before any is Ready.
+
+    Failures restart the group, never one worker: the child Job has `backoffLimit: 0`, so any
+    pod failure fails it, and the JobSet then recreates every worker (`BlockingRecreate`:
+    the old pods are gone before the new ones start, so two generations never meet) up to
+    `failurePolicy.maxRestarts = runtime.backoffLimit` times, then fails (ReachedMaxRestarts).
+    The trainer's non-retryable exit codes (2, 3, 4) fail the child Job through its pod
+    failure policy (reason PodFailurePolicy), and the JobSet rule `FailJobSet` on that reason
+    fails the group at once; so does the child Job's DeadlineExceeded (JobSet has no deadline of
+    its own: `runtime.activeDeadlineSeconds` bounds each group attempt). Exit code 143 (SIGTERM)
+    is always ignored here: suspending a JobSet (spec.suspend, or Kueue's preemption) suspends
+    its child Job, whose pods are deleted and exit 143; a single worker that exits 143 by
+    itself is replaced, and its peers, whose collectives then fail, restart the group (counted).
+
+    Kueue: as for `build_job`, the Kueue labels go on the JobSet, which is created suspended
+    when queue-labelled and from then on is Kueue's (its jobset integration admits the group as
+    one Workload). `runtime.ttlSecondsAfterFinished` is applied by the operator, as for a Job.
+    """
+    runtime = spec.runtime
+    workers = runtime.workers
+    set_labels = {**labels(owner=owner), **kueue_labels(owner.labels)}
+    queued = KUEUE_QUEUE_LABEL in set_labels
+    index_env = {
+        "name": ENV_WORKER_INDEX,
+        "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}},
+    }
+    hosts_env = {"name": ENV_WORKER_HOSTS, "value": ",".join(worker_hosts(name=owner.name, workers=workers))}
+    template = build_pod_template(
+        owner=owner,
+        spec=spec,
+        default_image=default_image,
+        progress_url=progress_url,
+        trainer_command=trainer_command,
+        run_as_user=run_as_user,
+        raw_spec=raw_spec,
+        extra_env=[hosts_env, index_env],
+        extra_ports=[{"name": "worker", "containerPort": WORKER_PORT, "protocol": "TCP"}],
+    )
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": workers,
+        "parallelism": workers,
+        "backoffLimit": 0,  # one failed worker fails the Job: the JobSet restarts the group
+        "podFailurePolicy": {"rules": _pod_failure_rules(ignore_terminated=True)},
+        "template": template,
+    }
+    if runtime.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = runtime.active_deadline_seconds
+    jobset_spec: dict[str, Any] = {
+        "replicatedJobs": [
+            {
+                "name": REPLICATED_JOB,
+                "replicas": 1,
+                "template": {"metadata": {"labels": labels(owner=owner)}, "spec": job_spec},
+            }
+        ],
+        "network": {"enableDNSHostnames": True, "subdomain": owner.name, "publishNotReadyAddresses": True},
+        "successPolicy": {"operator": "All"},
+        "failurePolicy": {
+            "maxRestarts": runtime.backoff_limit,
+            "restartStrategy": "BlockingRecreate",
+            "rules": [
+                {"name": "NonRetryableExit", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]},
+                {"name": "DeadlineExceeded", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]},
+            ],
+        },
+        "suspend": spec.suspend or queued,
+    }
+    metadata = _metadata(owner=owner, name=owner.name)
+    metadata["labels"] = set_labels
+    return {"apiVersion": JOBSET_API_VERSION, "kind": "JobSet", "metadata": metadata, "spec": jobset_spec}
