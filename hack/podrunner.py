@@ -301,7 +301,16 @@ class ApiError(Exception):
 
 
 class Api:
-    """A thin JSON client over the kubernetes package's configured urllib3 pool (TLS, certs)."""
+    """JSON requests and watches through the `kubernetes` package: the client the operator uses too.
+
+    The operator runs the asyncio flavour (`kubernetes.aio`, in finetune_operator/kube.py); the
+    pod runner's threads run the sync one, configured from the same kubeconfig loader (TLS,
+    client certificates, exec and OIDC plugins and their token refresh). Bodies stay plain JSON
+    (`ApiClient.param_serialize` and `call_api`, no model deserialisation), and the pod watch is
+    `kubernetes.watch.Watch`'s (line splitting, ERROR events raised as `ApiException`). GET
+    requests honour a Retry-After the server sends with a 429 or 5xx (client-go's rule,
+    `client_go_retries`); other failures reach the caller, whose loop retries.
+    """
 
     def __init__(self, *, kubeconfig: str) -> None:
         from kubernetes import client, config
@@ -309,8 +318,10 @@ class Api:
         cfg = client.Configuration()
         config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
         cfg.connection_pool_maxsize = 32
+        cfg.client_go_retries = True
         self.host = cfg.host.rstrip("/")
-        self._pool = client.rest.RESTClientObject(cfg).pool_manager
+        self._client = client.ApiClient(cfg)
+        self._core = client.CoreV1Api(self._client)
 
     def request(
         self,
@@ -323,53 +334,49 @@ class Api:
         ok: tuple[int, ...] = (),
         timeout: float = 30.0,
     ) -> Obj:
-        url = self.host + path
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        data = json.dumps(body).encode() if body is not None else None
-        resp = self._pool.request(
-            method,
-            url,
-            body=data,
-            headers={"Content-Type": content_type, "Accept": "application/json"},
-            timeout=timeout,
-            retries=False,
+        method, url, headers, data, _ = self._client.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=list((params or {}).items()) or None,
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
         )
+        resp = self._client.call_api(method, url, header_params=headers, body=data, _request_timeout=timeout)
+        raw: bytes = resp.read() or b""  # type: ignore[no-untyped-call]
         if resp.status >= 300 and resp.status not in ok:
-            raise ApiError(resp.status, resp.data.decode(errors="replace"), f"{method} {path}")
+            raise ApiError(resp.status, raw.decode(errors="replace"), f"{method} {path}")
         try:
-            parsed: Obj = json.loads(resp.data) if resp.data else {}
+            parsed: Obj = json.loads(raw) if raw else {}
         except ValueError:
             parsed = {}
         parsed.setdefault("_status", resp.status)
         return parsed
 
-    def watch(self, path: str, *, resource_version: str, timeout_s: int = 300) -> Iterator[Obj]:
-        params = {
-            "watch": "1",
-            "resourceVersion": resource_version,
-            "allowWatchBookmarks": "true",
-            "timeoutSeconds": str(timeout_s),
-        }
-        resp = self._pool.request(
-            "GET",
-            self.host + path + "?" + urllib.parse.urlencode(params),
-            preload_content=False,
-            timeout=timeout_s + 30,
-            retries=False,
-        )
+    def watch_pods(self, *, resource_version: str, timeout_s: int = 300) -> Iterator[Obj]:
+        """Every pod's events from `resource_version` on, as plain dicts, until the server ends the watch.
+
+        A 410 (HTTP, or an ERROR event) is raised as ApiError(410): list again.
+        """
+        from kubernetes import client, watch
+
+        def list_pods(**kwargs: Any) -> Any:
+            # No docstring, so Watch has no model to decode into: events carry the raw JSON.
+            return self._core.list_pod_for_all_namespaces(**kwargs)
+
+        stream = watch.Watch()  # type: ignore[no-untyped-call]
         try:
-            if resp.status != 200:
-                raise ApiError(resp.status, resp.read().decode(errors="replace"), f"WATCH {path}")
-            buf = b""
-            for chunk in resp.stream(65536):
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if line.strip():
-                        yield json.loads(line)
+            yield from stream.stream(  # type: ignore[no-untyped-call]
+                list_pods,
+                resource_version=resource_version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=timeout_s,
+                _request_timeout=timeout_s + 30,
+            )
+        except client.ApiException as err:
+            raise ApiError(int(err.status or 0), str(err.reason or err.body or ""), "WATCH /api/v1/pods") from err
         finally:
-            resp.release_conn()
+            stream.stop()  # type: ignore[no-untyped-call]
 
 
 class Writers:
@@ -661,14 +668,10 @@ class PodRunner:
                     for pod in listing.get("items", []):
                         self.events.put(("sync", pod))
                     self.events.put(("synced", {}))
-                for event in self.api.watch("/api/v1/pods", resource_version=rv):
+                for event in self.api.watch_pods(resource_version=rv):
                     if self.stop.is_set():
                         return
-                    kind, obj = event.get("type"), event.get("object", {})
-                    if kind == "ERROR":
-                        if obj.get("code") == 410:
-                            rv = ""
-                        break
+                    kind, obj = event.get("type"), event.get("raw_object", {})
                     rv = obj.get("metadata", {}).get("resourceVersion", rv)
                     if kind == "BOOKMARK":
                         continue
