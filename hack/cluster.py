@@ -83,6 +83,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NODE_NAME = "local-node"
 SERVICE_CIDR = "10.0.0.0/24"
+# The pod bridge's host address (hack/podnet.py, FTO_POD_NETWORK=netns): pods reach the API
+# server there (KUBERNETES_SERVICE_HOST), so its serving certificate names it too.
+POD_BRIDGE_GATEWAY = "10.244.0.1"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Order matters: started in this order, stopped in reverse. "kueue" only when kueue_enabled(),
 # "jobset" only when jobset_enabled() (before Kueue, whose jobset integration needs its CRD).
@@ -246,7 +249,13 @@ def ensure_pki(*, pki: Path) -> None:
         stem: str, *, cn: str, org: str | None, server: bool, sans: list[x509.GeneralName] | None = None
     ) -> None:
         if (pki / f"{stem}.crt").exists():
-            return
+            old = x509.load_pem_x509_certificate((pki / f"{stem}.crt").read_bytes())
+            try:
+                had = set(old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+            except x509.ExtensionNotFound:
+                had = set()
+            if set(sans or []) <= had:
+                return  # kept; one issued before a name was added here is issued again (same CA)
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder()
@@ -287,6 +296,7 @@ def ensure_pki(*, pki: Path) -> None:
             x509.DNSName("kubernetes.default.svc"),
             x509.DNSName("kubernetes.default.svc.cluster.local"),
             x509.IPAddress(service_ip),
+            x509.IPAddress(ipaddress.IPv4Address(POD_BRIDGE_GATEWAY)),
         ],
     )
     issue("admin", cn="kubernetes-admin", org="system:masters", server=False)

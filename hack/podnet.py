@@ -22,7 +22,12 @@ hack/podrunner.py gives each pod:
   an Indexed Job's subdomain names). Each file is rewritten in place (the bind mount stays
   valid) whenever such a pod gets or gives back its address. What is left out: no Service
   ClusterIPs, no DNS server (names other than these do not resolve), no NetworkPolicy, IPv4
-  only, one bridge per host (one cluster in netns mode at a time).
+  only, one bridge per host (one cluster in netns mode at a time: a second pod runner is
+  refused while the first lives, see `PodNetwork.setup`).
+
+In container mode (FTO_PODS=container) podman joins the same namespace
+(`--network ns:/run/netns/<ns>`), sets the hostname itself (`--hostname`) and gets the hosts
+file as a read-only bind mount over /etc/hosts.
 
 `python podnet.py enter --hostname NAME -- ARGV...` is run by the pod runner inside
 `ip netns exec <ns>`: it unshares the UTS namespace, sets the hostname and execs ARGV in place
@@ -46,6 +51,7 @@ from pathlib import Path
 
 CLONE_NEWUTS = 0x04000000
 CLUSTER_DOMAIN = "cluster.local"
+OWNER_DIR = Path("/run/fto-podnet")  # <bridge>.owner: the pod runner that holds the bridge
 
 
 class NetworkError(Exception):
@@ -78,6 +84,24 @@ class HostsEntry:
     hostname: str
     subdomain: str
     ip: str
+
+
+def read_owner(path: Path) -> tuple[int, str] | None:
+    """(pid, cluster dir) from a bridge's owner file, or None when there is none (or it is garbled)."""
+    try:
+        data = json.loads(path.read_text())
+        return int(data["pid"]), str(data["clusterDir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def pod_runner_alive(pid: int) -> bool:
+    """Whether `pid` is a live pod runner (not a reused pid of something else)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"podrunner" in cmdline
 
 
 def pod_hostname(*, pod: dict[str, object]) -> str:
@@ -118,6 +142,8 @@ class PodNetwork:
         self.pool = [str(h) for h in hosts[1:]]
         self.dir = cluster_dir / "podnet"
         self.ipam_path = self.dir / "ipam.json"
+        self.cluster_dir = cluster_dir.resolve()
+        self.owner_path = OWNER_DIR / f"{bridge}.owner"
         self.lock = threading.Lock()
         self.pods: dict[str, PodAddress] = {}
         self.entries: dict[str, HostsEntry] = {}
@@ -126,7 +152,10 @@ class PodNetwork:
 
     def setup(self) -> None:
         """Creates (or takes over) the bridge and the DNAT rule; forgets every namespace left
-        by an earlier runner with this bridge's prefix."""
+        by an earlier runner with this bridge's prefix. Refused (NetworkError) while the pod
+        runner of another cluster dir, alive, owns the bridge: taking it over would delete
+        that cluster's pod namespaces."""
+        self._claim()
         (self.dir / "hosts").mkdir(parents=True, exist_ok=True)
         for line in _ip("netns", "list").stdout.splitlines():
             name = line.split()[0] if line.split() else ""
@@ -237,6 +266,23 @@ class PodNetwork:
     def shutdown(self) -> None:
         for uid in list(self.pods):
             self.detach(uid=uid)
+        owner = read_owner(self.owner_path)
+        if owner is not None and owner[0] == os.getpid():
+            self.owner_path.unlink(missing_ok=True)
+
+    def _claim(self) -> None:
+        owner = read_owner(self.owner_path)
+        if owner is not None:
+            pid, cluster_dir = owner
+            if pid != os.getpid() and cluster_dir != str(self.cluster_dir) and pod_runner_alive(pid):
+                raise NetworkError(
+                    f"bridge {self.bridge} is in use by the pod runner of {cluster_dir} (pid {pid}): "
+                    "one cluster in netns mode at a time; stop that one first"
+                )
+        OWNER_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = self.owner_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "clusterDir": str(self.cluster_dir)}) + "\n")
+        tmp.replace(self.owner_path)
 
     def _refresh(self, changed: HostsEntry) -> None:
         """Rewrites, in place, the hosts file of every pod in `changed`'s namespace and subdomain."""
