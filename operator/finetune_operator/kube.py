@@ -1,16 +1,39 @@
-"""A small async Kubernetes API client on aiohttp, for the few writes the operator makes.
+"""The operator's Kubernetes API client: the official `kubernetes` package's asyncio flavour.
 
 Kopf watches; this sends creates, patches, reads and events with the same credentials
 (`kopf.ConnectionInfo`, from the login handler), in the operator's own event loop: no
-threads, no model deserialisation, one pooled connection set.
+threads, no model deserialisation (bodies stay plain JSON dicts, sent through
+`ApiClient.param_serialize` and `call_api`), one pooled connection set.
+
+Why this client. One library serves the operator, the test bed and the tools: the
+`kubernetes` package (37.x), which now carries the asyncio client formerly published as
+`kubernetes_asyncio` as `kubernetes.aio` (kubernetes-client/python #2547, #2593), generated
+from the same OpenAPI document as the sync client the tests, `hack/cluster.py`, the pod
+runner's threads and the kubectl plugin use. Its transport is aiohttp, which Kopf already
+brings; its config loaders (kubeconfig with exec and OIDC plugins and their refresh,
+in-cluster projected tokens re-read from the file) are the ones `kopf.login_via_client`
+calls. The alternatives: kr8s (0.20) brings httpx and anyio next to Kopf's aiohttp, a second
+HTTP stack in one process, and its own object model; Kopf's own request helpers are private
+(`kopf._cogs.clients`) though they retry 429s since kopf #1229, and its
+`login_with_kubeconfig` knows no exec or OIDC users. What the library lacks, this module
+adds: its own Retry-After retries cover GET and HEAD only (client-go's rule,
+`client_go_retries`), and it has no re-login after a 401 for a static token.
+
+Retries. A 429 or a 500/502/503/504 answer is retried, for every method, up to
+`RetryPolicy.attempts` attempts: after a capped exponential backoff with jitter, or after the
+server's Retry-After when that is longer. A Retry-After beyond `max_retry_after_s` is not
+waited for: the error reaches the caller at once (the reconcile engine retries later, and a
+worker is not held for minutes). Retrying writes is safe here: a 429 was not processed, a
+create retried after a 5xx that did land answers 409, which the actions adopt, and merge
+patches are idempotent. 404, 409, 422 and the rest reach the caller as `ApiError` at once.
 
 Credentials change while the operator runs (a projected ServiceAccount token is rotated by
 the kubelet; a revoked one starts answering 401):
 
 - `connect` (the login handler calls it on every Kopf login and re-login) swaps to the new
-  credentials. The previous aiohttp session, and its connector's sockets, is closed as soon
-  as its last request in flight ends: there is never more than one open session, plus one
-  draining, however often Kopf re-logs in.
+  credentials. The previous `ApiClient`, and its aiohttp session's sockets, is closed as
+  soon as its last request in flight ends: there is never more than one open session, plus
+  one draining, however often Kopf re-logs in.
 - A 401 on a request of this client re-reads the credentials itself, with the `relogin`
   callable given to `connect` (the same login function Kopf calls, so a rotated token file
   is read again), and retries that request once with them. Concurrent 401s share one
@@ -27,29 +50,84 @@ import asyncio
 import dataclasses
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
 import kopf
+from kubernetes.aio import client as kclient
 
-__all__ = ["ApiError", "KubeClient", "Relogin", "same_credentials"]
+__all__ = ["RETRY_STATUSES", "ApiError", "KubeClient", "Relogin", "RetryPolicy", "retry_delay", "same_credentials"]
 
 logger = logging.getLogger("finetune_operator")
 
 Relogin = Callable[[], Awaitable[kopf.ConnectionInfo | None]]
+Sleep = Callable[[float], Awaitable[None]]
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 class ApiError(Exception):
     """A non-2xx answer of the API server."""
 
-    def __init__(self, *, status: int, method: str, path: str, body: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        *,
+        status: int,
+        method: str,
+        path: str,
+        body: Mapping[str, Any],
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.status = status
         self.body = dict(body)
+        self.headers = dict(headers or {})
         self.reason = str(body.get("reason") or "")
         self.message = str(body.get("message") or body)
         super().__init__(f"{method} {path}: {status} {self.reason}: {self.message}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How 429 and 5xx answers are retried; `attempts` counts the first one."""
+
+    attempts: int = 5
+    base_s: float = 0.25
+    cap_s: float = 8.0
+    jitter: float = 0.2
+    max_retry_after_s: float = 30.0
+
+
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """The Retry-After header in seconds (delta-seconds, as the API server sends it), or None."""
+    for key, value in headers.items():
+        if key.lower() == "retry-after":
+            text = str(value).strip()
+            try:
+                seconds = float(text)
+            except ValueError:
+                return None
+            return seconds if seconds >= 0 else None
+    return None
+
+
+def retry_delay(
+    *, error: ApiError, attempt: int, policy: RetryPolicy, rand: Callable[[], float] = random.random
+) -> float | None:
+    """Seconds to wait before attempt `attempt + 1` after `error` on attempt `attempt` (from 1),
+    or None: not retried (another status, attempts spent, or a Retry-After too long to wait)."""
+    if error.status not in RETRY_STATUSES or attempt >= policy.attempts:
+        return None
+    backoff = min(policy.cap_s, policy.base_s * 2.0 ** (attempt - 1))
+    backoff += backoff * policy.jitter * rand()
+    asked = retry_after_s(error.headers)
+    if asked is None:
+        return backoff
+    if asked > policy.max_retry_after_s:
+        return None
+    return max(backoff, asked)
 
 
 def same_credentials(a: kopf.ConnectionInfo, b: kopf.ConnectionInfo) -> bool:
@@ -65,24 +143,49 @@ def _headers(info: kopf.ConnectionInfo, user_agent: str) -> dict[str, str]:
     return headers
 
 
+def _api_client(info: kopf.ConnectionInfo, *, user_agent: str, pool_size: int) -> kclient.ApiClient:
+    """The library's ApiClient for these credentials: TLS as Kopf's login made it (CA, client
+    certificate, insecure), the token or basic auth as default headers."""
+    cfg = kclient.Configuration(host=info.server.rstrip("/"))
+    cfg.connection_pool_maxsize = pool_size
+    api = kclient.ApiClient(cfg)
+    # The session (made lazily, inside the loop) uses this context for its connector.
+    api.rest_client.ssl_context = info.as_ssl_context()
+    api.default_headers.update(_headers(info, user_agent))
+    return api
+
+
+async def _close(api: kclient.ApiClient) -> None:
+    await api.close()  # type: ignore[no-untyped-call]
+
+
 class KubeClient:
-    """Raw JSON requests to the API server; `connect` must be called (by the login handler) first."""
+    """JSON requests to the API server; `connect` must be called (by the login handler) first."""
 
     def __init__(
-        self, *, user_agent: str = "finetune-operator", pool_size: int = 32, relogin_interval_s: float = 1.0
+        self,
+        *,
+        user_agent: str = "finetune-operator",
+        pool_size: int = 32,
+        relogin_interval_s: float = 1.0,
+        retry: RetryPolicy | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._user_agent = user_agent
         self._pool_size = pool_size
         self._relogin_interval_s = relogin_interval_s
+        self._retry = retry if retry is not None else RetryPolicy()
+        self._sleep = sleep
         self._info: kopf.ConnectionInfo | None = None
         self._relogin: Relogin | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._in_flight: dict[aiohttp.ClientSession, int] = {}
-        self._draining: set[aiohttp.ClientSession] = set()
+        self._api: kclient.ApiClient | None = None
+        self._in_flight: dict[kclient.ApiClient, int] = {}
+        self._draining: set[kclient.ApiClient] = set()
         self._relogin_lock: asyncio.Lock | None = None
         self._last_relogin: tuple[float, kopf.ConnectionInfo] | None = None
-        self.sessions_opened = 0  # for tests: aiohttp sessions made over the client's life
+        self.sessions_opened = 0  # for tests: ApiClients (each one aiohttp session) made over the client's life
         self.relogins = 0  # re-logins this client made itself, after a 401
+        self.retries = 0  # requests sent again after a 429 or 5xx
 
     @property
     def info(self) -> kopf.ConnectionInfo | None:
@@ -91,9 +194,8 @@ class KubeClient:
 
     @property
     def open_sessions(self) -> int:
-        """aiohttp sessions not yet closed: the current one and those still draining."""
-        current = 1 if self._session is not None and not self._session.closed else 0
-        return current + len(self._draining)
+        """Sessions not yet closed: the current one and those still draining."""
+        return (1 if self._api is not None else 0) + len(self._draining)
 
     @property
     def in_flight(self) -> int:
@@ -112,38 +214,34 @@ class KubeClient:
             self._info = info
             return
         self._info = info
-        old, self._session = self._session, None
+        old, self._api = self._api, None
         if old is not None:
             await self._retire(old)
 
-    async def _retire(self, session: aiohttp.ClientSession) -> None:
-        if self._in_flight.get(session, 0) > 0:
-            self._draining.add(session)
+    async def _retire(self, api: kclient.ApiClient) -> None:
+        if self._in_flight.get(api, 0) > 0:
+            self._draining.add(api)
             return
-        self._draining.discard(session)
-        self._in_flight.pop(session, None)
-        await session.close()
+        self._draining.discard(api)
+        self._in_flight.pop(api, None)
+        await _close(api)
 
-    def _ensure(self) -> tuple[aiohttp.ClientSession, str, kopf.ConnectionInfo]:
+    def _ensure(self) -> tuple[kclient.ApiClient, kopf.ConnectionInfo]:
         if self._info is None:
             raise RuntimeError("KubeClient is not connected: no credentials yet")
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._pool_size, ssl=self._info.as_ssl_context()),
-                headers=_headers(self._info, self._user_agent),
-                timeout=aiohttp.ClientTimeout(total=30, sock_connect=10),
-            )
+        if self._api is None:
+            self._api = _api_client(self._info, user_agent=self._user_agent, pool_size=self._pool_size)
             self.sessions_opened += 1
-        return self._session, self._info.server.rstrip("/"), self._info
+        return self._api, self._info
 
     async def close(self) -> None:
         """Closes every session (the operator's cleanup); a later request opens a new one."""
-        sessions = [*self._draining, *([self._session] if self._session is not None else [])]
+        clients = [*self._draining, *([self._api] if self._api is not None else [])]
         self._draining.clear()
         self._in_flight.clear()
-        self._session = None
-        for session in sessions:
-            await session.close()
+        self._api = None
+        for api in clients:
+            await _close(api)
 
     async def request(
         self,
@@ -154,50 +252,75 @@ class KubeClient:
         content_type: str = "application/json",
         params: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": content_type} if data is not None else {}
-        session, server, info = self._ensure()
-        try:
-            return await self._send(session, method, server, path, data=data, headers=headers, params=params)
-        except ApiError as exc:
-            if exc.status != 401 or not await self._reauthenticate(failed=info):
-                raise
-        session, server, _ = self._ensure()
-        return await self._send(session, method, server, path, data=data, headers=headers, params=params)
+        """One API call: retried after 429/5xx (see RetryPolicy), re-authenticated once after a 401."""
+        attempt = 1
+        reauthenticated = False
+        while True:
+            api, info = self._ensure()
+            try:
+                return await self._send(api, method, path, body=body, content_type=content_type, params=params)
+            except ApiError as exc:
+                if exc.status == 401 and not reauthenticated:
+                    reauthenticated = True
+                    if await self._reauthenticate(failed=info):
+                        continue
+                    raise
+                delay = retry_delay(error=exc, attempt=attempt, policy=self._retry)
+                if delay is None:
+                    raise
+                logger.info(
+                    "%s %s: %s; retry %d/%d in %.1f s",
+                    method, path, exc.status, attempt, self._retry.attempts - 1, delay,
+                )
+                attempt += 1
+                self.retries += 1
+                await self._sleep(delay)
 
     async def _send(
         self,
-        session: aiohttp.ClientSession,
+        api: kclient.ApiClient,
         method: str,
-        server: str,
         path: str,
         *,
-        data: str | None,
-        headers: Mapping[str, str],
+        body: Any,
+        content_type: str,
         params: Mapping[str, str] | None,
     ) -> dict[str, Any]:
-        self._in_flight[session] = self._in_flight.get(session, 0) + 1
+        self._in_flight[api] = self._in_flight.get(api, 0) + 1
         try:
-            async with session.request(
-                method, server + path, data=data, headers=headers, params=params
-            ) as resp:
-                text = await resp.text()
-                try:
-                    payload = json.loads(text) if text else {}
-                except json.JSONDecodeError:
+            verb, url, headers, data, _ = await api.param_serialize(
+                method=method,
+                resource_path=path,
+                query_params=list(params.items()) if params else None,
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=dict(body) if isinstance(body, Mapping) else body,
+            )
+            resp = await api.call_api(
+                verb, url, header_params=headers, body=data,
+                _request_timeout=aiohttp.ClientTimeout(total=30, sock_connect=10),
+            )
+            raw: bytes = await resp.read()  # type: ignore[no-untyped-call]
+            text = raw.decode("utf-8", errors="replace")
+            try:
+                payload = json.loads(text) if text else {}
+            except json.JSONDecodeError:
+                payload = {"message": text[:500]}
+            if resp.status >= 400:
+                if not isinstance(payload, dict):
                     payload = {"message": text[:500]}
-                if resp.status >= 400:
-                    raise ApiError(status=resp.status, method=method, path=path, body=payload)
-                return payload if isinstance(payload, dict) else {"items": payload}
+                raise ApiError(
+                    status=resp.status, method=method, path=path, body=payload, headers=dict(resp.headers)
+                )
+            return payload if isinstance(payload, dict) else {"items": payload}
         finally:
-            left = self._in_flight.get(session, 1) - 1
+            left = self._in_flight.get(api, 1) - 1
             if left > 0:
-                self._in_flight[session] = left
+                self._in_flight[api] = left
             else:
-                self._in_flight.pop(session, None)
-                if session in self._draining:
-                    self._draining.discard(session)
-                    await session.close()
+                self._in_flight.pop(api, None)
+                if api in self._draining:
+                    self._draining.discard(api)
+                    await _close(api)
 
     async def _reauthenticate(self, *, failed: kopf.ConnectionInfo) -> bool:
         """After a 401 with `failed`: True when other credentials are now in use (retry with them)."""
