@@ -41,6 +41,7 @@ __all__ = [
     "Phase",
     "RuntimeSpec",
     "Stage",
+    "WorkersStatus",
     "Writer",
     "WrittenBy",
     "operator_refusal",
@@ -130,7 +131,10 @@ class RuntimeSpec(config.SpecModel):
         default=1,
         ge=1,
         le=64,
-        description="Number of workers; values above 1 (multi-worker training) are not supported yet and fail the job.",
+        description=(
+            "Number of workers (pods). Above 1: multi-worker training (MultiWorkerMirroredStrategy) in a "
+            "JobSet, restarted as a group; output.path must be on a ReadWriteMany PersistentVolumeClaim."
+        ),
     )
     resources: Resources = Field(
         default_factory=dict,
@@ -258,6 +262,13 @@ class Condition(_StatusModel):
     message: str = Field(default="", max_length=32768, description="A human-readable explanation.")
 
 
+class WorkersStatus(_StatusModel):
+    """The workers of a multi-worker job (runtime.workers > 1): how many of its pods are ready."""
+
+    ready: int = Field(ge=0, description="Worker pods of the current attempt whose trainer is running and Ready.")
+    total: int = Field(ge=1, description="Workers of the job (spec.runtime.workers).")
+
+
 class FineTuneJobStatus(_StatusModel):
     """What the job is doing: phase, conditions, progress of the training and where the model is."""
 
@@ -300,7 +311,12 @@ class FineTuneJobStatus(_StatusModel):
         default=None, ge=0, description="Training throughput of the last epoch."
     )
     attempts: Annotated[int | None, _OPERATOR] = Field(
-        default=None, ge=0, description="Pods started so far (retries and resumes)."
+        default=None,
+        ge=0,
+        description="Pods started so far (retries and resumes); of a multi-worker job, starts of its worker group.",
+    )
+    workers: Annotated[WorkersStatus | None, _OPERATOR] = Field(
+        default=None, description="Ready and total workers of a multi-worker job (runtime.workers > 1)."
     )
     start_time: Annotated[str | None, _OPERATOR] = Field(
         default=None, json_schema_extra={"format": "date-time"}, description="When the first pod started."

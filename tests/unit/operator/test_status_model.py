@@ -91,7 +91,8 @@ def test_field_lists_come_from_the_model() -> None:
     # The lists that were written by hand before (status.OWNED_FIELDS, handlers._KEPT_STATUS,
     # progress._FINISH_STRIPPED), now derived from each field's WrittenBy.
     assert set(api.status_fields(writer="operator", only=True)) == {
-        "observedGeneration", "phase", "reason", "attempts", "startTime", "completionTime", "modelPath", "conditions",
+        "observedGeneration", "phase", "reason", "attempts", "workers", "startTime", "completionTime", "modelPath",
+        "conditions",
     }  # fmt: skip
     assert set(api.status_fields(writer="operator")) == {
         *api.status_fields(writer="operator", only=True), "progress", "etaSeconds", "message",
