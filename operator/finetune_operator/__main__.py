@@ -72,7 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     from finetune_operator import handlers  # registers the handlers with Kopf's default registry
 
-    handlers.configure(config=config)
     allow_api_server_nesting()
     priority = config.priority if config.priority is not None else random.randint(1, 1_000_000)
     kopf.run(
@@ -83,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         priority=priority,
         identity=peering.Identity(own_identity()),
         liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
+        memo=handlers.make_memo(config=config),  # the startup handler makes the Operator in it
     )
     return 0
 

@@ -7,9 +7,13 @@ the trainer's reports, `actions` makes the API calls. What lives here is their o
   Workload of a Job in
   memory. Kopf calls no handler before every index has its initial listing, so after a
   restart an existing Job is seen (and adopted) before anything could create a second one.
-- Every event only enqueues its FineTuneJob's key; one worker per key reconciles it (a key
-  enqueued while it runs is reconciled once more afterwards). A failed reconcile is retried
-  with backoff; a spec only the operator can reject becomes Failed/InvalidSpec, once.
+- Every event only enqueues its FineTuneJob's key into the reconcile `engine` (one worker per
+  key; a key enqueued while it runs is reconciled once more afterwards; a failed reconcile
+  is retried with backoff; timers for looking again). A spec only the operator can reject
+  becomes Failed/InvalidSpec, once.
+- The `Operator` (this state and the reconcile) lives in Kopf's memo: `make_memo` carries the
+  configuration into `kopf.run`, the startup handler makes the Operator there, and every
+  handler takes it from its `memo` (no module-global state).
 - Writes are few: the Job at creation (the spec the trainer reads rides in it, see
   `builders`), a status patch only when the operator-owned fields change (the first one at
   once, later ones coalesced over `--status-window`), a Job patch on suspend/resume (for a
@@ -34,25 +38,22 @@ import asyncio
 import datetime
 import json
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
-from finetune_operator import actions, api, builders, kube, metrics, status, tokens
+from finetune_operator import actions, api, builders, engine, kube, metrics, status, tokens
 from finetune_operator import settings as config_mod
 
-__all__ = ["STATE", "Operator", "configure"]
+__all__ = ["Operator", "make_memo", "operator_of"]
 
 logger = logging.getLogger("finetune_operator")
 
 MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
 GROUP, VERSION, PLURAL = api.API_GROUP, api.API_VERSION, api.PLURAL
 KUEUE_GROUP, KUEUE_VERSION = actions.KUEUE_GROUP, actions.KUEUE_VERSION
-RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
-WAIT_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # looking again at what an earlier FineTuneJob left
 
 Key = tuple[str, str]
 
@@ -102,11 +103,17 @@ def ftj_view(body: Mapping[str, Any]) -> FtjView:
 
 
 class Operator:
-    """The operator's in-memory state and its reconcile loop."""
+    """The operator's in-memory state and its reconcile; the queueing is the `engine`'s."""
 
-    def __init__(self) -> None:
-        self.config = config_mod.OperatorConfig()
-        self.client = kube.KubeClient(pool_size=64)
+    def __init__(
+        self,
+        *,
+        config: config_mod.OperatorConfig | None = None,
+        client: kube.KubeClient | None = None,
+        clock: engine.Clock | None = None,
+    ) -> None:
+        self.config = config if config is not None else config_mod.OperatorConfig()
+        self.client = client if client is not None else kube.KubeClient(pool_size=64)
         self.actions = actions.KubeActions(client=self.client)
         self.hub: Any = None  # progress.ProgressHub, once started
         self.ftjs: Any = None  # the Kopf indexes, captured from the first handler call
@@ -115,10 +122,6 @@ class Operator:
         self.workloads: Any = None
         self.kueue_installed: bool | None = None  # whether the cluster serves Kueue's Workload API (looked up once)
         self._active_sent: dict[str, bool] = {}  # FineTuneJob uid -> spec.active last written to its Workload
-        self._running: set[Key] = set()
-        self._dirty: set[Key] = set()
-        self._failures: dict[Key, int] = {}
-        self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._counted: dict[str, frozenset[str]] = {}  # FineTuneJob uid -> pods counted in attempts
         self._written: dict[str, dict[str, Any]] = {}  # FineTuneJob uid -> owned status fields last written
         self._registered: set[str] = set()  # FineTuneJob uids registered with the hub
@@ -128,9 +131,11 @@ class Operator:
         self._parsed: dict[str, tuple[int, api.FineTuneJobSpec | None, str | None]] = {}
         self._waits: dict[Key, int] = {}  # jobs waiting for an earlier FineTuneJob's objects: looks so far
         self._expired: dict[str, str] = {}  # FineTuneJob uid -> the uid of its Job deleted for its TTL
-        self._last_write: dict[str, float] = {}  # FineTuneJob uid -> monotonic time of the last status write
-        self._limit = asyncio.Semaphore(64)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_write: dict[str, float] = {}  # FineTuneJob uid -> clock time of the last status write
+        self.engine: engine.Engine[Key] = engine.Engine(
+            reconcile=self.reconcile, clock=clock, concurrency=64, on_failure=self._failed
+        )
+        self.clock = self.engine.clock
 
     # ----- queueing -----
 
@@ -139,50 +144,13 @@ class Operator:
         self.workloads = kwargs.get("workload_index")
 
     def enqueue(self, key: Key, *, delay: float = 0.0) -> None:
-        loop = asyncio.get_running_loop()
-        if delay > 0:
-            old = self._timers.pop(key, None)
-            if old is not None and old.when() <= loop.time() + delay:
-                self._timers[key] = old
-                return
-            if old is not None:
-                old.cancel()
-            self._timers[key] = loop.call_later(delay, self._fire, key)
-            return
-        if key in self._running:
-            self._dirty.add(key)
-            return
-        self._running.add(key)
-        self._spawn(self._worker(key))
+        """Reconcile the job now (once more, if a reconcile of it runs), or after `delay` s at the latest."""
+        self.engine.enqueue(key, delay=delay)
 
-    def _fire(self, key: Key) -> None:
-        self._timers.pop(key, None)
-        self.enqueue(key)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _worker(self, key: Key) -> None:
-        try:
-            while True:
-                self._dirty.discard(key)
-                try:
-                    async with self._limit:
-                        await self.reconcile(key)
-                    self._failures.pop(key, None)
-                except Exception as exc:
-                    count = self._failures.get(key, 0)
-                    self._failures[key] = count + 1
-                    delay = RETRY_DELAYS[min(count, len(RETRY_DELAYS) - 1)]
-                    metrics.reconcile_error(handler="reconcile")
-                    logger.error("reconcile %s/%s failed (retry in %.0fs): %s", *key, delay, exc)
-                    self.enqueue(key, delay=delay)
-                if key not in self._dirty:
-                    break
-        finally:
-            self._running.discard(key)
+    @staticmethod
+    def _failed(key: Key, exc: Exception, delay: float) -> None:
+        metrics.reconcile_error(handler="reconcile")
+        logger.error("reconcile %s/%s failed (retry in %.0fs): %s", *key, delay, exc)
 
     # ----- reading the indexes -----
 
@@ -450,7 +418,7 @@ class Operator:
         if status.diff(desired=outcome.status, current=previous):
             await self._apply(key, ftj, outcome, previous)
         # Their deletion events bring the job back sooner; this is the bound.
-        self.enqueue(key, delay=WAIT_DELAYS[min(looks, len(WAIT_DELAYS) - 1)])
+        self.enqueue(key, delay=engine.backoff(engine.WAIT_DELAYS, looks))
         return None
 
     def _leftovers(self, key: Key, uid: str) -> bool:
@@ -493,7 +461,7 @@ class Operator:
         last = self._last_write.get(uid)
         if last is None:
             return 0.0
-        return max(0.0, last + self.config.status_window_s - time.monotonic())
+        return max(0.0, last + self.config.status_window_s - self.clock.time())
 
     def _parse(self, name: str, ftj: FtjView) -> tuple[api.FineTuneJobSpec | None, str | None]:
         """`operator_refusal`, once per generation of a job."""
@@ -512,7 +480,7 @@ class Operator:
         if patch:
             await self.actions.patch_status(namespace=namespace, name=name, status=patch, source="reconcile")
             self._written.setdefault(ftj.uid, {}).update(patch)
-            self._last_write[ftj.uid] = time.monotonic()
+            self._last_write[ftj.uid] = self.clock.time()
         phase = outcome.status.get("phase")
         metrics.set_phase(namespace=namespace, name=name, phase=phase)
         if phase != previous.get("phase") and phase in status.TERMINAL:
@@ -541,25 +509,35 @@ class Operator:
             self.hub.finish(namespace=key[0], name=key[1])
 
     def forget(self, key: Key, uid: str) -> None:
-        """The FineTuneJob is gone: drop its memory, its hub state and its metric series."""
-        for table in (
-            self._counted, self._written, self._last_write, self._parsed, self._created, self._expired, self._active_sent
-        ):
-            table.pop(uid, None)
-        self._waits.pop(key, None)
-        self._registered.discard(uid)
-        self._announced.discard(uid)
-        self._finished.discard(uid)
-        self._failures.pop(key, None)
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-        if self.hub is not None:
-            self.hub.forget(namespace=key[0], name=key[1])
-        metrics.set_phase(namespace=key[0], name=key[1], phase=None)
-        metrics.forget_job(namespace=key[0], name=key[1])
+        """The FineTuneJob is gone: drop its memory, its hub state and its metric series.
 
-STATE = Operator()
+        A reconcile of it in flight finishes first; what that pass recorded is dropped again
+        after it (`engine.Engine.forget`).
+        """
+
+        def drop() -> None:
+            for table in (
+                self._counted, self._written, self._last_write, self._parsed, self._created, self._expired,
+                self._active_sent,
+            ):  # fmt: skip
+                table.pop(uid, None)
+            self._waits.pop(key, None)
+            self._registered.discard(uid)
+            self._announced.discard(uid)
+            self._finished.discard(uid)
+            if self.hub is not None:
+                self.hub.forget(namespace=key[0], name=key[1])
+            metrics.set_phase(namespace=key[0], name=key[1], phase=None)
+            metrics.forget_job(namespace=key[0], name=key[1])
+
+        self.engine.forget(key, cleanup=drop)
+
+    async def close(self) -> None:
+        """Stops the engine's workers and timers, the progress hub and the API client."""
+        await self.engine.close()
+        if self.hub is not None:
+            await self.hub.stop()
+        await self.client.close()
 
 
 class WatchOnlyDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
@@ -574,32 +552,44 @@ class WatchOnlyDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
         return {}
 
 
-def configure(*, config: config_mod.OperatorConfig) -> Operator:
-    """Sets the configuration before `kopf.run` (from `__main__`)."""
-    STATE.config = config
-    return STATE
+def make_memo(*, config: config_mod.OperatorConfig) -> kopf.Memo:
+    """Kopf's operator-wide memo for `kopf.run(memo=...)`: the configuration the startup handler reads."""
+    return kopf.Memo(config=config)
+
+
+def operator_of(memo: Any) -> Operator:
+    """The Operator the startup handler put into Kopf's memo (each object's memo is a copy of it)."""
+    op = memo.get("operator")
+    if not isinstance(op, Operator):
+        raise RuntimeError("no Operator in Kopf's memo: the startup handler has not run")
+    return op
 
 
 # ----- Kopf registrations -----
 
 
 @kopf.on.login()
-async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     """Kopf's login and re-login (after a 401 of its own): the kubeconfig or in-cluster token,
     read again each time (a rotated token file is picked up); our client swaps to it and
-    closes its old session. The client re-logs in the same way after a 401 of its own."""
+    closes its old session. The client re-logs in the same way after a 401 of its own.
+    Kopf runs it after the startup handlers, so the Operator is in the memo."""
 
     async def fresh() -> kopf.ConnectionInfo | None:
         return await asyncio.to_thread(kopf.login_via_client, **kwargs)
 
     info = await fresh()
     if info is not None:
-        await STATE.client.connect(info=info, relogin=fresh)
+        await operator_of(memo).client.connect(info=info, relogin=fresh)
     return info
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Kopf's settings, the Operator (into the memo, unless one is there), the progress hub and metrics."""
+    if not isinstance(memo.get("operator"), Operator):
+        memo.operator = Operator(config=memo.get("config"))
+    op = operator_of(memo)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=config_mod.PREFIX)
     settings.persistence.diffbase_storage = WatchOnlyDiffBaseStorage(
         prefix=config_mod.PREFIX, key="last-handled-configuration"
@@ -615,34 +605,34 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.label_selectors["batch", "v1", "jobs"] = selector
     settings.watching.label_selectors["", "v1", "pods"] = selector
     settings.batching.idle_timeout = 1.0  # per-object workers (and their queues) go away sooner: less memory
-    if STATE.config.peering:
-        settings.peering.name = STATE.config.peering
+    if op.config.peering:
+        settings.peering.name = op.config.peering
         settings.peering.mandatory = True
-        settings.peering.clusterwide = not STATE.config.namespaces
+        settings.peering.clusterwide = not op.config.namespaces
     from finetune_operator import progress
 
     hub = progress.ProgressHub(
-        patch_status=STATE.actions.patch_status,
-        authenticate=tokens.TokenChecker(client=STATE.client),
-        resolve=STATE.actions.resolve_job,
+        patch_status=op.actions.patch_status,
+        authenticate=tokens.TokenChecker(client=op.client),
+        resolve=op.actions.resolve_job,
     )
-    port = await hub.start(host=STATE.config.progress_host, port=STATE.config.progress_port)
+    port = await hub.start(host=op.config.progress_host, port=op.config.progress_port)
 
-    STATE.hub = hub
-    metrics_port = metrics.start_metrics_server(host=STATE.config.metrics_host, port=STATE.config.metrics_port)
+    op.hub = hub
+    metrics_port = metrics.start_metrics_server(host=op.config.metrics_host, port=op.config.metrics_port)
     logger.info(
         "finetune-operator: progress endpoint on port %s (advertised %s), metrics on port %s",
         port,
-        STATE.config.progress_url or "-",
+        op.config.progress_url or "-",
         metrics_port,
     )
 
 
 @kopf.on.cleanup()
-async def cleanup(**_: Any) -> None:
-    if STATE.hub is not None:
-        await STATE.hub.stop()
-    await STATE.client.close()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    op = memo.get("operator")
+    if isinstance(op, Operator):
+        await op.close()
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -688,30 +678,36 @@ async def workload_index(
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def ftj_event(event: kopf.RawEvent, namespace: str | None, name: str, uid: str, **kwargs: Any) -> None:
-    STATE.capture(kwargs)
+async def ftj_event(
+    event: kopf.RawEvent, namespace: str | None, name: str, uid: str, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    op = operator_of(memo)
+    op.capture(kwargs)
     if event.get("type") == "DELETED":
-        STATE.forget((namespace or "", name), uid)
+        op.forget((namespace or "", name), uid)
         return
-    STATE.enqueue((namespace or "", name))
+    op.enqueue((namespace or "", name))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={**MANAGED, builders.JOB_NAME_LABEL: kopf.PRESENT})
-async def job_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
-    STATE.capture(kwargs)
-    STATE.enqueue((namespace or "", labels[builders.JOB_NAME_LABEL]))
+async def job_event(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
+    op = operator_of(memo)
+    op.capture(kwargs)
+    op.enqueue((namespace or "", labels[builders.JOB_NAME_LABEL]))
 
 
 @kopf.on.event("", "v1", "pods", labels={**MANAGED, builders.JOB_NAME_LABEL: kopf.PRESENT})
-async def pod_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
-    STATE.capture(kwargs)
-    STATE.enqueue((namespace or "", labels[builders.JOB_NAME_LABEL]))
+async def pod_event(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
+    op = operator_of(memo)
+    op.capture(kwargs)
+    op.enqueue((namespace or "", labels[builders.JOB_NAME_LABEL]))
 
 
 @kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, "workloads")
-async def workload_event(namespace: str | None, body: kopf.Body, **kwargs: Any) -> None:
+async def workload_event(namespace: str | None, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     job = _workload_job(body)
     if job is None:
         return
-    STATE.capture(kwargs)
-    STATE.enqueue((namespace or "", job[0]))
+    op = operator_of(memo)
+    op.capture(kwargs)
+    op.enqueue((namespace or "", job[0]))

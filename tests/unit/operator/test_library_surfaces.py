@@ -36,7 +36,7 @@ STARTUP = """
 import asyncio, json, kopf
 from finetune_operator import handlers, settings
 
-handlers.configure(config=settings.OperatorConfig(
+memo = handlers.make_memo(config=settings.OperatorConfig(
     progress_host="127.0.0.1", progress_port=0, metrics_host="127.0.0.1", metrics_port=0))
 s = kopf.OperatorSettings()
 
@@ -44,7 +44,7 @@ def selectors(group, version, plural):
     return s.watching.label_selectors.collect(kopf.Resource(group, version, plural))
 
 async def main():
-    await handlers.startup(settings=s, logger=None)
+    await handlers.startup(settings=s, memo=memo, logger=None)
     try:
         print(json.dumps({
             "jobs": selectors("batch", "v1", "jobs"),
@@ -55,10 +55,11 @@ async def main():
             "finalizer": s.persistence.finalizer,
             "scanning_disabled": s.scanning.disabled,
             "posting_enabled": s.posting.enabled,
-            "hub": handlers.STATE.hub is not None,
+            "hub": handlers.operator_of(memo).hub is not None,
+            "progress_port": handlers.operator_of(memo).config.progress_port,
         }))
     finally:
-        await handlers.cleanup()
+        await handlers.cleanup(memo=memo)
 
 asyncio.run(main())
 """
@@ -82,6 +83,7 @@ def test_startup_sets_the_kopf_settings_it_relies_on() -> None:
     assert got["scanning_disabled"] is True
     assert got["posting_enabled"] is False
     assert got["hub"] is True
+    assert got["progress_port"] == 0  # the Operator in the memo was made from make_memo's configuration
 
 
 @pytest.fixture
@@ -125,11 +127,12 @@ async def test_login_reads_the_kubeconfig_and_the_client_sends_its_token(kubecon
         encoding="utf-8",
     )
     client = kube.KubeClient(user_agent="surface-test")
-    original = handlers.STATE.client
-    handlers.STATE.client = client
+    memo = kopf.Memo(operator=handlers.Operator(client=client))  # as the startup handler leaves it
     try:
         login: Any = handlers.login  # as Kopf calls it: keyword arguments, of which it takes what it needs
-        info = await maybe_await(login(logger=logging.getLogger("test"), settings=kopf.OperatorSettings()))
+        info = await maybe_await(
+            login(logger=logging.getLogger("test"), settings=kopf.OperatorSettings(), memo=memo)
+        )
         assert isinstance(info, kopf.ConnectionInfo)
         assert info.server == f"http://127.0.0.1:{port}"
         assert info.token == "tok-123"
@@ -137,7 +140,6 @@ async def test_login_reads_the_kubeconfig_and_the_client_sends_its_token(kubecon
             "/apis/x/v1/namespaces/n/things/t/status", {"status": {"a": 1}}
         )
     finally:
-        handlers.STATE.client = original
         await client.close()
         await runner.cleanup()
     assert answer_body == {"kind": "Status", "status": "Success"}
