@@ -231,8 +231,11 @@ _BOTH = WrittenBy(("operator", "progress"))  # the hub's while training, the ope
 
 class _StatusModel(BaseModel):
     # Forbid: a misspelt or unknown status field is a ValidationError here (and a mypy error
-    # where the model is constructed), not a key the API server silently prunes.
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    # where the model is constructed), not a key the API server silently prunes; a value set
+    # after construction is validated too.
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_assignment=True
+    )
 
 
 ConditionStatus = Literal["True", "False", "Unknown"]

@@ -5,6 +5,8 @@ bodies to the few fields the logic reads (the operator keeps only these in memor
 `kueue_wait` says what Kueue decided about a Job it holds; `derive` computes the operator-owned status fields
 (phase, reason, conditions, attempts, times, model path, message) and the events a
 transition deserves. The progress fields (stage, epoch, ...) belong to the progress hub.
+Every status it writes is an `api.FineTuneJobStatus` (typed: an unknown field is an error,
+not a key the API server prunes) dumped as a merge patch by `api.status_patch`.
 No I/O, no clock: `now` is passed in.
 """
 
@@ -71,17 +73,9 @@ KUEUE_DEACTIVATION_PREFIX = "DeactivatedDueTo"
 # Pending reasons of a job that has not been stopped: any other Pending reason of a Kueue-managed
 # job is an eviction (Preempted, PodsReadyTimeout, ClusterQueueStopped, ...).
 WAITING_REASONS = frozenset({"Waiting", "Queued", "Admitted", "Replacing"})
-OWNED_FIELDS = (
-    "observedGeneration",
-    "phase",
-    "reason",
-    "attempts",
-    "startTime",
-    "completionTime",
-    "modelPath",
-    "message",
-    "conditions",
-)
+# The status fields `derive` writes (progress and etaSeconds only once the job has finished,
+# message the hub's while it trains): from the model's WrittenBy, not a list of our own.
+OWNED_FIELDS = api.status_fields(writer="operator")
 
 
 def rfc3339(moment: datetime.datetime) -> str:
@@ -321,7 +315,11 @@ class Event:
 
 @dataclass(frozen=True)
 class Outcome:
-    """The result of `derive`: the operator-owned status fields, events, and bookkeeping."""
+    """The result of `derive`: the operator-owned status fields, events, and bookkeeping.
+
+    `status` is the merge patch of an `api.FineTuneJobStatus` (`api.status_patch`): JSON names,
+    a None value clears its field.
+    """
 
     status: dict[str, Any]
     events: tuple[Event, ...]
@@ -455,8 +453,8 @@ def creation_stalled(
 
 
 def _conditions(
-    *, phase: str, reason: str, message: str, generation: int, previous: Sequence[Mapping[str, Any]], now: str
-) -> list[dict[str, Any]]:
+    *, phase: api.Phase, reason: str, message: str, generation: int, previous: Sequence[Mapping[str, Any]], now: str
+) -> list[api.Condition]:
     """The `metav1.Condition`s of `phase`, keeping each one's lastTransitionTime while unchanged.
 
     What GitOps tools read (README, "GitOps"): kstatus decides on Reconciling=True
@@ -467,7 +465,7 @@ def _conditions(
     (Ready=False would keep a Flux `wait: true` waiting until its timeout) while
     `kubectl wait --for=condition=Ready` still waits for a model.
     """
-    truth = {
+    truth: dict[api.ConditionType, bool] = {
         "Ready": phase == "Succeeded",
         "Running": phase == "Running",
         "Complete": phase == "Succeeded",
@@ -481,7 +479,7 @@ def _conditions(
     for kind in api.CONDITION_TYPES:
         if kind == "Ready" and phase == "Suspended":
             continue
-        status = "True" if truth[kind] else "False"
+        status: api.ConditionStatus = "True" if truth[kind] else "False"
         if truth[kind]:
             cond_reason, cond_message = reason, message
         elif kind in ("Ready", "Reconciling"):
@@ -491,14 +489,14 @@ def _conditions(
         old = before.get(kind)
         since = old.get("lastTransitionTime") if old is not None and old.get("status") == status else None
         out.append(
-            {
-                "type": kind,
-                "status": status,
-                "observedGeneration": generation,
-                "lastTransitionTime": since or now,
-                "reason": cond_reason,
-                "message": cond_message,
-            }
+            api.Condition(
+                type=kind,
+                status=status,
+                observed_generation=generation,
+                last_transition_time=str(since or now),
+                reason=cond_reason,
+                message=cond_message,
+            )
         )
     return out
 
@@ -513,14 +511,14 @@ def invalid_spec(
     outcome was recorded). `etaSeconds` is cleared.
     """
     stamp = rfc3339(now)
-    status = {
-        "observedGeneration": generation,
-        "phase": "Failed",
-        "reason": reason,
-        "message": message,
-        "completionTime": previous.get("completionTime") or stamp,
-        "etaSeconds": None,
-        "conditions": _conditions(
+    written = api.FineTuneJobStatus(
+        observed_generation=generation,
+        phase="Failed",
+        reason=reason,
+        message=message,
+        completion_time=str(previous.get("completionTime") or stamp),
+        eta_seconds=None,
+        conditions=_conditions(
             phase="Failed",
             reason=reason,
             message=message,
@@ -528,9 +526,9 @@ def invalid_spec(
             previous=previous.get("conditions") or [],
             now=stamp,
         ),
-    }
+    )
     events = () if previous.get("phase") == "Failed" else (Event("Warning", "Failed", f"{reason}: {message}"),)
-    return Outcome(status=status, events=events, counted_pods=frozenset())
+    return Outcome(status=api.status_patch(written, writer="operator"), events=events, counted_pods=frozenset())
 
 
 def derive(
@@ -590,6 +588,7 @@ def derive(
     model_path: str | None = None
     completion: str | None = None
     stop_job = False
+    phase: api.Phase
     if job is None and blocked:
         phase, reason, message = "Pending", "Replacing", blocked
     elif job is None:
@@ -649,32 +648,32 @@ def derive(
     if phase == "Running" and prev_phase == "Running" and previous.get("message"):
         # While training, `message` is the progress hub's ("phase 2/2, epoch 4/10").
         shown = str(previous["message"])
-    status: dict[str, Any] = {
-        "observedGeneration": generation,
-        "phase": phase,
-        "reason": reason,
-        "attempts": attempts,
-        "message": shown,
-    }
-    start = previous.get("startTime") or (job.start_time if job is not None and attempts else None)
-    if start:
-        status["startTime"] = start
-    if completion:
-        status["completionTime"] = completion
-    if model_path:
-        status["modelPath"] = model_path
-        status["progress"] = 100
-        status["etaSeconds"] = 0
-    elif phase in ("Failed", "Suspended"):
-        status["etaSeconds"] = None  # no estimate holds for a job that is not training
-    status["conditions"] = _conditions(
+    written = api.FineTuneJobStatus(
+        observed_generation=generation,
         phase=phase,
         reason=reason,
-        message=message,
-        generation=generation,
-        previous=previous.get("conditions") or [],
-        now=stamp,
+        attempts=attempts,
+        message=shown,
+        conditions=_conditions(
+            phase=phase,
+            reason=reason,
+            message=message,
+            generation=generation,
+            previous=previous.get("conditions") or [],
+            now=stamp,
+        ),
     )
+    start = previous.get("startTime") or (job.start_time if job is not None and attempts else None)
+    if start:
+        written.start_time = str(start)
+    if completion:
+        written.completion_time = completion
+    if model_path:
+        written.model_path = model_path
+        written.progress = 100
+        written.eta_seconds = 0
+    elif phase in ("Failed", "Suspended"):
+        written.eta_seconds = None  # no estimate holds for a job that is not training: null clears it
 
     events: list[Event] = []
     retried = 0
@@ -704,7 +703,13 @@ def derive(
         retried = new_pods
         if phase == "Running":
             events.append(Event("Normal", "Retrying", f"attempt {attempts} started after {job.failed} failed"))
-    return Outcome(status=status, events=tuple(events), counted_pods=counted, retried=retried, stop_job=stop_job)
+    return Outcome(
+        status=api.status_patch(written, writer="operator"),
+        events=tuple(events),
+        counted_pods=counted,
+        retried=retried,
+        stop_job=stop_job,
+    )
 
 
 def diff(*, desired: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:

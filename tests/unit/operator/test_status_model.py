@@ -106,3 +106,13 @@ def test_every_status_field_is_in_the_crd() -> None:
     """What the model admits, the CRD keeps: no field of a write is pruned by the API server."""
     crd_fields = set(crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"])
     assert crd_fields == {f.alias or n for n, f in api.FineTuneJobStatus.model_fields.items()}
+
+
+def test_a_field_set_later_is_validated_and_recorded() -> None:
+    written = api.FineTuneJobStatus(phase="Running")
+    written.eta_seconds = None  # set, so the patch clears it
+    assert api.status_patch(written, writer="operator") == {"phase": "Running", "etaSeconds": None}
+    with pytest.raises(ValidationError):
+        written.progress = 101
+    with pytest.raises(ValueError, match="eta_secnds"):
+        written.eta_secnds = 3  # type: ignore[attr-defined]
