@@ -176,3 +176,21 @@ def test_retry_delay_is_pure_and_bounded() -> None:
     assert kube.retry_delay(error=error(429, **{"Retry-After": "soon"}), attempt=1, policy=policy) == 1.0
     assert kube.retry_delay(error=error(501), attempt=1, policy=policy) is None  # not implemented: final
     assert kube.retry_delay(error=error(409), attempt=1, policy=policy) is None
+
+
+async def test_requests_go_straight_to_the_server_whatever_the_proxy_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # the discard port: nothing answers there
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    server = Answers([(200, {})])
+    client = kube.KubeClient(retry=kube.RetryPolicy(attempts=1))
+    async with server as url:
+        await client.connect(info=kopf.ConnectionInfo(server=url, token="t"))
+        try:
+            got = await client.get("/api/v1/namespaces/n/configmaps/x")
+        finally:
+            await client.close()
+    assert got["metadata"] == {"name": "x"} and len(server.seen) == 1
