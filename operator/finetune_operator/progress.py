@@ -24,7 +24,9 @@ Every report passes, in order:
 8. a report older than the job's latest accepted one is stale (409).
 
 So whatever is accepted builds a status that the CRD's schema (`api.FineTuneJobStatus`)
-admits: no report can make a status write fail.
+admits: no report can make a status write fail. The status is that model itself
+(`progress_status`), dumped as a merge patch by `api.status_patch`: a field the model does
+not have, or one the operator owns, is an error here, never a key the API server prunes.
 
 Every outcome is counted in `finetune_progress_reports_total{result}`; a refused report
 changes nothing else.
@@ -74,7 +76,7 @@ from aiohttp import http_exceptions, web
 from finetune_trainer import config, protocol
 from pydantic import ValidationError
 
-from finetune_operator import metrics
+from finetune_operator import api, metrics
 
 if TYPE_CHECKING:
     from finetune_operator.tokens import Verdict
@@ -87,6 +89,7 @@ __all__ = [
     "Registration",
     "Resolve",
     "build_status",
+    "progress_status",
     "report_errors",
     "stage_plan",
 ]
@@ -145,7 +148,7 @@ Resolve = Callable[..., Awaitable[Registration | None]]
 
 _RECENT_EPOCHS = 5  # epoch durations the ETA averages over
 _MAX_WRITE_RETRIES = 5  # consecutive failed writes of one job before its pending status is dropped
-_FINISH_STRIPPED = ("progress", "etaSeconds", "message")  # the operator's final status owns these
+_FINISH_STRIPPED = api.shared_status_fields()  # progress, etaSeconds, message: the operator's final status owns these
 _MAX_LOOKED_UP = 4096  # entries of the lookup (negative) cache
 MAX_ETA_SECONDS = 10 * 366 * 86400  # etaSeconds is capped at ten years
 
@@ -167,7 +170,7 @@ class _Job:
     durations: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=_RECENT_EPOCHS))
     best_val_accuracy: float | None = None
     last_write_at: float | None = None
-    pending: dict[str, Any] | None = None
+    pending: api.FineTuneJobStatus | None = None
     failures: int = 0
     timer: asyncio.TimerHandle | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -456,7 +459,7 @@ class ProgressHub:
         stage_changed = job.stage is not None and report.stage != job.stage
         job.stage = report.stage
 
-        status = build_status(
+        status = progress_status(
             report=report,
             total_epochs=job.total_epochs,
             # The current stage's epochs once there is one (fine-tune epochs are slower).
@@ -465,7 +468,7 @@ class ProgressHub:
             best_val_accuracy=job.best_val_accuracy,
             now=now,
         )
-        total = int(status["totalEpochs"])
+        total = status.total_epochs or 0
         done = min(report.epochs_done, total) if total else 0
         if not job.resolved:  # per-job series come from the replica that reconciles the job
             metrics.observe_progress(
@@ -476,7 +479,7 @@ class ProgressHub:
                 progress_ratio=(done / total) if total else 0.0,
                 metrics=report.metrics,
                 images_per_second=report.images_per_second,
-                eta_seconds=status.get("etaSeconds"),
+                eta_seconds=status.eta_seconds,
                 timestamp=now,
             )
         job.pending = status
@@ -503,12 +506,11 @@ class ProgressHub:
             if status is None or self._jobs.get((job.namespace, job.name)) is not job:
                 return
             _cancel(job)
-            if job.finished:
-                status = {k: v for k, v in status.items() if k not in _FINISH_STRIPPED}
+            patch = api.status_patch(status, writer="progress", exclude=_FINISH_STRIPPED if job.finished else ())
             loop = asyncio.get_running_loop()
             job.last_write_at = loop.time()
             try:
-                await self._patch_status(namespace=job.namespace, name=job.name, status=status)
+                await self._patch_status(namespace=job.namespace, name=job.name, status=patch)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -641,7 +643,26 @@ def build_status(
     best_val_accuracy: float | None,
     now: float,
 ) -> dict[str, Any]:
-    """The progress fields of `status` for one report (pure).
+    """The progress fields of `status` for one report, as the merge patch the hub writes (pure)."""
+    typed = progress_status(
+        report=report,
+        total_epochs=total_epochs,
+        recent_epoch_seconds=recent_epoch_seconds,
+        best_val_accuracy=best_val_accuracy,
+        now=now,
+    )
+    return api.status_patch(typed, writer="progress")
+
+
+def progress_status(
+    *,
+    report: protocol.ProgressReport,
+    total_epochs: int,
+    recent_epoch_seconds: list[float],
+    best_val_accuracy: float | None,
+    now: float,
+) -> api.FineTuneJobStatus:
+    """The progress fields of `status` for one report, typed (pure).
 
     `total_epochs` is the job's plan from its spec (the report's own figure when 0);
     `progress` is the integer percent of planned epochs done, `etaSeconds` the remaining
@@ -661,25 +682,23 @@ def build_status(
         mean = sum(recent) / len(recent)
         eta = min(MAX_ETA_SECONDS, math.ceil(min((total - done) * mean, float(MAX_ETA_SECONDS))))
     stage_index = protocol.STAGES.index(report.stage) + 1
-    status: dict[str, Any] = {
-        "stage": report.stage,
-        "epoch": report.epoch,
-        "epochs": f"{report.epoch}/{report.stage_epochs}",
-        "totalEpochs": total,
-        "progress": progress,
-        "metrics": {k: _short(v) for k, v in report.metrics.items() if math.isfinite(v)},
-        "lastProgressTime": _rfc3339(now),
-    }
+    status = api.FineTuneJobStatus(
+        stage=report.stage,
+        epoch=report.epoch,
+        epochs=f"{report.epoch}/{report.stage_epochs}",
+        total_epochs=total,
+        progress=progress,
+        metrics={k: _short(v) for k, v in report.metrics.items() if math.isfinite(v)},
+        last_progress_time=_rfc3339(now),
+    )
     if report.event != "final":  # the operator's final status owns the message of a finished job
-        status["message"] = (
-            f"phase {stage_index}/{len(protocol.STAGES)}, epoch {report.epoch}/{report.stage_epochs}"
-        )
+        status.message = f"phase {stage_index}/{len(protocol.STAGES)}, epoch {report.epoch}/{report.stage_epochs}"
     if eta is not None:
-        status["etaSeconds"] = eta
+        status.eta_seconds = eta
     if best_val_accuracy is not None:
-        status["bestValAccuracy"] = _short(best_val_accuracy)
+        status.best_val_accuracy = _short(best_val_accuracy)
     if report.images_per_second is not None:
-        status["imagesPerSecond"] = round(report.images_per_second, 1)
+        status.images_per_second = round(report.images_per_second, 1)
     return status
 
 

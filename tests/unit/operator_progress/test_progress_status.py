@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from finetune_operator.progress import build_status
+from finetune_operator import api
+from finetune_operator.progress import build_status, progress_status
 from finetune_trainer import protocol
 from progress_helpers import report
 
@@ -82,3 +83,25 @@ def test_plan_from_the_report_when_the_job_has_none() -> None:
     status = status_for(report(epochs_done=2, total_epochs=4), total=0)
     assert status["totalEpochs"] == 4
     assert status["progress"] == 50
+
+
+def test_the_hubs_status_is_the_typed_model_and_only_its_own_fields() -> None:
+    """The write is `api.FineTuneJobStatus` dumped (`api.status_patch`): JSON names of model fields only,
+    none of them the operator's (phase, conditions, ...); the final status leaves out the shared ones."""
+    body = report(stage="head", epoch=2, stage_epochs=5, epochs_done=2, total_epochs=10)
+    typed = progress_status(
+        report=protocol.ProgressReport.model_validate(body),
+        total_epochs=10,
+        recent_epoch_seconds=[3.0],
+        best_val_accuracy=None,
+        now=1_700_000_000.0,
+    )
+    assert isinstance(typed, api.FineTuneJobStatus)
+    written = status_for(body, recent=[3.0])
+    assert written == api.status_patch(typed, writer="progress")
+    assert set(written) <= set(api.status_fields(writer="progress"))
+    assert not set(written) & set(api.status_fields(writer="operator", only=True))
+    assert {"progress", "etaSeconds", "message"} <= set(written)
+    assert set(api.shared_status_fields()) == {"progress", "etaSeconds", "message"}  # what finish() strips
+    with pytest.raises(ValueError, match="phase"):
+        api.status_patch(typed.model_copy(update={"phase": "Running"}), writer="progress")
