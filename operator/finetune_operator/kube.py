@@ -148,9 +148,11 @@ def _api_client(info: kopf.ConnectionInfo, *, user_agent: str, pool_size: int) -
     certificate, insecure), the token or basic auth as default headers."""
     cfg = kclient.Configuration(host=info.server.rstrip("/"))
     cfg.connection_pool_maxsize = pool_size
-    # Straight to the API server, as before: no HTTP(S)_PROXY or ~/.netrc from the environment
-    # (aiohttp's proxy bypass knows no NO_PROXY CIDRs, and a netrc could add credentials).
-    cfg.client_session_kwargs = {"trust_env": False}
+    # As Kopf's own requests go: straight to the API server unless Kopf's settings say
+    # otherwise (`settings.networking.trust_env`, off by default: no HTTP(S)_PROXY or ~/.netrc
+    # from the environment; aiohttp's proxy bypass knows no NO_PROXY CIDRs).
+    cfg.client_session_kwargs = {"trust_env": info.trust_env}
+    cfg.proxy = info.proxy_url
     api = kclient.ApiClient(cfg)
     # The session (made lazily, inside the loop) uses this context for its connector.
     api.rest_client.ssl_context = info.as_ssl_context()
