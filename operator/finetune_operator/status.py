@@ -37,6 +37,7 @@ __all__ = [
     "diff",
     "invalid_spec",
     "job_view",
+    "jobset_view",
     "kueue_wait",
     "parse_time",
     "pod_view",
@@ -64,6 +65,8 @@ MAX_REASON_LENGTH = 64
 MAX_MESSAGE_LENGTH = 1024
 MAX_SUMMARY_CHARS = 16 * 1024  # the kubelet keeps 4 KiB of a termination message; more is not a summary
 TERMINAL = frozenset({"Succeeded", "Failed"})
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+KILLED_EXIT_CODES = frozenset({137, 143})  # SIGKILL, SIGTERM: a worker stopped with its group, not the one that failed
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # Kueue's Evicted reasons (apis/kueue/v1beta1 workload_types.go): "Deactivated" when someone set
 # spec.active to false (the operator, for spec.suspend); "DeactivatedDueTo<Cause>" when Kueue did
@@ -107,6 +110,13 @@ class JobView:
     # condition type -> (reason, message, lastTransitionTime), only for conditions with status True
     conditions: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
     queue_name: str | None = None  # its kueue.x-k8s.io/queue-name label: Kueue manages it
+    kind: str = "Job"  # or "JobSet" (runtime.workers > 1, `jobset_view`)
+    workers: int = 1  # pods it runs at once (a JobSet: all its workers)
+    restarts: int = 0  # a JobSet's status.restarts: group restarts after a failure
+
+    @property
+    def is_jobset(self) -> bool:
+        return self.kind == "JobSet"
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,8 @@ class PodView:
     waiting_message: str = ""
     unschedulable_message: str | None = None
     deleted: bool = False
+    worker_index: int | None = None  # its completion index (an Indexed Job's pod: a JobSet's worker)
+    ready: bool = False  # its Ready condition is True
 
     @property
     def started(self) -> bool:
@@ -187,9 +199,13 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
             waiting_reason = (state["waiting"] or {}).get("reason")
             waiting_message = str((state["waiting"] or {}).get("message") or "")
     unschedulable = None
+    ready = False
     for cond in status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
             unschedulable = str(cond.get("message") or "no node fits the pod")
+        if cond.get("type") == "Ready" and cond.get("status") == "True":
+            ready = True
+    index = str((meta.get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION) or "")
     return PodView(
         uid=str(meta.get("uid", "")),
         name=str(meta.get("name", "")),
@@ -204,6 +220,54 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
         waiting_message=waiting_message,
         unschedulable_message=unschedulable,
         deleted=bool(meta.get("deletionTimestamp")),
+        worker_index=int(index) if index.isdigit() else None,
+        ready=ready,
+    )
+
+
+# A JobSet's conditions the status logic reads, as a Job's (only these: JobSet's startup-policy
+# conditions say nothing about the pods).
+_JOBSET_CONDITIONS = {"Completed": "Complete", "Failed": "Failed", "Suspended": "Suspended"}
+
+
+def jobset_view(body: Mapping[str, Any]) -> JobView:
+    """A JobSet (jobset.x-k8s.io/v1alpha2) as the status logic reads a Job: its group's state.
+
+    Completed -> Complete, Failed, Suspended (conditions that are True); `failed` counts the
+    worker groups that failed (status.restarts, plus the last one once the JobSet Failed),
+    `succeeded` is 1 once Completed, `active` the child Jobs with a pod running or pending,
+    `workers` the pods of all replicated Jobs. JobSet has no start time of its own.
+    """
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    conditions = {
+        _JOBSET_CONDITIONS[str(c.get("type"))]: (
+            str(c.get("reason") or ""), str(c.get("message") or ""), str(c.get("lastTransitionTime") or "")
+        )
+        for c in status.get("conditions") or []
+        if c.get("status") == "True" and str(c.get("type")) in _JOBSET_CONDITIONS
+    }  # fmt: skip
+    workers = 0
+    for rjob in spec.get("replicatedJobs") or []:
+        job_spec = ((rjob or {}).get("template") or {}).get("spec") or {}
+        workers += int(rjob.get("replicas") or 1) * int(job_spec.get("parallelism") or 1)
+    groups = status.get("replicatedJobsStatus") or []
+    restarts = int(status.get("restarts") or 0)
+    return JobView(
+        uid=str(meta.get("uid", "")),
+        suspend=bool(spec.get("suspend")),
+        active=sum(int(g.get("active") or 0) for g in groups),
+        ready=sum(int(g.get("ready") or 0) for g in groups),
+        failed=restarts + (1 if "Failed" in conditions else 0),
+        succeeded=1 if "Complete" in conditions else 0,
+        completion_time=conditions["Complete"][2] if "Complete" in conditions else None,
+        created=meta.get("creationTimestamp"),
+        conditions=conditions,
+        queue_name=_queue_name(body),
+        kind="JobSet",
+        workers=max(workers, 1),
+        restarts=restarts,
     )
 
 
@@ -397,6 +461,54 @@ def _failure(job: JobView, pods: Sequence[PodView]) -> tuple[str, str]:
     return _reason(reason, "Failed"), _short(message) or "the batch Job failed"
 
 
+def _failed_worker(pods: Sequence[PodView]) -> PodView | None:
+    """The worker that failed its group: the last to end with a failure of its own.
+
+    Workers stopped with their group (SIGTERM, SIGKILL: 143, 137) come after the others; a
+    worker that succeeded never is the one.
+    """
+    failed = [p for p in pods if p.exit_code not in (None, 0)]
+    if not failed:
+        return None
+    return max(failed, key=lambda p: (p.exit_code not in KILLED_EXIT_CODES, p.finished_at or "", p.created or ""))
+
+
+def _group_failure(job: JobView, pods: Sequence[PodView], children: Sequence[JobView]) -> tuple[str, str]:
+    """(reason, message) of a failed JobSet: its failed worker's own words first.
+
+    JobSet fails the group at once (FailJobSetFailurePolicyAction) when a child Job failed
+    through its pod failure policy (the trainer's exit code 2, 3 or 4) or ran past its
+    deadline; after `maxRestarts` restarts it fails with ReachedMaxRestarts (BackoffLimitExceeded
+    here, as for a Job). The worker's termination message is untrusted: `_summary`/`_short`.
+    """
+    reason, message, _ = job.conditions.get("Failed") or ("Failed", "", "")
+    worker = _failed_worker(pods)
+    summary = _summary(worker)
+    child_reasons = {c.conditions["Failed"][0] for c in children if "Failed" in c.conditions}
+    who = f"worker {worker.worker_index if worker.worker_index is not None else '?'} (pod {worker.name})" if worker else ""
+    code = worker.exit_code if worker is not None else None
+    detail = _short(summary.message if summary else (worker.termination_message if worker else ""), 512)
+    if reason == "FailJobSetFailurePolicyAction":
+        if code in EXIT_REASONS:
+            named = EXIT_REASONS[code if code is not None else -1]
+            if summary is not None and summary.reason not in ("", "Error", "Succeeded"):
+                named = summary.reason
+            return named, _short(f"{who}: {detail or f'trainer exited with code {code}'}")
+        if "DeadlineExceeded" in child_reasons:
+            return "DeadlineExceeded", "a worker group ran past runtime.activeDeadlineSeconds"
+        return "Failed", _short(f"{message or 'the JobSet failed'}; {who} exit code {code}" if worker else message)
+    if reason == "ReachedMaxRestarts":
+        tail = f"; last failure: {who}, exit code {code}" if worker is not None else ""
+        tail += f": {detail}" if worker is not None and detail else ""
+        groups = job.restarts + 1
+        restarts = "no restarts" if job.restarts == 0 else f"{job.restarts} restart{'' if job.restarts == 1 else 's'}"
+        return "BackoffLimitExceeded", _short(
+            f"{groups} attempt{'' if groups == 1 else 's'} of the worker group failed ({restarts}), "
+            f"backoff limit reached{tail}"
+        )
+    return _reason(reason, "Failed"), _short(message) or "the JobSet failed"
+
+
 def _attempts_failed(failed: int) -> str:
     """"1 attempt failed (no retries)", "3 attempts failed (2 retries)"."""
     if failed <= 0:
@@ -546,8 +658,10 @@ def derive(
     blocked: str | None = None,
     workload: WorkloadView | None = None,
     kueue_installed: bool = True,
+    workers: int = 1,
+    child_jobs: Sequence[JobView] = (),
 ) -> Outcome:
-    """The operator-owned status of a FineTuneJob from its Job and pods.
+    """The operator-owned status of a FineTuneJob from its Job (or JobSet) and pods.
 
     `previous` is the FineTuneJob's current status. Succeeded and Failed are final: once
     written they never change. `counted_pods` are the pods already counted in `attempts`
@@ -563,11 +677,19 @@ def derive(
     `kueue_installed` False when the cluster serves no Workload API), e.g. Queued with the
     insufficient-quota message, or Preempted (a Warning event) until Kueue admits it again,
     when it is Running again (a Resumed event).
+
+    `workers > 1`: `job` is the JobSet (`jobset_view`), `pods` all its workers' and
+    `child_jobs` its Jobs. `attempts` counts starts of the worker group, i.e. of its chief
+    (worker 0): a group restart or a resume starts a new chief, a single worker never starts
+    alone; after an operator restart the JobSet's `status.restarts` bounds it from below.
+    `workers` {ready, total} is written; a failure names the worker that failed.
     """
     prev_phase = previous.get("phase")
     stamp = rfc3339(now)
     live = [p for p in pods if not p.deleted or p.exit_code is not None]
-    started = {p.uid for p in live if p.started}
+    group = workers > 1 or (job is not None and job.is_jobset)
+    counting = [p for p in live if p.worker_index in (None, 0)] if group else live
+    started = {p.uid for p in counting if p.started}
     attempts = int(previous.get("attempts") or 0)
     if counted_pods is None:
         counted = frozenset(started)
@@ -575,7 +697,7 @@ def derive(
         if job is not None:
             # Pods that ended while the operator was away and are gone since (pod GC, a node
             # lost) are still in the Job controller's counters.
-            in_flight = sum(1 for p in live if p.started and p.exit_code is None)
+            in_flight = sum(1 for p in counting if p.started and p.exit_code is None)
             attempts = max(attempts, job.failed + job.succeeded + in_flight)
         new_pods = 0
     else:
@@ -596,13 +718,13 @@ def derive(
         phase, reason, message = "Pending", "Waiting", "waiting for the trainer pod to start"
     elif "Complete" in job.conditions or "SuccessCriteriaMet" in job.conditions:
         phase, reason = "Succeeded", "Succeeded"
-        summary = _summary(_last_finished(pods))
+        summary = _summary(_last_finished([p for p in pods if p.worker_index in (None, 0)] if group else pods))
         model_path = (summary.model_path if summary else None) or f"{output_path.rstrip('/')}/model.keras"
         message = f"model saved to {model_path}"
         completion = job.completion_time or stamp
     elif "Failed" in job.conditions:
         phase = "Failed"
-        reason, message = _failure(job, pods)
+        reason, message = _group_failure(job, pods, child_jobs) if job.is_jobset else _failure(job, pods)
         completion = job.conditions["Failed"][2] or job.completion_time or stamp
     elif suspend or job.suspend or "Suspended" in job.conditions:
         if suspend:
@@ -617,7 +739,8 @@ def derive(
                 # Evicted, now queued or admitted again: the reason stays (Preempted) until it runs again.
                 reason = str(last)
         else:
-            phase, reason, message = "Pending", "Queued", "the batch Job is suspended (e.g. waiting for admission by Kueue)"
+            what = "JobSet" if job.is_jobset else "batch Job"
+            phase, reason, message = "Pending", "Queued", f"the {what} is suspended (e.g. waiting for admission by Kueue)"
     else:
         stuck = _stuck(live, now=now, timeout_s=pending_timeout_s)
         running = [p for p in live if p.phase == "Running" and p.running_since is not None and not p.deleted]
@@ -628,6 +751,9 @@ def derive(
             phase, (reason, message) = "Failed", stuck
             completion = stamp
             stop_job = True
+        elif running and group:
+            phase, reason = "Running", "Training"
+            message = f"attempt {attempts}: {len(running)}/{max(workers, job.workers)} workers running"
         elif running:
             phase, reason = "Running", "Training"
             message = f"attempt {attempts}: pod {running[0].name} running"
@@ -638,6 +764,9 @@ def derive(
                 phase = "Running"
                 reason = str(previous.get("reason") or "Training")
                 message = str(previous.get("message") or "finishing")
+            elif group:
+                phase, reason = "Running", "Retrying"
+                message = f"attempt {attempts} failed; the JobSet restarts all {max(workers, job.workers)} workers"
             else:
                 phase, reason = "Running", "Retrying"
                 message = f"attempt {attempts} failed; waiting for the next pod"
@@ -663,7 +792,15 @@ def derive(
             now=stamp,
         ),
     )
+    if group:
+        ready = sum(1 for p in live if p.ready and p.phase == "Running" and not p.deleted)
+        total = max(workers, job.workers if job is not None else 1)
+        written.workers = api.WorkersStatus(ready=0 if phase in TERMINAL else ready, total=total)
     start = previous.get("startTime") or (job.start_time if job is not None and attempts else None)
+    if group and not start and attempts:
+        # JobSet keeps no start time: the first worker's.
+        firsts = sorted(str(p.running_since or p.start_time) for p in counting if p.started and (p.running_since or p.start_time))
+        start = firsts[0] if firsts else stamp
     if start:
         written.start_time = str(start)
     if completion:
