@@ -1,4 +1,9 @@
-"""The operator's configuration: command-line flags, each with an environment fallback."""
+"""The operator's configuration: command-line flags, most with an environment fallback.
+
+A flag wins over its environment variable (`ENVIRONMENT`), which wins over the default.
+`--priority` and `--verbose` have no environment variable. The default `--run-as-user` is
+65532, the uid the images run as (the Dockerfile's `USER`, deploy/base and the Helm chart).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,30 @@ import argparse
 import os
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-__all__ = ["DEFAULT_TRAINER_IMAGE", "OperatorConfig", "parse_args"]
+__all__ = ["DEFAULT_RUN_AS_USER", "DEFAULT_TRAINER_IMAGE", "ENVIRONMENT", "OperatorConfig", "parse_args"]
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-dev/finetune-trainer:0.1.0"
+DEFAULT_RUN_AS_USER = 65532  # the images' uid: the Dockerfile's USER 65532:65532
 PREFIX = "finetune.dev"
+
+# flag -> the environment variable read when the flag is not given
+ENVIRONMENT = {
+    "--namespace": "FINETUNE_NAMESPACES",
+    "--trainer-image": "FINETUNE_TRAINER_IMAGE",
+    "--trainer-command": "FINETUNE_TRAINER_COMMAND",
+    "--progress-host": "FINETUNE_PROGRESS_HOST",
+    "--progress-port": "FINETUNE_PROGRESS_PORT",
+    "--progress-url": "FINETUNE_PROGRESS_URL",
+    "--metrics-host": "FINETUNE_METRICS_HOST",
+    "--metrics-port": "FINETUNE_METRICS_PORT",
+    "--health-port": "FINETUNE_HEALTH_PORT",
+    "--pending-timeout": "FINETUNE_PENDING_TIMEOUT",
+    "--status-window": "FINETUNE_STATUS_WINDOW",
+    "--run-as-user": "FINETUNE_RUN_AS_USER",
+    "--peering": "FINETUNE_PEERING",
+}
 
 
 @dataclass(frozen=True)
@@ -28,64 +51,113 @@ class OperatorConfig:
     metrics_port: int = 8080
     health_port: int = 8082
     pending_timeout_s: float = 600.0
-    run_as_user: int = 1000
+    run_as_user: int = DEFAULT_RUN_AS_USER
     status_window_s: float = 1.0
     peering: str | None = None
     priority: int | None = None
     verbose: bool = False
-    extra: Mapping[str, str] = field(default_factory=dict)
 
 
-def parse_args(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None = None) -> OperatorConfig:
-    """Flags win over the environment, which wins over the defaults."""
+def parse_args(
+    argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None = None
+) -> OperatorConfig:
+    """Flags win over the environment (`ENVIRONMENT`), which wins over the defaults."""
     env = os.environ if environ is None else environ
+
+    def fallback(flag: str, default: str) -> str:
+        return env.get(ENVIRONMENT[flag], default)
+
+    def said(flag: str, text: str = "") -> str:
+        return f"{text}{'; ' if text else ''}env {ENVIRONMENT[flag]}"
+
     p = argparse.ArgumentParser(prog="finetune-operator", description="Runs FineTuneJobs as batch/v1 Jobs.")
     p.add_argument(
         "--namespace",
         action="append",
         default=None,
-        help="namespace to watch (repeatable; default all; env FINETUNE_NAMESPACES, comma-separated)",
+        help=said("--namespace", "namespace to watch (repeatable; default all)") + ", comma-separated",
     )
-    p.add_argument("--trainer-image", default=env.get("FINETUNE_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE))
+    p.add_argument(
+        "--trainer-image",
+        default=fallback("--trainer-image", DEFAULT_TRAINER_IMAGE),
+        help=said("--trainer-image"),
+    )
     p.add_argument(
         "--trainer-command",
-        default=env.get("FINETUNE_TRAINER_COMMAND", "finetune-train"),
-        help="program (and leading args) the trainer container runs before `--config FILE`; for tests",
+        default=fallback("--trainer-command", "finetune-train"),
+        help=said(
+            "--trainer-command",
+            "program (and leading args) the trainer container runs before `--config FILE`; for tests",
+        ),
     )
-    p.add_argument("--progress-host", default=env.get("FINETUNE_PROGRESS_HOST", "0.0.0.0"))
-    p.add_argument("--progress-port", type=int, default=int(env.get("FINETUNE_PROGRESS_PORT", "8081")))
+    p.add_argument(
+        "--progress-host", default=fallback("--progress-host", "0.0.0.0"), help=said("--progress-host")
+    )
+    p.add_argument(
+        "--progress-port",
+        type=int,
+        default=int(fallback("--progress-port", "8081")),
+        help=said("--progress-port"),
+    )
     p.add_argument(
         "--progress-url",
-        default=env.get("FINETUNE_PROGRESS_URL") or None,
-        help="the progress URL trainer pods are given (env FINETUNE_PROGRESS_URL); unset: no progress reports",
+        default=fallback("--progress-url", "") or None,
+        help=said("--progress-url", "the progress URL trainer pods are given; unset: no progress reports"),
     )
-    p.add_argument("--metrics-host", default=env.get("FINETUNE_METRICS_HOST", "0.0.0.0"))
-    p.add_argument("--metrics-port", type=int, default=int(env.get("FINETUNE_METRICS_PORT", "8080")))
-    p.add_argument("--health-port", type=int, default=int(env.get("FINETUNE_HEALTH_PORT", "8082")))
+    p.add_argument(
+        "--metrics-host", default=fallback("--metrics-host", "0.0.0.0"), help=said("--metrics-host")
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(fallback("--metrics-port", "8080")),
+        help=said("--metrics-port"),
+    )
+    p.add_argument(
+        "--health-port", type=int, default=int(fallback("--health-port", "8082")), help=said("--health-port")
+    )
     p.add_argument(
         "--pending-timeout",
         type=float,
-        default=float(env.get("FINETUNE_PENDING_TIMEOUT", "600")),
-        help="seconds a pod may wait on its image or on scheduling before the job fails (0: forever)",
+        default=float(fallback("--pending-timeout", "600")),
+        help=said(
+            "--pending-timeout",
+            "seconds a pod may wait on its image or on scheduling before the job fails (0: forever)",
+        ),
     )
     p.add_argument(
         "--status-window",
         type=float,
-        default=float(env.get("FINETUNE_STATUS_WINDOW", "1.0")),
-        help="seconds over which non-final status changes of a job are coalesced into one write (0: none)",
+        default=float(fallback("--status-window", "1.0")),
+        help=said(
+            "--status-window",
+            "seconds over which non-final status changes of a job are coalesced into one write (0: none)",
+        ),
     )
-    p.add_argument("--run-as-user", type=int, default=int(env.get("FINETUNE_RUN_AS_USER", "1000")))
+    p.add_argument(
+        "--run-as-user",
+        type=int,
+        default=int(fallback("--run-as-user", str(DEFAULT_RUN_AS_USER))),
+        help=said(
+            "--run-as-user",
+            f"uid and gid of the trainer pods (default {DEFAULT_RUN_AS_USER}, the images' uid)",
+        ),
+    )
     p.add_argument(
         "--peering",
-        default=env.get("FINETUNE_PEERING") or None,
-        help="Kopf peering object for running several replicas (needs deploy/base/peering.yaml)",
+        default=fallback("--peering", "") or None,
+        help=said(
+            "--peering", "Kopf peering object for running several replicas (needs deploy/base/peering.yaml)"
+        ),
     )
-    p.add_argument("--priority", type=int, default=None, help="Kopf peering priority (default: random)")
-    p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument(
+        "--priority", type=int, default=None, help="Kopf peering priority (default: random; no env)"
+    )
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging (no env)")
     args = p.parse_args(argv)
     namespaces = args.namespace
     if namespaces is None:
-        namespaces = [n.strip() for n in env.get("FINETUNE_NAMESPACES", "").split(",") if n.strip()]
+        namespaces = [n.strip() for n in fallback("--namespace", "").split(",") if n.strip()]
     return OperatorConfig(
         namespaces=tuple(namespaces),
         trainer_image=args.trainer_image,
