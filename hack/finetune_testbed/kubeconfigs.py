@@ -66,8 +66,8 @@ def token_kubeconfig(
 ) -> dict[str, Any]:
     """A kubeconfig of `user` on `cluster` (a kubeconfig's cluster entry: server and CA) with a
     bearer token: `token` inline, else read from `token_file`."""
-    if (token is None) == (token_file is None):
-        raise ValueError("give exactly one of token and token_file")
+    if token is None and token_file is None:
+        raise ValueError("a token or a token file is needed")
     credentials = {"token": token} if token is not None else {"tokenFile": str(token_file)}
     return _config(cluster=cluster, user=user, credentials=credentials, context=context, namespace=namespace)
 

@@ -11,9 +11,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from finetune_testbed import polling
+from finetune_testbed.net import free_port
 
 __all__ = [
     "Prometheus",
@@ -35,24 +35,14 @@ __all__ = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_until(
     predicate: Callable[[], Any], *, timeout: float, interval: float = 0.2, what: str = "condition"
 ) -> Any:
     """Polls `predicate` until it returns something truthy; returns that, or fails after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    try:
+        return polling.wait_until(predicate, timeout=timeout, what=what, interval=interval)
+    except polling.WaitTimeout:
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}") from None
 
 
 def write_images(root: Path, *, per_class: int, seed: int, size: int = 32) -> Path:

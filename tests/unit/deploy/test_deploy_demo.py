@@ -10,7 +10,6 @@ operator the demo starts watches every namespace and is stopped by `hack/cluster
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
@@ -29,12 +28,9 @@ STORAGE = ROOT / "examples" / "quickstart-storage.yaml"
 
 @pytest.fixture(scope="module")
 def demo() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("finetune_demo", ROOT / "hack" / "demo.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["finetune_demo"] = module
-    spec.loader.exec_module(module)
-    return module
+    from finetune_testbed import demo
+
+    return demo
 
 
 def test_quickstart_is_one_finetunejob_the_trainer_accepts() -> None:
