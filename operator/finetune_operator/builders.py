@@ -32,7 +32,7 @@ from typing import Any
 
 from finetune_trainer import distribute, protocol
 
-from finetune_operator import api
+from finetune_operator import api, settings
 
 __all__ = [
     "CONFIG_DIR",
@@ -232,7 +232,7 @@ def build_pod_template(
     default_image: str,
     progress_url: str | None,
     trainer_command: Sequence[str] = ("finetune-train",),
-    run_as_user: int = 1000,
+    run_as_user: int = settings.DEFAULT_RUN_AS_USER,
     raw_spec: Mapping[str, Any] | None = None,
     extra_env: Sequence[Mapping[str, Any]] = (),
     extra_ports: Sequence[Mapping[str, Any]] = (),
@@ -344,7 +344,7 @@ def build_job(
     default_image: str,
     progress_url: str | None,
     trainer_command: Sequence[str] = ("finetune-train",),
-    run_as_user: int = 1000,
+    run_as_user: int = settings.DEFAULT_RUN_AS_USER,
     raw_spec: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job that runs the trainer, named like the FineTuneJob.
@@ -407,7 +407,7 @@ def build_jobset(
     default_image: str,
     progress_url: str | None,
     trainer_command: Sequence[str] = ("finetune-train",),
-    run_as_user: int = 1000,
+    run_as_user: int = settings.DEFAULT_RUN_AS_USER,
     raw_spec: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JobSet (jobset.x-k8s.io/v1alpha2) of a FineTuneJob with `runtime.workers > 1`, named like it.
