@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help setup deps-debian prereqs control-plane gotools kueue jobset helm helm-files images lint crds test test-unit test-lowest test-integration test-e2e test-chaos \
+.PHONY: help setup deps-debian prereqs control-plane gotools kueue jobset helm kustomize helm-files images lint crds test test-unit test-lowest test-integration test-e2e test-chaos \
         bench demo cluster-up cluster-down clean
 
 help:
@@ -65,6 +65,11 @@ gotools:
 helm:
 	hack/build-helm.sh >/dev/null
 
+## kustomize: build (once per version, cached) the standalone kustomize v5.7.1, the release `kubectl
+## kustomize` of Kubernetes v1.34 embeds: the unit tier renders deploy/ with it (no control plane needed)
+kustomize:
+	hack/build-kustomize.sh >/dev/null
+
 ## helm-files: refresh the chart's copies of deploy/'s files it renders from (the ClusterRoles' rules, the
 ## alerts, the dashboard); tests/unit/helm fails while a copy differs from its source
 HELM_CHART := deploy/helm/finetune-operator
@@ -82,14 +87,14 @@ IMAGES_IF_CONTAINERS := $(if $(filter process,$(FTO_PODS)),,images)
 
 lint: setup
 	$(VENV)/bin/ruff check operator trainer tests hack
-	$(VENV)/bin/mypy operator/finetune_operator trainer/finetune_trainer
+	$(VENV)/bin/mypy operator/finetune_operator trainer/finetune_trainer hack/finetune_testbed
 
 ## crds: the FineTuneJob CRD from operator/finetune_operator/api.py, into crds/ and the Helm chart's crds/
 crds: setup
 	$(PY) -m finetune_operator.crd --output crds/finetune.dev_finetunejobs.yaml
 	cp crds/finetune.dev_finetunejobs.yaml $(HELM_CHART)/crds/finetune.dev_finetunejobs.yaml
 
-test-unit: setup control-plane gotools helm
+test-unit: setup kustomize gotools helm
 	$(PYTEST) -q tests/unit
 
 ## test-lowest: unit tests with every direct dependency at its lower bound (uv --resolution
@@ -129,7 +134,7 @@ test-chaos: setup control-plane kueue jobset
 ## k8s.io packages from the Go build cache). Seconds when everything is cached.
 prereqs: setup deps-debian
 	@mkdir -p build; hack/build-images.sh >build/images.log 2>&1 & images=$$!; status=0; \
-	$(MAKE) --no-print-directory control-plane kueue jobset helm gotools || status=$$?; \
+	$(MAKE) --no-print-directory control-plane kueue jobset helm gotools kustomize || status=$$?; \
 	if ! wait $$images; then echo "make prereqs: hack/build-images.sh failed:" >&2; tail -n 40 build/images.log >&2; status=1; fi; \
 	exit $$status
 

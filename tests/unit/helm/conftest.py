@@ -1,4 +1,4 @@
-"""Fixtures of the Helm chart tests: helm and kubectl (built from source, cached), kustomize renders."""
+"""Fixtures of the Helm chart tests: helm and kustomize (built from source, cached), kustomize renders."""
 
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ def helm() -> Path:
 
 @pytest.fixture(scope="session")
 def kustomize() -> Callable[[str], list[dict[str, Any]]]:
-    """`kustomize("overlays/prod")`: the objects `kubectl kustomize deploy/<which>` prints (cached)."""
-    kubectl = built_tool(script="build-control-plane.sh", binary="kubectl")
+    """`kustomize("overlays/prod")`: the objects `kustomize build deploy/<which>` prints (cached):
+    kustomize v5.7.1, what `kubectl kustomize` of Kubernetes v1.34 runs (hack/build-kustomize.sh)."""
+    binary = built_tool(script="build-kustomize.sh", binary="kustomize")
     cache: dict[str, list[dict[str, Any]]] = {}
 
     def render(which: str) -> list[dict[str, Any]]:
         if which not in cache:
-            result = run([str(kubectl), "kustomize", str(ROOT / "deploy" / which)], timeout=120)
-            assert result.returncode == 0, f"kubectl kustomize deploy/{which} failed:\n{result.stderr}"
+            result = run([str(binary), "build", str(ROOT / "deploy" / which)], timeout=120)
+            assert result.returncode == 0, f"kustomize build deploy/{which} failed:\n{result.stderr}"
             cache[which] = parse(result.stdout)
         return cache[which]
 

@@ -1,6 +1,6 @@
-"""Helpers of the Helm chart tests: the chart's paths, helm and kubectl built from source, renders.
+"""Helpers of the Helm chart tests: the chart's paths, helm and kustomize built from source, renders.
 
-Nothing here skips: helm (hack/build-helm.sh) and kubectl (hack/build-control-plane.sh) are
+Nothing here skips: helm (hack/build-helm.sh) and kustomize (hack/build-kustomize.sh) are
 built from the Go module proxy once per machine and cached; a build that fails fails the test
 that needs it, with the reason.
 """
@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from finetune_testbed import tools
 
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "deploy" / "helm" / "finetune-operator"
@@ -40,13 +41,10 @@ def run(args: Sequence[str], *, timeout: float = 300.0) -> subprocess.CompletedP
 
 def built_tool(*, script: str, binary: str) -> Path:
     """`binary` from the bin folder that hack/`script` prints (it builds it on the first call)."""
-    result = run([str(ROOT / "hack" / script)], timeout=3600)
-    if result.returncode != 0:
-        pytest.fail(f"hack/{script} failed:\n{result.stderr[-4000:]}")
-    path = Path(result.stdout.strip().splitlines()[-1]) / binary
-    if not path.is_file():
-        pytest.fail(f"hack/{script} printed {path.parent}, which has no {binary}")
-    return path
+    try:
+        return tools.built_tool(script=script, binary=binary)
+    except tools.ToolBuildError as exc:
+        pytest.fail(str(exc))
 
 
 class _Yaml12Loader(yaml.SafeLoader):

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from finetune_testbed import tools
 from finetune_trainer import report
 from finetune_trainer.protocol import STAGES
 from prometheus_client.parser import text_string_to_metric_families
@@ -167,22 +168,17 @@ class TestDashboard:
         assert dashboard()["uid"] == "finetune-operator"
 
 
-def kustomize() -> list[str] | None:
-    for candidate in (
-        os.environ.get("KUBECTL"),
-        str(ROOT / ".cluster" / "bin" / "kubectl"),
-        shutil.which("kubectl"),
-    ):
-        if candidate and Path(candidate).is_file():
-            return [candidate, "kustomize"]
-    return None
+def kustomize() -> list[str]:
+    """`kustomize build`: v5.7.1, what `kubectl kustomize` of Kubernetes v1.34 runs (hack/build-kustomize.sh, cached)."""
+    try:
+        return [str(tools.built_tool(script="build-kustomize.sh", binary="kustomize")), "build"]
+    except tools.ToolBuildError as exc:
+        pytest.fail(str(exc))
 
 
 class TestComponent:
     def test_renders_with_kustomize(self, tmp_path: Path) -> None:
         command = kustomize()
-        if command is None:
-            pytest.skip("no kubectl to run kustomize")
         (tmp_path / "kustomization.yaml").write_text(
             yaml.safe_dump(
                 {
