@@ -8,7 +8,8 @@
 #       webhook/manifests.yaml    config/components/webhook/manifests.yaml of the release, and
 #       webhook/kustomization.yaml  its patches (the namespaceSelectors the release installs)
 #       VERSION                   the release, e.g. v0.14.8
-# <hash> covers this script, so a change of build recipe is a new cache entry.
+# <hash> covers this script and hack/lib/build-common.sh, so a change of build recipe is a new
+# cache entry.
 # Prints the bin folder on stdout, like the other build scripts (the manifests are beside it). k8s.io/* are required at the control plane's
 # v0.34.4, so the Go build cache of hack/build-control-plane.sh is shared. Never falls back
 # to anything else: if Go or the module proxy is missing, it says so and fails.
@@ -19,7 +20,7 @@ KUEUE_VERSION="${KUEUE_VERSION:-v0.14.8}"
 K8S_LIBS="${K8S_LIBS:-v0.34.4}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${FTO_CACHE:-$HOME/.cache/finetune-operator}"
-hash="$(sha256sum "$ROOT/hack/build-kueue.sh" | cut -c1-12)"
+hash="$(cat "$ROOT/hack/build-kueue.sh" "$ROOT/hack/lib/build-common.sh" | sha256sum | cut -c1-12)"
 KEY="kueue-${KUEUE_VERSION}-${hash}"
 DEST="$CACHE/$KEY"
 OUT="$DEST/bin"
@@ -31,53 +32,15 @@ BINS=(kueue)
 have_all() { [ -x "$OUT/kueue" ] && [ -f "$DEST/webhook/kustomization.yaml" ] && [ -f "$DEST/VERSION" ]; }
 exit_if_cached_else_lock
 require_go "Kueue's controller manager" "sigs.k8s.io/kueue@${KUEUE_VERSION}"
-log() { echo "build-kueue: $*" >&2; }
 
 SRC="$DEST/src"
 mkdir -p "$SRC" "$OUT"
 cd "$SRC"
-if ! go mod download "sigs.k8s.io/kueue@${KUEUE_VERSION}" >&2; then
-  log "cannot download sigs.k8s.io/kueue@${KUEUE_VERSION} from the module proxy ($proxy)"
-  exit 1
-fi
-MOD="$(go env GOMODCACHE)/sigs.k8s.io/kueue@${KUEUE_VERSION}"
-
-# A scratch module requiring Kueue, with every k8s.io/* library Kueue requires at v0.x
-# raised to the control plane's version (minimal version selection keeps the higher one).
-{
-  echo "module finetune.dev/localkueue"
-  echo
-  echo "go $(awk '$1 == "go" {print $2; exit}' "$MOD/go.mod")"
-  echo
-  echo "require ("
-  echo "	sigs.k8s.io/kueue ${KUEUE_VERSION}"
-  awk -v v="$K8S_LIBS" '$1 ~ /^k8s\.io\// && $2 ~ /^v0\.34\./ {print "\t" $1 " " v}' "$MOD/go.mod"
-  echo ")"
-} > go.mod
-# go.sum of the release: the versions it pins are checked against the same hashes.
-cp "$MOD/go.sum" go.sum
-chmod u+w go.sum
-cat > tools.go <<'GO'
-//go:build tools
-
-// Package tools pins the Kueue command this module builds.
-package tools
-
-import _ "sigs.k8s.io/kueue/cmd/kueue"
-GO
-go mod tidy >&2
-
+# A scratch module requiring Kueue, k8s.io/* at K8S_LIBS (hack/lib/build-common.sh).
+scratch_module localkueue sigs.k8s.io/kueue "$KUEUE_VERSION" sigs.k8s.io/kueue/cmd/kueue
 version_pkg=sigs.k8s.io/kueue/pkg/version
-ldflags="-s -w -X ${version_pkg}.GitVersion=${KUEUE_VERSION} -X ${version_pkg}.GitCommit=module-proxy"
-log "go build kueue (${KUEUE_VERSION}, k8s.io/* ${K8S_LIBS})"
-go build -trimpath -ldflags "$ldflags" -o "$OUT/kueue.tmp" sigs.k8s.io/kueue/cmd/kueue >&2
-mv "$OUT/kueue.tmp" "$OUT/kueue"
-
-rm -rf "$DEST/crds" "$DEST/webhook"
-mkdir -p "$DEST/crds" "$DEST/webhook"
-cp "$MOD"/config/components/crd/bases/*.yaml "$DEST/crds/"
-cp "$MOD/config/components/webhook/manifests.yaml" "$MOD/config/components/webhook/kustomization.yaml" "$DEST/webhook/"
-chmod -R u+w "$DEST/crds" "$DEST/webhook"
-echo "$KUEUE_VERSION" > "$DEST/VERSION"
+go_build_bin kueue sigs.k8s.io/kueue/cmd/kueue \
+  "-s -w -X ${version_pkg}.GitVersion=${KUEUE_VERSION} -X ${version_pkg}.GitCommit=module-proxy"
+copy_release_manifests "$KUEUE_VERSION"
 have_all
 echo "$OUT"
