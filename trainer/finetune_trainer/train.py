@@ -55,6 +55,8 @@ import numpy as np
 from finetune_trainer import data as data_lib
 from finetune_trainer import distribute as distribute_lib
 from finetune_trainer import evaluation as evaluation_lib
+from finetune_trainer import export as export_lib
+from finetune_trainer import features as features_lib
 from finetune_trainer import model as model_lib
 from finetune_trainer.config import TrainerSpec
 from finetune_trainer.errors import DivergedError, InvalidSpecError
@@ -552,32 +554,6 @@ def _set_state(callback: Any, state: dict[str, Any]) -> None:
             setattr(callback, name, value)
 
 
-@dataclass
-class _CachedValidation:
-    """Validation on inputs computed once (pooled features, or the frozen prefix's output)."""
-
-    model: Any  # maps the cached inputs to class probabilities, sharing layers with the trained model
-    x: np.ndarray
-    y: np.ndarray
-    batch_size: int
-
-
-def _make_cached_validation_callback(cached: _CachedValidation) -> Any:
-    import keras
-
-    class CachedValidation(keras.callbacks.Callback):  # type: ignore[misc]
-        """Puts val_loss/val_accuracy into the epoch's logs before any other callback reads them."""
-
-        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-            result = cached.model.evaluate(cached.x, cached.y, batch_size=cached.batch_size, verbose=0, return_dict=True)
-            if logs is not None:
-                logs["val_loss"] = float(result["loss"])
-                logs["val_accuracy"] = float(result["accuracy"])
-
-    _compile(cached.model, learning_rate=1e-3)  # compiled for its loss and metrics; never trained
-    return CachedValidation()
-
-
 def _compile(model: Any, *, learning_rate: float) -> None:
     import keras
 
@@ -620,11 +596,13 @@ def _fit_stage(
     )
     nan_guard = _make_nan_guard()
     progress = _make_stage_callback(run, stage=stage, stage_epochs=epochs, epochs_before=epochs_before, steps=steps)
-    cached = validation if isinstance(validation, _CachedValidation) else None
+    cached = validation if isinstance(validation, features_lib.CachedValidation) else None
+    if cached is not None:
+        _compile(cached.model, learning_rate=1e-3)  # compiled for its loss and metrics; never trained
     clock = _Clock(progress=progress)
     callbacks = [
         _make_tick(clock, part=None),
-        *([_make_cached_validation_callback(cached), _make_tick(clock, part="validation")] if cached is not None else []),
+        *([features_lib.make_cached_validation_callback(cached), _make_tick(clock, part="validation")] if cached is not None else []),
         _make_shield_callback(begin=True),  # from here to the end: the epoch's state, saved whole
         nan_guard,
         early,
@@ -833,8 +811,7 @@ def _run(
     budget = data_lib.cache_budget()
 
     def cache(model: Any, images: data_lib.ImageSet) -> np.ndarray:
-        ds = data_lib.make_dataset(images=images, batch_size=batch, shuffle=False, seed=0)
-        return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
+        return features_lib.extract(model=model, images=images, batch_size=batch)
 
     model: Any
     train_data: Any
@@ -856,7 +833,7 @@ def _run(
         cpu_started = time.process_time()
         extract_started = time.monotonic()
         x_val = cache(network.features, splits.validation)
-        val_cache = _CachedValidation(model=network.head, x=x_val, y=splits.validation.labels, batch_size=batch)
+        val_cache = features_lib.CachedValidation(model=network.head, x=x_val, y=splits.validation.labels, batch_size=batch)
         predictor = (network.head, x_val)
         if augmentation is None:
             x_train = cache(network.features, splits.train)
@@ -918,7 +895,7 @@ def _run(
             mode = "none"
             if split is not None:
                 x_val = cache(split.prefix, splits.validation)
-                validation = _CachedValidation(model=split.rest, x=x_val, y=splits.validation.labels, batch_size=batch)
+                validation = features_lib.CachedValidation(model=split.rest, x=x_val, y=splits.validation.labels, batch_size=batch)
                 predictor = (split.rest, x_val)
                 mode = "validation-prefix"
                 if augmentation is None:
@@ -981,21 +958,10 @@ def _save_outputs(
     model = network.model
     # Evaluated by hand: compiling an untrained-as-a-whole model (the fast paths) would save
     # an empty optimizer into model.keras that warns on every load.
-    if isinstance(val, tuple):  # (model, cached inputs): the same predictions, without a full pass
-        probs = np.asarray(val[0].predict(val[1], batch_size=run.spec.training.batch_size, verbose=0), np.float64)
-    else:
-        probs = np.asarray(model.predict(val, verbose=0), dtype=np.float64)
+    probs = export_lib.predict_validation(model=model, val=val, batch_size=run.spec.training.batch_size)
     labels = splits.validation.labels
-    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
-    evaluation = {"loss": float(-np.log(picked).mean()), "accuracy": float((probs.argmax(axis=1) == labels).mean())}
-    model_path = out / "model.keras"
-    tmp_model = out / "model.tmp.keras"
-    model.save(tmp_model)
-    os.replace(tmp_model, model_path)
-    export_dir = out / "saved_model"
-    shutil.rmtree(export_dir, ignore_errors=True)
-    with contextlib.redirect_stdout(sys.stderr):
-        model.export(str(export_dir), verbose=False)
+    evaluation = export_lib.validation_metrics(probs=probs, labels=labels)
+    model_path = export_lib.write_model(model=model, out=out)
     _write_json(out / "classes.json", list(splits.class_names))
 
     last = run.state.history[-1] if run.state.history else {}

@@ -1,0 +1,50 @@
+"""The trained model's outputs: model.keras, the SavedModel export, validation predictions.
+
+`write_model` saves model.keras (atomically: a partial file never has the final name) and the
+SavedModel under saved_model/ (for TF Serving). `predict_validation` gives the final
+validation probabilities, from cached inputs where the last stage has them (the same
+predictions without a full forward pass); `validation_metrics` turns them into loss and
+accuracy by hand, without compiling the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["predict_validation", "validation_metrics", "write_model"]
+
+
+def predict_validation(*, model: Any, val: Any, batch_size: int) -> np.ndarray:
+    """Class probabilities of the validation images, as float64.
+
+    `val`: a dataset for `model`, or (a model, its cached inputs) that compute the same.
+    """
+    if isinstance(val, tuple):  # (model, cached inputs): the same predictions, without a full pass
+        return np.asarray(val[0].predict(val[1], batch_size=batch_size, verbose=0), np.float64)
+    return np.asarray(model.predict(val, verbose=0), dtype=np.float64)
+
+
+def validation_metrics(*, probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Sparse categorical cross-entropy and accuracy of `probs` against `labels`."""
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
+    return {"loss": float(-np.log(picked).mean()), "accuracy": float((probs.argmax(axis=1) == labels).mean())}
+
+
+def write_model(*, model: Any, out: Path) -> Path:
+    """Writes out/model.keras and out/saved_model/; returns the model.keras path."""
+    model_path = out / "model.keras"
+    tmp_model = out / "model.tmp.keras"
+    model.save(tmp_model)
+    os.replace(tmp_model, model_path)
+    export_dir = out / "saved_model"
+    shutil.rmtree(export_dir, ignore_errors=True)
+    with contextlib.redirect_stdout(sys.stderr):
+        model.export(str(export_dir), verbose=False)
+    return model_path
