@@ -80,6 +80,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune_testbed import polling
+from finetune_testbed.net import tcp_open
+
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_PY = ROOT / "hack" / "cluster.py"  # the entry point: `python hack/cluster.py up|down|status`
 NODE_NAME = "local-node"
@@ -514,11 +517,12 @@ def node_ready(*, layout: Layout, ports: Ports, since: datetime.datetime | None 
 
 
 def wait_until(check: Callable[[], bool], *, timeout: float, what: str, layout: Layout, log: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
+    """Polls `check` (finetune_testbed.polling); ClusterError with the last lines of `log` on timeout."""
+    try:
+        polling.wait_until(check, timeout=timeout, what=what)
+        return
+    except polling.WaitTimeout:
+        pass
     tail = ""
     try:
         lines = (layout.logs / f"{log}.log").read_text(errors="replace").splitlines()
@@ -545,9 +549,9 @@ def healthy(*, layout: Layout, ports: Ports, kueue: bool | None = None) -> bool:
     code, _ = api_get(layout=layout, ports=ports, path="/readyz")
     if not (code == 200 and kcm_healthy(ports=ports) and node_ready(layout=layout, ports=ports)):
         return False
-    if jobset_enabled() and not (jobset_ready(ports=ports) and jobset_webhooks_installed(layout=layout, ports=ports)):
+    if jobset_enabled() and not (release_ready(JOBSET, ports=ports) and webhooks_installed(JOBSET, layout=layout, ports=ports)):
         return False
-    return not kueue or (kueue_ready(ports=ports) and kueue_webhooks_installed(layout=layout, ports=ports))
+    return not kueue or (release_ready(KUEUE, ports=ports) and webhooks_installed(KUEUE, layout=layout, ports=ports))
 
 
 # --- Kueue ---------------------------------------------------------------------------------
@@ -683,47 +687,6 @@ def crds_established(*, layout: Layout, ports: Ports, names: list[str]) -> bool:
         if not any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions):
             return False
     return True
-
-
-def install_kueue_webhooks(*, layout: Layout, ports: Ports, dist: Path) -> None:
-    configs = kueue_webhook_configs(
-        manifests=(dist / "webhook" / "manifests.yaml").read_text(),
-        kustomization=(dist / "webhook" / "kustomization.yaml").read_text(),
-        port=ports.kueue_webhook,
-        ca_pem=(layout.pki / "ca.crt").read_bytes(),
-    )
-    for config in configs:
-        resource = f"{str(config['kind']).lower()}s"
-        name = config["metadata"]["name"]  # type: ignore[index]
-        _apply(layout=layout, ports=ports, path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}", doc=json.dumps(config))
-
-
-def delete_kueue_webhooks(*, layout: Layout, ports: Ports) -> bool:
-    """Deletes Kueue's webhook configurations; True when none is left (False: no API server)."""
-    gone = True
-    for resource, name in KUEUE_WEBHOOK_CONFIGS:
-        code, _ = api_request(
-            layout=layout, ports=ports, method="DELETE", path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}",
-            timeout=5.0,
-        )
-        gone = gone and code in (200, 202, 404)
-    return gone
-
-
-def kueue_webhooks_installed(*, layout: Layout, ports: Ports) -> bool:
-    return all(
-        api_get(layout=layout, ports=ports, path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}")[0] == 200
-        for resource, name in KUEUE_WEBHOOK_CONFIGS
-    )
-
-
-def kueue_ready(*, ports: Ports) -> bool:
-    """Kueue's /readyz (its webhook server started, its certificates read)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports.kueue_health}/readyz", timeout=2) as resp:
-            return int(resp.status) == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def kueue_webhook_answers(*, layout: Layout, ports: Ports) -> bool:
@@ -863,49 +826,6 @@ def jobset_webhook_configs(
     return docs
 
 
-def install_jobset_webhooks(*, layout: Layout, ports: Ports, dist: Path) -> None:
-    webhook = dist / "webhook"
-    configs = jobset_webhook_configs(
-        manifests=(webhook / "manifests.yaml").read_text(),
-        kustomization=(webhook / "kustomization.yaml").read_text(),
-        patches={f"patches/{p.name}": p.read_text() for p in sorted((webhook / "patches").glob("*.yaml"))},
-        port=ports.jobset_webhook,
-        ca_pem=(layout.pki / "ca.crt").read_bytes(),
-    )
-    for config in configs:
-        resource = f"{str(config['kind']).lower()}s"
-        name = config["metadata"]["name"]  # type: ignore[index]
-        _apply(layout=layout, ports=ports, path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}", doc=json.dumps(config))
-
-
-def delete_jobset_webhooks(*, layout: Layout, ports: Ports) -> bool:
-    """Deletes JobSet's webhook configurations; True when none is left (False: no API server)."""
-    gone = True
-    for resource, name in JOBSET_WEBHOOK_CONFIGS:
-        code, _ = api_request(
-            layout=layout, ports=ports, method="DELETE", path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}",
-            timeout=5.0,
-        )
-        gone = gone and code in (200, 202, 404)
-    return gone
-
-
-def jobset_webhooks_installed(*, layout: Layout, ports: Ports) -> bool:
-    return all(
-        api_get(layout=layout, ports=ports, path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}")[0] == 200
-        for resource, name in JOBSET_WEBHOOK_CONFIGS
-    )
-
-
-def jobset_ready(*, ports: Ports) -> bool:
-    """JobSet's /readyz (its webhook server started)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports.jobset_health}/readyz", timeout=2) as resp:
-            return int(resp.status) == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def jobset_webhook_answers(*, layout: Layout, ports: Ports) -> bool:
     """A dry-run create of a JobSet comes back with the defaults only JobSet's mutating webhook
     sets (startupPolicy, network.enableDNSHostnames): the API server reached it over TLS."""
@@ -954,7 +874,7 @@ def prepare_jobset(*, layout: Layout, ports: Ports, dist: Path) -> list[str]:
 def start_jobset_prerequisites(*, layout: Layout, ports: Ports, dist: Path, timeout: float) -> list[str]:
     """What JobSet needs before it starts: stale webhooks gone (nobody answers them), its CRD
     installed and Established (its indexes need it served); returns its command line."""
-    delete_jobset_webhooks(layout=layout, ports=ports)
+    delete_webhooks(JOBSET, layout=layout, ports=ports)
     crds = install_kueue_crds(layout=layout, ports=ports, dist=dist)
     wait_until(
         functools.partial(crds_established, layout=layout, ports=ports, names=crds),
@@ -963,33 +883,121 @@ def start_jobset_prerequisites(*, layout: Layout, ports: Ports, dist: Path, time
     return prepare_jobset(layout=layout, ports=ports, dist=dist)
 
 
-def jobset_serving(
-    *, layout: Layout, ports: Ports, dist: Path, proc: subprocess.Popen[bytes] | None, timeout: float
+# --- controller releases as components ----------------------------------------------------
+# Kueue and JobSet run the same way: a release's manager from its cached build, its webhook
+# configurations (failurePolicy Fail) installed only once it serves and deleted before it
+# stops, so that a stopped manager does not fail every create it would have answered.
+
+
+@dataclass(frozen=True)
+class Release:
+    """What differs between the controller releases run as components."""
+
+    name: str  # the component (pid file, log) and the prefix of its webhook configurations
+    title: str  # in messages
+    webhook_configs: tuple[tuple[str, str], ...]  # (resource, name) as installed
+    webhook_port: Callable[[Ports], int]
+    health_port: Callable[[Ports], int]
+    # (the release's webhook/ folder, the webhook port, the CA) -> its webhook configurations
+    configs: Callable[[Path, int, bytes], list[dict[str, object]]]
+    answers: Callable[[Layout, Ports], bool]  # a dry run shows the webhook handled it
+    answers_what: str
+
+
+def install_webhooks(release: Release, *, layout: Layout, ports: Ports, dist: Path) -> None:
+    configs = release.configs(dist / "webhook", release.webhook_port(ports), (layout.pki / "ca.crt").read_bytes())
+    for config in configs:
+        resource = f"{str(config['kind']).lower()}s"
+        name = config["metadata"]["name"]  # type: ignore[index]
+        _apply(layout=layout, ports=ports, path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}", doc=json.dumps(config))
+
+
+def delete_webhooks(release: Release, *, layout: Layout, ports: Ports) -> bool:
+    """Deletes the release's webhook configurations; True when none is left (False: no API server)."""
+    gone = True
+    for resource, name in release.webhook_configs:
+        code, _ = api_request(
+            layout=layout, ports=ports, method="DELETE", path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}",
+            timeout=5.0,
+        )
+        gone = gone and code in (200, 202, 404)
+    return gone
+
+
+def webhooks_installed(release: Release, *, layout: Layout, ports: Ports) -> bool:
+    return all(
+        api_get(layout=layout, ports=ports, path=f"/apis/admissionregistration.k8s.io/v1/{resource}/{name}")[0] == 200
+        for resource, name in release.webhook_configs
+    )
+
+
+def release_ready(release: Release, *, ports: Ports) -> bool:
+    """The manager's /readyz (its webhook server started, its certificates read)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{release.health_port(ports)}/readyz", timeout=2) as resp:
+            return int(resp.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def release_serving(
+    release: Release, *, layout: Layout, ports: Ports, dist: Path, proc: subprocess.Popen[bytes] | None, timeout: float
 ) -> None:
-    """JobSet's /readyz answering, then its webhook configurations installed and answering
-    (a dry-run JobSet comes back defaulted); they are deleted again if it does not answer."""
+    """The manager's /readyz answering (its CRDs installed before it started), then its webhook
+    configurations installed and answering (`release.answers`); they are deleted again if they
+    do not answer (never leave a webhook that does not answer)."""
 
     def alive() -> None:
         if proc is not None and proc.poll() is not None:
-            raise ClusterError(f"jobset exited during start-up; see {layout.logs / 'jobset.log'}")
+            raise ClusterError(f"{release.name} exited during start-up; see {layout.logs / (release.name + '.log')}")
 
     def ready() -> bool:
         alive()
-        return jobset_ready(ports=ports)
+        return release_ready(release, ports=ports)
 
-    wait_until(ready, timeout=timeout, what="JobSet /readyz", layout=layout, log="jobset")
-    install_jobset_webhooks(layout=layout, ports=ports, dist=dist)
+    wait_until(ready, timeout=timeout, what=f"{release.title} /readyz", layout=layout, log=release.name)
+    install_webhooks(release, layout=layout, ports=ports, dist=dist)
 
     def answers() -> bool:
         alive()
-        return jobset_webhook_answers(layout=layout, ports=ports)
+        return release.answers(layout, ports)
 
     try:
-        wait_until(answers, timeout=max(10.0, timeout), what="JobSet's webhook (a dry-run JobSet defaulted)",
-                   layout=layout, log="jobset")
+        wait_until(answers, timeout=max(10.0, timeout), what=f"{release.title}'s webhook ({release.answers_what})",
+                   layout=layout, log=release.name)
     except ClusterError:
-        delete_jobset_webhooks(layout=layout, ports=ports)
+        delete_webhooks(release, layout=layout, ports=ports)
         raise
+
+
+def _kueue_configs(webhook: Path, port: int, ca_pem: bytes) -> list[dict[str, object]]:
+    return kueue_webhook_configs(
+        manifests=(webhook / "manifests.yaml").read_text(), kustomization=(webhook / "kustomization.yaml").read_text(),
+        port=port, ca_pem=ca_pem,
+    )
+
+
+def _jobset_configs(webhook: Path, port: int, ca_pem: bytes) -> list[dict[str, object]]:
+    return jobset_webhook_configs(
+        manifests=(webhook / "manifests.yaml").read_text(), kustomization=(webhook / "kustomization.yaml").read_text(),
+        patches={f"patches/{p.name}": p.read_text() for p in sorted((webhook / "patches").glob("*.yaml"))},
+        port=port, ca_pem=ca_pem,
+    )
+
+
+KUEUE = Release(
+    name="kueue", title="Kueue", webhook_configs=KUEUE_WEBHOOK_CONFIGS,
+    webhook_port=lambda ports: ports.kueue_webhook, health_port=lambda ports: ports.kueue_health,
+    configs=_kueue_configs, answers=lambda layout, ports: kueue_webhook_answers(layout=layout, ports=ports),
+    answers_what="a dry-run Job suspended",
+)
+JOBSET = Release(
+    name="jobset", title="JobSet", webhook_configs=JOBSET_WEBHOOK_CONFIGS,
+    webhook_port=lambda ports: ports.jobset_webhook, health_port=lambda ports: ports.jobset_health,
+    configs=_jobset_configs, answers=lambda layout, ports: jobset_webhook_answers(layout=layout, ports=ports),
+    answers_what="a dry-run JobSet defaulted",
+)
+
 
 
 def kueue_config_stale(*, layout: Layout, ports: Ports) -> bool:
@@ -1161,10 +1169,10 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
     }
     for name in wanted_components(kueue=kueue, jobset=jobset):
         if component_alive(layout=layout, name=name):
-            if name == "kueue" and kueue_dist is not None and not kueue_webhooks_installed(layout=layout, ports=ports):
-                _kueue_serving(layout=layout, ports=ports, dist=kueue_dist, proc=None, timeout=timeout)
-            if name == "jobset" and jobset_dist is not None and not jobset_webhooks_installed(layout=layout, ports=ports):
-                jobset_serving(layout=layout, ports=ports, dist=jobset_dist, proc=None, timeout=timeout)
+            if name == "kueue" and kueue_dist is not None and not webhooks_installed(KUEUE, layout=layout, ports=ports):
+                release_serving(KUEUE, layout=layout, ports=ports, dist=kueue_dist, proc=None, timeout=timeout)
+            if name == "jobset" and jobset_dist is not None and not webhooks_installed(JOBSET, layout=layout, ports=ports):
+                release_serving(JOBSET, layout=layout, ports=ports, dist=jobset_dist, proc=None, timeout=timeout)
             continue
         for port, what, env_var in own_ports[name]:
             check_port_free(port, what=what, env_var=env_var)
@@ -1175,7 +1183,7 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
         if name == "kueue":
             assert kueue_dist is not None
             # A Kueue that died left webhooks nobody answers (failurePolicy Fail): drop them first.
-            delete_kueue_webhooks(layout=layout, ports=ports)
+            delete_webhooks(KUEUE, layout=layout, ports=ports)
             ensure_namespace(layout=layout, ports=ports, name=KUEUE_NAMESPACE)
             # Kueue's indexes need its CRDs served before it starts.
             crds = install_kueue_crds(layout=layout, ports=ports, dist=kueue_dist)
@@ -1209,7 +1217,7 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
 
         if name == "etcd":
             wait_until(
-                alive_or_fail(lambda: _tcp_open(ports.etcd)), timeout=remaining,
+                alive_or_fail(lambda: tcp_open(ports.etcd)), timeout=remaining,
                 what="etcd", layout=layout, log=name,
             )
         elif name == "kube-apiserver":
@@ -1228,10 +1236,10 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
             )
         elif name == "kueue":
             assert kueue_dist is not None
-            _kueue_serving(layout=layout, ports=ports, dist=kueue_dist, proc=proc, timeout=remaining)
+            release_serving(KUEUE, layout=layout, ports=ports, dist=kueue_dist, proc=proc, timeout=remaining)
         elif name == "jobset":
             assert jobset_dist is not None
-            jobset_serving(layout=layout, ports=ports, dist=jobset_dist, proc=proc, timeout=remaining)
+            release_serving(JOBSET, layout=layout, ports=ports, dist=jobset_dist, proc=proc, timeout=remaining)
         else:
             wait_until(
                 alive_or_fail(functools.partial(node_ready, layout=layout, ports=ports, since=_now())),
@@ -1250,54 +1258,17 @@ def up(*, layout: Layout, ports: Ports, simulate: float | None, timeout: float =
     return time.monotonic() - started
 
 
-def _kueue_serving(
-    *, layout: Layout, ports: Ports, dist: Path, proc: subprocess.Popen[bytes] | None, timeout: float
-) -> None:
-    """Kueue's /readyz answering (its CRDs installed before it started), then its webhook
-    configurations installed and answering (a dry-run Job comes back suspended)."""
-
-    def alive() -> None:
-        if proc is not None and proc.poll() is not None:
-            raise ClusterError(f"kueue exited during start-up; see {layout.logs / 'kueue.log'}")
-
-    def ready() -> bool:
-        alive()
-        return kueue_ready(ports=ports)
-
-    wait_until(ready, timeout=timeout, what="Kueue /readyz", layout=layout, log="kueue")
-    install_kueue_webhooks(layout=layout, ports=ports, dist=dist)
-
-    def answers() -> bool:
-        alive()
-        return kueue_webhook_answers(layout=layout, ports=ports)
-
-    try:
-        wait_until(answers, timeout=max(10.0, timeout), what="Kueue's webhook (a dry-run Job suspended)",
-                   layout=layout, log="kueue")
-    except ClusterError:
-        delete_kueue_webhooks(layout=layout, ports=ports)  # never leave a webhook that does not answer
-        raise
-
-
-def _tcp_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def stop_component(*, layout: Layout, name: str, ports: Ports | None = None) -> None:
     """Stops one component by its pid file. Kueue's webhook configurations go first, while
     the API server answers (at `ports.apiserver`; if None, the port in this cluster's kubeconfig)."""
     if name == "kueue" and (layout.pki / "admin.crt").exists():
         ports = ports or _ports_of(layout=layout)
         if ports is not None:
-            delete_kueue_webhooks(layout=layout, ports=ports)
+            delete_webhooks(KUEUE, layout=layout, ports=ports)
     if name == "jobset" and (layout.pki / "admin.crt").exists():
         ports = ports or _ports_of(layout=layout)
         if ports is not None:
-            delete_jobset_webhooks(layout=layout, ports=ports)
+            delete_webhooks(JOBSET, layout=layout, ports=ports)
     pid = read_pid(layout.pidfile(name))
     if pid is not None:
         needle = {"podrunner": "podrunner.py", "session-reaper": "reap-when-unused"}.get(name, name)
@@ -1456,11 +1427,11 @@ def status(*, layout: Layout, ports: Ports) -> int:
         print(f"{'node ' + NODE_NAME + ' Ready':26} {node_ready(layout=layout, ports=ports)}")
         ok = code == 200
         if kueue:
-            installed = kueue_webhooks_installed(layout=layout, ports=ports)
-            print(f"{'kueue /readyz, webhooks':26} {kueue_ready(ports=ports)}, {'installed' if installed else 'missing'}")
+            installed = webhooks_installed(KUEUE, layout=layout, ports=ports)
+            print(f"{'kueue /readyz, webhooks':26} {release_ready(KUEUE, ports=ports)}, {'installed' if installed else 'missing'}")
         if jobset_enabled():
-            installed = jobset_webhooks_installed(layout=layout, ports=ports)
-            print(f"{'jobset /readyz, webhooks':26} {jobset_ready(ports=ports)}, {'installed' if installed else 'missing'}")
+            installed = webhooks_installed(JOBSET, layout=layout, ports=ports)
+            print(f"{'jobset /readyz, webhooks':26} {release_ready(JOBSET, ports=ports)}, {'installed' if installed else 'missing'}")
     print(f"{'kubeconfig':26} {layout.kubeconfig}")
     return 0 if ok else 1
 
