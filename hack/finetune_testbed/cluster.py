@@ -80,7 +80,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune_testbed import polling
+from finetune_testbed import polling, tools
 from finetune_testbed.net import tcp_open
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -572,18 +572,26 @@ KUEUE_METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")  # fixed in Kueue's ma
 FIELD_MANAGER = "hack-cluster"
 
 
+def _switched_on(var: str) -> bool:
+    return os.environ.get(var, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _build(script: str) -> Path:
+    """hack/`script` (cached; its messages go to stderr as they come): the bin folder it prints."""
+    try:
+        return tools.build(script, capture_stderr=False)
+    except tools.ToolBuildError as exc:
+        raise ClusterError(str(exc)) from None
+
+
 def kueue_enabled() -> bool:
     """Kueue is part of the control plane unless FTO_KUEUE is 0/false/no/off."""
-    return os.environ.get("FTO_KUEUE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _switched_on("FTO_KUEUE")
 
 
 def build_kueue() -> Path:
     """hack/build-kueue.sh (cached): the folder holding bin/kueue, crds/ and webhook/."""
-    script = ROOT / "hack" / "build-kueue.sh"
-    proc = subprocess.run([str(script)], stdout=subprocess.PIPE, text=True, check=False)
-    if proc.returncode != 0:
-        raise ClusterError(f"{script} failed (exit {proc.returncode}); see its messages above")
-    return Path(proc.stdout.strip().splitlines()[-1]).parent
+    return _build("build-kueue.sh").parent
 
 
 def api_request(
@@ -764,16 +772,12 @@ JOBSET_WEBHOOK_CONFIGS = (
 
 def jobset_enabled() -> bool:
     """JobSet is part of the control plane unless FTO_JOBSET is 0/false/no/off."""
-    return os.environ.get("FTO_JOBSET", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _switched_on("FTO_JOBSET")
 
 
 def build_jobset() -> Path:
     """hack/build-jobset.sh (cached): the folder holding bin/jobset, crds/ and webhook/."""
-    script = ROOT / "hack" / "build-jobset.sh"
-    proc = subprocess.run([str(script)], stdout=subprocess.PIPE, text=True, check=False)
-    if proc.returncode != 0:
-        raise ClusterError(f"{script} failed (exit {proc.returncode}); see its messages above")
-    return Path(proc.stdout.strip().splitlines()[-1]).parent
+    return _build("build-jobset.sh").parent
 
 
 def jobset_config(*, layout: Layout, ports: Ports) -> str:
@@ -1013,11 +1017,8 @@ def kueue_config_stale(*, layout: Layout, ports: Ports) -> bool:
 
 
 def build_binaries() -> Path:
-    script = ROOT / "hack" / "build-control-plane.sh"
-    proc = subprocess.run([str(script)], stdout=subprocess.PIPE, text=True, check=False)
-    if proc.returncode != 0:
-        raise ClusterError(f"{script} failed (exit {proc.returncode}); see its messages above")
-    return Path(proc.stdout.strip().splitlines()[-1])
+    """hack/build-control-plane.sh (cached): the bin folder of etcd, kube-apiserver, kcm, kubectl."""
+    return _build("build-control-plane.sh")
 
 
 def component_argv(*, name: str, bin_dir: Path, layout: Layout, ports: Ports, simulate: float | None) -> list[str]:
