@@ -75,7 +75,7 @@ EVICTED_BY_DEACTIVATION = "Deactivated"
 KUEUE_DEACTIVATION_PREFIX = "DeactivatedDueTo"
 # Pending reasons of a job that has not been stopped: any other Pending reason of a Kueue-managed
 # job is an eviction (Preempted, PodsReadyTimeout, ClusterQueueStopped, ...).
-WAITING_REASONS = frozenset({"Waiting", "Queued", "Admitted", "Replacing"})
+WAITING_REASONS = frozenset({"Waiting", "Queued", "Admitted", "Replacing", "WaitingForVolume"})
 # The status fields `derive` writes (progress and etaSeconds only once the job has finished,
 # message the hub's while it trains): from the model's WrittenBy, not a list of our own.
 OWNED_FIELDS = api.status_fields(writer="operator")
@@ -656,6 +656,7 @@ def derive(
     pending_timeout_s: float,
     creation_failure: str | None = None,
     blocked: str | None = None,
+    blocked_reason: str = "Replacing",
     workload: WorkloadView | None = None,
     kueue_installed: bool = True,
     workers: int = 1,
@@ -669,7 +670,8 @@ def derive(
     Job's failed and succeeded counters bound `attempts` from below).
     `creation_failure` is the message of the Job's newest FailedCreate event, when the caller
     looked it up (see `creation_stalled`). `blocked` says why there is no Job yet while
-    objects of an earlier FineTuneJob of the same name are still going away (Pending/Replacing).
+    objects of an earlier FineTuneJob of the same name are still going away (Pending/Replacing),
+    or, with `blocked_reason` WaitingForVolume, while the claim a multi-worker job writes to is missing.
     Failed and Suspended clear `etaSeconds`.
 
     A Job with a queue label is Kueue's: while it is suspended, the job is Pending with what
@@ -712,7 +714,7 @@ def derive(
     stop_job = False
     phase: api.Phase
     if job is None and blocked:
-        phase, reason, message = "Pending", "Replacing", blocked
+        phase, reason, message = "Pending", blocked_reason, blocked
     elif job is None:
         # Written while the Job is being created, and still true once it is: one write for both.
         phase, reason, message = "Pending", "Waiting", "waiting for the trainer pod to start"
