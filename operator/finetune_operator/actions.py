@@ -28,12 +28,78 @@ from finetune_operator import api, builders, kube, metrics, settings, status
 if TYPE_CHECKING:
     from finetune_operator.progress import Registration
 
-__all__ = ["Conflict", "KubeActions", "Obstacle", "Refused", "Standing", "controller_uid", "standing"]
+__all__ = [
+    "Conflict",
+    "KubeActions",
+    "Obstacle",
+    "Refused",
+    "Standing",
+    "VolumeCheck",
+    "collection",
+    "controller_uid",
+    "kind_of",
+    "output_claim",
+    "standing",
+]
 
 logger = logging.getLogger("finetune_operator")
 
 GROUP, VERSION, PLURAL = api.API_GROUP, api.API_VERSION, api.PLURAL
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"
+JOBSET_GROUP, JOBSET_VERSION = "jobset.x-k8s.io", "v1alpha2"
+Kind = Literal["Job", "JobSet"]
+
+
+def collection(*, namespace: str, kind: Kind) -> str:
+    """The API path of a namespace's Jobs or JobSets."""
+    if kind == "JobSet":
+        return f"/apis/{JOBSET_GROUP}/{JOBSET_VERSION}/namespaces/{namespace}/jobsets"
+    return f"/apis/batch/v1/namespaces/{namespace}/jobs"
+
+
+def kind_of(parsed: api.FineTuneJobSpec | None) -> Kind:
+    """A JobSet for runtime.workers > 1, else a batch Job."""
+    return "JobSet" if parsed is not None and parsed.runtime.workers > 1 else "Job"
+
+
+def output_claim(spec: api.FineTuneJobSpec) -> tuple[str | None, str | None]:
+    """(claim name, refusal): the PersistentVolumeClaim that holds output.path, or why none can.
+
+    Every worker of a multi-worker job must see the chief's output path (BackupAndRestore's
+    checkpoints, which the other workers copy when the group restarts), so it must lie on a
+    volume mounted from a PersistentVolumeClaim (its access modes are checked by the caller).
+    """
+    out = spec.output.path.rstrip("/") or "/"
+    mounts = [
+        m for m in spec.runtime.volume_mounts
+        if out == str(m.get("mountPath", "")).rstrip("/") or out.startswith(str(m.get("mountPath", "")).rstrip("/") + "/")
+    ]  # fmt: skip
+    if not mounts:
+        return None, (
+            f"spec.output.path: {out} is on no volume of spec.runtime.volumeMounts; with runtime.workers > 1 "
+            "every worker must see it: mount a ReadWriteMany PersistentVolumeClaim there"
+        )
+    mount = max(mounts, key=lambda m: len(str(m.get("mountPath", ""))))
+    name = str(mount.get("name", ""))
+    volume = next((v for v in spec.runtime.volumes if v.get("name") == name), None)
+    claim = (volume or {}).get("persistentVolumeClaim") or {}
+    if not claim.get("claimName"):
+        what = next((k for k in (volume or {}) if k != "name"), "no volume")
+        return None, (
+            f"spec.output.path: {out} is on volume {name} ({what}), which the workers do not share; with "
+            "runtime.workers > 1 it must be a ReadWriteMany PersistentVolumeClaim"
+        )
+    if mount.get("readOnly") or claim.get("readOnly"):
+        return None, f"spec.output.path: {out} is on volume {name}, mounted read-only"
+    return str(claim["claimName"]), None
+
+
+@dataclass(frozen=True)
+class VolumeCheck:
+    """What `KubeActions.check_output_volume` found: ok, refuse (InvalidSpec) or wait (the claim is missing)."""
+
+    kind: Literal["ok", "refuse", "wait"]
+    message: str = ""
 
 
 def controller_uid(body: Mapping[str, Any]) -> str:
@@ -129,7 +195,10 @@ class KubeActions:
         `Refused` when the API server will never take it.
         """
         ns = owner.namespace
-        manifest = builders.build_job(
+        kind = kind_of(parsed)
+        build = builders.build_jobset if kind == "JobSet" else builders.build_job
+        view = status.jobset_view if kind == "JobSet" else status.job_view
+        manifest = build(
             owner=owner,
             spec=parsed,
             default_image=config.trainer_image,
@@ -138,7 +207,7 @@ class KubeActions:
             run_as_user=config.run_as_user,
             raw_spec=spec,
         )
-        path = f"/apis/batch/v1/namespaces/{ns}/jobs"
+        path = collection(namespace=ns, kind=kind)
         try:
             body = await self.client.create(path, manifest)
         except kube.ApiError as exc:
@@ -151,26 +220,58 @@ class KubeActions:
                     raise
                 if standing(body, owner=owner) != "ours":
                     return Conflict()
-                logger.info("adopted the existing Job %s/%s", ns, owner.name)
-                return status.job_view(body)
-            if exc.status in (400, 413, 422):
-                return Refused(f"the batch Job was refused: {exc.message}")
+                logger.info("adopted the existing %s %s/%s", kind, ns, owner.name)
+                return view(body)
+            if exc.status in (400, 403, 413, 422) and (exc.status != 403 or "admission webhook" in exc.message):
+                # 403 from an admission webhook: JobSet's validation refused it.
+                return Refused(f"the {'JobSet' if kind == 'JobSet' else 'batch Job'} was refused: {exc.message}")
+            if exc.status == 404 and kind == "JobSet":
+                return Refused(
+                    "runtime.workers > 1 needs JobSet (jobset.x-k8s.io/v1alpha2, v0.10 or later), "
+                    "which this cluster does not serve"
+                )
             raise
         metrics.job_created(namespace=ns)
-        self.post_job_created(owner=owner)
-        return status.job_view(body)
+        self.post_job_created(owner=owner, kind=kind)
+        return view(body)
 
-    def post_job_created(self, *, owner: builders.Owner) -> None:
+    async def check_output_volume(self, *, namespace: str, parsed: api.FineTuneJobSpec) -> VolumeCheck:
+        """Whether the output path of a multi-worker job is on a ReadWriteMany claim every worker mounts.
+
+        Refused (InvalidSpec) when it is not on a PersistentVolumeClaim or the claim's access
+        modes lack ReadWriteMany; `wait` while the claim does not exist (it is often applied
+        together with the FineTuneJob; the pending timeout bounds the wait).
+        """
+        claim, refusal = output_claim(parsed)
+        if refusal is not None or claim is None:
+            return VolumeCheck("refuse", refusal or "")
+        try:
+            body = await self.client.get(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim}")
+        except kube.ApiError as exc:
+            if exc.status == 404:
+                return VolumeCheck("wait", f"waiting for PersistentVolumeClaim {claim} (it holds spec.output.path)")
+            raise
+        modes = {*((body.get("spec") or {}).get("accessModes") or []), *((body.get("status") or {}).get("accessModes") or [])}
+        if "ReadWriteMany" not in modes:
+            return VolumeCheck("refuse", (
+                f"spec.output.path is on PersistentVolumeClaim {claim}, whose access modes "
+                f"({', '.join(sorted(modes)) or 'none'}) lack ReadWriteMany: with runtime.workers > 1 every "
+                "worker mounts it (the chief's checkpoints are read by all)"
+            ))  # fmt: skip
+        return VolumeCheck("ok")
+
+    def post_job_created(self, *, owner: builders.Owner, kind: Kind = "Job") -> None:
         """The JobCreated event, under a name fixed by the FineTuneJob's uid: posted twice, it exists once."""
+        what = "JobSet" if kind == "JobSet" else "batch Job"
         self.post_event(
             namespace=owner.namespace,
             name=owner.name,
             uid=owner.uid,
-            event=status.Event("Normal", "JobCreated", f"created batch Job {owner.name}"),
+            event=status.Event("Normal", "JobCreated", f"created {what} {owner.name}"),
             event_name=f"{owner.name}.jobcreated.{owner.uid}",
         )
 
-    async def obstacle(self, *, owner: builders.Owner) -> Obstacle:
+    async def obstacle(self, *, owner: builders.Owner, kind: Kind = "Job") -> Obstacle:
         """What, read from the API (not the watch caches), stands where the job's Job must go.
 
         `adopt` (with the Job) when the Job is this FineTuneJob's; `conflict` when a Job of
@@ -180,7 +281,7 @@ class KubeActions:
         """
         ns, name = owner.namespace, owner.name
         try:
-            body: dict[str, Any] | None = await self.client.get(f"/apis/batch/v1/namespaces/{ns}/jobs/{name}")
+            body: dict[str, Any] | None = await self.client.get(f"{collection(namespace=ns, kind=kind)}/{name}")
         except kube.ApiError as exc:
             if exc.status != 404:
                 raise
@@ -188,7 +289,7 @@ class KubeActions:
         if body is not None:
             state = standing(body, owner=owner)
             if state == "ours":
-                return Obstacle("adopt", job=status.job_view(body))
+                return Obstacle("adopt", job=(status.jobset_view if kind == "JobSet" else status.job_view)(body))
             if state == "foreign":
                 return Obstacle("conflict", (
                     f"a batch Job named {name} already exists and is not owned by this FineTuneJob "
@@ -196,7 +297,7 @@ class KubeActions:
                 ))  # fmt: skip
             uid = str((body.get("metadata") or {}).get("uid", ""))
             if state == "stale":
-                await self.delete_job(namespace=ns, name=name, uid=uid)
+                await self.delete_job(namespace=ns, name=name, uid=uid, kind=kind)
             return Obstacle(
                 "wait", f"waiting for batch Job {name} (uid {uid}) of an earlier FineTuneJob of this name to be deleted"
             )
@@ -211,7 +312,7 @@ class KubeActions:
             return Obstacle("wait", f"waiting for pod {live[0]} of an earlier FineTuneJob of this name to stop")
         return Obstacle("clear")
 
-    async def delete_job(self, *, namespace: str, name: str, uid: str) -> None:
+    async def delete_job(self, *, namespace: str, name: str, uid: str, kind: Kind = "Job") -> None:
         """Deletes exactly this Job (precondition on its uid); its pods go through the garbage collector.
 
         A Job already gone, or replaced by another of the same name, is left alone.
@@ -223,16 +324,19 @@ class KubeActions:
             "preconditions": {"uid": uid},
         }
         try:
-            await self.client.request("DELETE", f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}", body=options)
+            await self.client.request("DELETE", f"{collection(namespace=namespace, kind=kind)}/{name}", body=options)
         except kube.ApiError as exc:
             if exc.status not in (404, 409):
                 raise
             return
-        logger.info("deleted Job %s/%s (uid %s)", namespace, name, uid)
+        logger.info("deleted %s %s/%s (uid %s)", kind, namespace, name, uid)
 
-    async def creation_failure(self, *, owner: builders.Owner) -> str | None:
-        """The message of the newest FailedCreate event of the job's batch Job (the Job controller's reason)."""
-        selector = f"involvedObject.kind=Job,involvedObject.name={owner.name},reason=FailedCreate"
+    async def creation_failure(self, *, owner: builders.Owner, job_name: str | None = None) -> str | None:
+        """The message of the newest FailedCreate event of the job's batch Job (the Job controller's reason).
+
+        `job_name`: that Job's name when it is not the FineTuneJob's (a JobSet's child Job).
+        """
+        selector = f"involvedObject.kind=Job,involvedObject.name={job_name or owner.name},reason=FailedCreate"
         try:
             body = await self.client.request(
                 "GET", f"/api/v1/namespaces/{owner.namespace}/events", params={"fieldSelector": selector}
@@ -253,9 +357,10 @@ class KubeActions:
         newest = max(items, key=stamp)
         return str(newest.get("message") or "") or None
 
-    async def patch_job(self, *, owner: builders.Owner, suspend: bool) -> None:
+    async def patch_job(self, *, owner: builders.Owner, suspend: bool, kind: Kind = "Job") -> None:
+        """spec.suspend of the job's Job or JobSet (a JobSet suspends its child Jobs itself)."""
         await self.client.merge_patch(
-            f"/apis/batch/v1/namespaces/{owner.namespace}/jobs/{owner.name}", {"spec": {"suspend": suspend}}
+            f"{collection(namespace=owner.namespace, kind=kind)}/{owner.name}", {"spec": {"suspend": suspend}}
         )
 
     async def set_workload_active(self, *, namespace: str, name: str, active: bool) -> bool:

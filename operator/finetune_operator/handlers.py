@@ -54,6 +54,12 @@ logger = logging.getLogger("finetune_operator")
 MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
 GROUP, VERSION, PLURAL = api.API_GROUP, api.API_VERSION, api.PLURAL
 KUEUE_GROUP, KUEUE_VERSION = actions.KUEUE_GROUP, actions.KUEUE_VERSION
+JOBSET_GROUP, JOBSET_VERSION = actions.JOBSET_GROUP, actions.JOBSET_VERSION
+JOBSET_UID_LABEL = "jobset.sigs.k8s.io/jobset-uid"  # JobSet's label on its Jobs and pods
+
+
+def _kind(job: status.JobView) -> actions.Kind:
+    return "JobSet" if job.is_jobset else "Job"
 
 Key = tuple[str, str]
 
@@ -118,6 +124,7 @@ class Operator:
         self.hub: Any = None  # progress.ProgressHub, once started
         self.ftjs: Any = None  # the Kopf indexes, captured from the first handler call
         self.jobs: Any = None
+        self.jobsets: Any = None  # JobSets (runtime.workers > 1); Kopf serves none without JobSet's CRD
         self.pods: Any = None
         self.workloads: Any = None
         self.kueue_installed: bool | None = None  # whether the cluster serves Kueue's Workload API (looked up once)
@@ -142,6 +149,7 @@ class Operator:
     def capture(self, kwargs: Mapping[str, Any]) -> None:
         self.ftjs, self.jobs, self.pods = kwargs["ftj_index"], kwargs["job_index"], kwargs["pod_index"]
         self.workloads = kwargs.get("workload_index")
+        self.jobsets = kwargs.get("jobset_index")
 
     def enqueue(self, key: Key, *, delay: float = 0.0) -> None:
         """Reconcile the job now (once more, if a reconcile of it runs), or after `delay` s at the latest."""
@@ -163,9 +171,19 @@ class Operator:
         return max(views, key=lambda v: v.created or "") if views else None
 
     def _job(self, key: Key, owner_uid: str) -> status.JobView | None:
+        """The FineTuneJob's Job, or its JobSet (runtime.workers > 1)."""
+        for index in (self.jobs, self.jobsets):
+            if index is not None and key in index:
+                found: status.JobView | None = next((view for uid, view in index[key] if uid == owner_uid), None)
+                if found is not None:
+                    return found
+        return None
+
+    def _children(self, key: Key, jobset_uid: str) -> list[status.JobView]:
+        """The child Jobs of a JobSet (they carry the FineTuneJob's labels; their controller is the JobSet)."""
         if self.jobs is None or key not in self.jobs:
-            return None
-        return next((view for uid, view in self.jobs[key] if uid == owner_uid), None)
+            return []
+        return [view for uid, view in self.jobs[key] if uid == jobset_uid]
 
     def _pods(self, key: Key, job_uid: str) -> list[status.PodView]:
         if self.pods is None or key not in self.pods:
@@ -233,7 +251,7 @@ class Operator:
         if ftj.uid not in self._announced:
             # The Job was made by an earlier run that may have died before its JobCreated event
             # went out; the event's fixed name makes a second post a no-op (409).
-            self.actions.post_job_created(owner=owner)
+            self.actions.post_job_created(owner=owner, kind=_kind(job))
             self._announced.add(ftj.uid)
 
         if ftj.uid not in self._registered and self.hub is not None:
@@ -253,13 +271,14 @@ class Operator:
         if not finished and kueue:
             await self._kueue_activate(key, ftj, workload, active=not suspend)
         elif not finished and job.suspend != suspend:
-            await self.actions.patch_job(owner=owner, suspend=suspend)
+            await self.actions.patch_job(owner=owner, suspend=suspend, kind=_kind(job))
 
         pods = self._pods(key, job.uid)
         creation_failure = None
         if not suspend and status.creation_stalled(job, pods, now=now, timeout_s=self.config.pending_timeout_s):
             # Looked up once: the job turns Failed on this pass.
-            creation_failure = await self.actions.creation_failure(owner=owner)
+            child = f"{name}-{builders.REPLICATED_JOB}-0" if job.is_jobset else None
+            creation_failure = await self.actions.creation_failure(owner=owner, job_name=child)
         outcome = status.derive(
             generation=ftj.generation,
             suspend=suspend,
@@ -273,6 +292,8 @@ class Operator:
             creation_failure=creation_failure,
             workload=workload,
             kueue_installed=self.kueue_installed is not False,
+            workers=parsed.runtime.workers if parsed is not None else job.workers,
+            child_jobs=self._children(key, job.uid) if job.is_jobset else (),
         )
         wait = self._coalesce_wait(ftj.uid, outcome, previous)
         if wait > 0:
@@ -286,7 +307,7 @@ class Operator:
             ):
                 logger.warning("%s/%s failed, but its Workload is not known: the Job is left to Kueue", *key)
         elif outcome.stop_job:
-            await self.actions.patch_job(owner=owner, suspend=True)
+            await self.actions.patch_job(owner=owner, suspend=True, kind=_kind(job))
         await self._apply(key, ftj, outcome, previous)
         # Only once the attempts they add are written: a failed write derives them again.
         self._counted[ftj.uid] = outcome.counted_pods
@@ -354,9 +375,19 @@ class Operator:
         never holds a job back. None when there is no Job to go on with on this pass: the
         status says why (Pending/Replacing and a look again later, or Failed).
         """
+        kind = actions.kind_of(parsed)
+        if kind == "JobSet":
+            check = await self.actions.check_output_volume(namespace=key[0], parsed=parsed)
+            if check.kind == "refuse":
+                outcome = status.invalid_spec(generation=ftj.generation, message=check.message, previous=previous, now=now)
+                await self._apply(key, ftj, outcome, previous)
+                return None
+            if check.kind == "wait":
+                await self._wait_for_volume(key, ftj, check.message, previous=previous, now=now)
+                return None
         found = actions.Obstacle("clear")
         if self._leftovers(key, ftj.uid):
-            found = await self.actions.obstacle(owner=owner)
+            found = await self.actions.obstacle(owner=owner, kind=kind)
         if found.kind == "clear":
             first: asyncio.Task[None] | None = None
             if ftj.uid not in self._last_write and not previous.get("phase"):
@@ -365,7 +396,7 @@ class Operator:
                 early = status.derive(
                     generation=ftj.generation, suspend=ftj.suspend, output_path=ftj.output_path,
                     previous=previous, job=None, pods=[], counted_pods=self._counted.get(ftj.uid), now=now,
-                    pending_timeout_s=self.config.pending_timeout_s,
+                    pending_timeout_s=self.config.pending_timeout_s, workers=parsed.runtime.workers,
                 )  # fmt: skip
                 first = asyncio.get_running_loop().create_task(self._apply(key, ftj, early, previous))
             try:
@@ -386,7 +417,7 @@ class Operator:
                 )
                 await self._apply(key, ftj, outcome, previous)
                 return None
-            found = await self.actions.obstacle(owner=owner)
+            found = await self.actions.obstacle(owner=owner, kind=kind)
             if found.kind == "clear":  # the other Job went away just now
                 found = actions.Obstacle("wait", "the batch Job of an earlier FineTuneJob of this name went away")
         if found.kind == "adopt" and found.job is not None:
@@ -414,12 +445,45 @@ class Operator:
             now=now,
             pending_timeout_s=self.config.pending_timeout_s,
             blocked=why or "waiting for the objects of an earlier FineTuneJob of this name to go",
+            workers=parsed.runtime.workers,
         )
         if status.diff(desired=outcome.status, current=previous):
             await self._apply(key, ftj, outcome, previous)
         # Their deletion events bring the job back sooner; this is the bound.
         self.enqueue(key, delay=engine.backoff(engine.WAIT_DELAYS, looks))
         return None
+
+    async def _wait_for_volume(
+        self, key: Key, ftj: FtjView, why: str, *, previous: Mapping[str, Any], now: datetime.datetime
+    ) -> None:
+        """A multi-worker job whose output claim does not exist yet: Pending/WaitingForVolume, looked at again.
+
+        Claims are often applied with the FineTuneJob, so a missing one is waited for, as the
+        scheduler waits for a single-worker pod's; past the pending timeout (from the
+        FineTuneJob's creation) the job fails with VolumeError, as such a pod's does.
+        """
+        created = status.parse_time(ftj.created) or now
+        timeout = self.config.pending_timeout_s
+        if timeout > 0 and (now - created).total_seconds() >= timeout:
+            outcome = status.invalid_spec(
+                generation=ftj.generation, message=f"{why}: not there after {timeout:g}s", previous=previous, now=now,
+                reason="VolumeError",
+            )  # fmt: skip
+            await self._apply(key, ftj, outcome, previous)
+            return
+        looks = self._waits.get(key, 0)
+        self._waits[key] = looks + 1
+        outcome = status.derive(
+            generation=ftj.generation, suspend=ftj.suspend, output_path=ftj.output_path, previous=previous, job=None,
+            pods=[], counted_pods=self._counted.get(ftj.uid), now=now, pending_timeout_s=timeout,
+            blocked=why, blocked_reason="WaitingForVolume", workers=2,
+        )  # fmt: skip
+        if status.diff(desired=outcome.status, current=previous):
+            await self._apply(key, ftj, outcome, previous)
+        delay = engine.backoff(engine.WAIT_DELAYS, looks)
+        if timeout > 0:
+            delay = min(delay, max(1.0, timeout - (now - created).total_seconds() + 0.5))
+        self.enqueue(key, delay=delay)
 
     def _leftovers(self, key: Key, uid: str) -> bool:
         """Whether the indexes hold a Job of this name that is not the FineTuneJob's, or a pod of one."""
@@ -443,7 +507,7 @@ class Operator:
         if left > 0:
             self.enqueue(key, delay=left + 0.5)
             return
-        await self.actions.delete_job(namespace=key[0], name=key[1], uid=job.uid)
+        await self.actions.delete_job(namespace=key[0], name=key[1], uid=job.uid, kind=_kind(job))
         self._expired[ftj.uid] = job.uid
         self._created.pop(ftj.uid, None)
 
@@ -604,6 +668,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     selector = ",".join(f"{k}={v}" for k, v in MANAGED.items())
     settings.watching.label_selectors["batch", "v1", "jobs"] = selector
     settings.watching.label_selectors["", "v1", "pods"] = selector
+    settings.watching.label_selectors[JOBSET_GROUP, JOBSET_VERSION, "jobsets"] = selector
     settings.batching.idle_timeout = 1.0  # per-object workers (and their queues) go away sooner: less memory
     if op.config.peering:
         settings.peering.name = op.config.peering
@@ -647,17 +712,29 @@ async def job_index(
     return {(namespace or "", name): (actions.controller_uid(body), status.job_view(body))}
 
 
+# JobSets of multi-worker jobs, like Jobs. Without JobSet's CRD Kopf serves nothing here (one warning
+# at start) and single-worker jobs run as before.
+@kopf.index(JOBSET_GROUP, JOBSET_VERSION, "jobsets", labels=MANAGED)
+async def jobset_index(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[Key, tuple[str, status.JobView]]:
+    return {(namespace or "", name): (actions.controller_uid(body), status.jobset_view(body))}
+
+
 @kopf.index("", "v1", "pods", labels={**MANAGED, builders.JOB_NAME_LABEL: kopf.PRESENT})
 async def pod_index(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[Key, tuple[str, status.PodView]]:
-    return {(namespace or "", labels[builders.JOB_NAME_LABEL]): (actions.controller_uid(body), status.pod_view(body))}
+    # A JobSet's worker: keyed by its JobSet (its controller, the child Job, is recreated on each group restart).
+    owner = str(labels.get(JOBSET_UID_LABEL) or "") or actions.controller_uid(body)
+    return {(namespace or "", labels[builders.JOB_NAME_LABEL]): (owner, status.pod_view(body))}
 
 
 def _workload_job(body: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(name, uid) of the batch Job a Kueue Workload belongs to (its controller ownerReference)."""
+    """(name, uid) of the batch Job or JobSet a Kueue Workload belongs to (its controller ownerReference)."""
     for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller") and ref.get("kind") == "Job" and ref.get("apiVersion") == "batch/v1":
+        owned = (ref.get("kind"), ref.get("apiVersion"))
+        if ref.get("controller") and owned in (("Job", "batch/v1"), ("JobSet", f"{JOBSET_GROUP}/{JOBSET_VERSION}")):
             return str(ref.get("name", "")), str(ref.get("uid", ""))
     return None
 
@@ -691,6 +768,13 @@ async def ftj_event(
 
 @kopf.on.event("batch", "v1", "jobs", labels={**MANAGED, builders.JOB_NAME_LABEL: kopf.PRESENT})
 async def job_event(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
+    op = operator_of(memo)
+    op.capture(kwargs)
+    op.enqueue((namespace or "", labels[builders.JOB_NAME_LABEL]))
+
+
+@kopf.on.event(JOBSET_GROUP, JOBSET_VERSION, "jobsets", labels={**MANAGED, builders.JOB_NAME_LABEL: kopf.PRESENT})
+async def jobset_event(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
     op = operator_of(memo)
     op.capture(kwargs)
     op.enqueue((namespace or "", labels[builders.JOB_NAME_LABEL]))

@@ -256,10 +256,10 @@ class FakeActions:
         self.created.append(owner.name)
         return self.create_answer(owner)
 
-    async def obstacle(self, *, owner: builders.Owner) -> actions.Obstacle:
+    async def obstacle(self, *, owner: builders.Owner, kind: str = "Job") -> actions.Obstacle:
         return self.obstacle_answer
 
-    def post_job_created(self, *, owner: builders.Owner) -> None:
+    def post_job_created(self, *, owner: builders.Owner, kind: str = "Job") -> None:
         self.announced.append(owner.uid)
 
     def post_event(self, *, event: status.Event, **_: Any) -> None:
@@ -268,7 +268,7 @@ class FakeActions:
     async def patch_status(self, *, status: dict[str, Any], **_: Any) -> None:
         self.statuses.append(dict(status))
 
-    async def patch_job(self, *, owner: builders.Owner, suspend: bool) -> None:
+    async def patch_job(self, *, owner: builders.Owner, suspend: bool, kind: str = "Job") -> None:
         self.job_patches.append(suspend)
 
     async def creation_failure(self, **_: Any) -> str | None:
