@@ -44,6 +44,7 @@ RUN mkdir -p /dist/req \
     && sed -n 's/^\(tensorflow\(-cpu\)\{0,1\}\)==\([^ ;]*\).*/\3/p' /tmp/trainer-all.txt > /dist/req/tensorflow-version \
     && test -s /dist/req/tensorflow-version
 COPY README.md ./
+COPY contract/ ./contract/
 COPY operator/ ./operator/
 COPY trainer/ ./trainer/
 RUN --mount=type=cache,id=finetune-uv,target=/root/.cache/uv \

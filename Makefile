@@ -86,8 +86,8 @@ images: deps-debian
 IMAGES_IF_CONTAINERS := $(if $(filter process,$(FTO_PODS)),,images)
 
 lint: setup
-	$(VENV)/bin/ruff check operator trainer tests hack
-	$(VENV)/bin/mypy operator/finetune_operator trainer/finetune_trainer hack/finetune_testbed
+	$(VENV)/bin/ruff check contract operator trainer tests hack
+	$(VENV)/bin/mypy contract/finetune_contract operator/finetune_operator trainer/finetune_trainer hack/finetune_testbed
 
 ## crds: the FineTuneJob CRD from operator/finetune_operator/api.py, into crds/ and the Helm chart's crds/
 crds: setup

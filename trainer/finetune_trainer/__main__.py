@@ -1,9 +1,9 @@
 """`finetune-train --config FILE [--output DIR] [--progress-url URL]`: one training run.
 
-Exit codes (API.md): 0 trained and saved, 2 invalid configuration, 3 data error, 4 diverged,
-anything else an unexpected error the Job may retry: 1 an unexpected error, 143 (128 + SIGTERM,
-what a shell reports) terminated by SIGTERM (suspend, preemption, node drain), reason
-`Terminated`. Every exit prints a one-line reason on stderr and writes a JSON
+Exit codes (API.md; defined once in `finetune_contract.exits`): 0 trained and saved, 2 invalid
+configuration, 3 data error, 4 diverged, anything else an unexpected error the Job may retry:
+1 an unexpected error, 143 (128 + SIGTERM, what a shell reports) terminated by SIGTERM
+(suspend, preemption, node drain), reason `Terminated`. Every exit prints a one-line reason on stderr and writes a JSON
 `TerminationSummary` to the termination-message path.
 
 SIGTERM: the handler is installed before anything slow happens; it raises `train.Terminated`
@@ -28,17 +28,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from finetune_contract import exits
+from finetune_contract.protocol import ENV_PROGRESS_URL, TerminationSummary
+from finetune_contract.spec import TrainerSpec
+
 from finetune_trainer import distribute, errors, report, train
-from finetune_trainer.config import ConfigError, TrainerSpec, load_config, load_runtime
+from finetune_trainer.config import ConfigError, load_config, load_runtime
 from finetune_trainer.observer import TrainingObserver
-from finetune_trainer.protocol import ENV_PROGRESS_URL, TerminationSummary
 
 __all__ = ["main", "parse_args"]
 
 log = logging.getLogger("finetune_trainer")
-
-EXIT_TERMINATED = 143  # SIGTERM: the pod is going away; retryable, resumes from checkpoints/
-REASON_TERMINATED = "Terminated"
 
 _Terminated = train.Terminated  # a BaseException: never swallowed by `except Exception`
 
@@ -84,7 +84,7 @@ def _finish(*, code: int, reason: str, message: str, metrics: dict[str, float] |
         report.write_termination_message(summary=summary)
     except Exception:
         log.warning("could not write the termination message", exc_info=True)
-    if code != errors.EXIT_OK:
+    if code != exits.EXIT_OK:
         print(f"finetune-train: {reason}: {message}", file=sys.stderr, flush=True)
     return code
 
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec: TrainerSpec = load_config(path=args.config)
         runtime = load_runtime(path=args.config)  # workers, gpus: the distribution strategy
     except ConfigError as exc:
-        return _finish(code=errors.EXIT_INVALID_SPEC, reason=errors.InvalidSpecError.reason, message=str(exc))
+        return _finish(code=exits.EXIT_INVALID_SPEC, reason=exits.REASON_INVALID_SPEC, message=str(exc))
     output = args.output or spec.output.path
     if args.output:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"path": str(Path(args.output))})})
@@ -130,15 +130,15 @@ def _train(*, spec: TrainerSpec, output: str, progress_url: str | None, handler:
     except errors.TrainerError as exc:
         return _finish(code=exc.exit_code, reason=exc.reason, message=str(exc))
     except _Terminated as exc:
-        return _finish(code=EXIT_TERMINATED, reason=REASON_TERMINATED,
+        return _finish(code=exits.EXIT_TERMINATED, reason=exits.REASON_TERMINATED,
                        message=f"{exc}; checkpoints/ holds every finished epoch, a new pod resumes from them")
     except Exception as exc:
         traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return _finish(code=errors.EXIT_ERROR, reason="Error", message=f"{type(exc).__name__}: {first}"[:1000])
+        return _finish(code=exits.EXIT_ERROR, reason=exits.REASON_ERROR, message=f"{type(exc).__name__}: {first}"[:1000])
     return _finish(
-        code=errors.EXIT_OK,
-        reason="Succeeded",
+        code=exits.EXIT_OK,
+        reason=exits.REASON_SUCCEEDED,
         message=f"trained and saved to {result.model_path}",
         metrics=result.metrics,
         model_path=str(result.model_path),

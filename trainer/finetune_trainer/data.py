@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from finetune_contract.spec import AugmentationSpec, DataSpec
 
-from finetune_trainer.config import AugmentationSpec, DataSpec
 from finetune_trainer.errors import DataError
 
 __all__ = [

@@ -53,6 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from finetune_contract.protocol import ENV_WORKER_HOSTS, ENV_WORKER_INDEX
+
 from finetune_trainer.errors import InvalidSpecError
 
 __all__ = [
@@ -68,8 +70,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ENV_WORKER_INDEX = "FINETUNE_WORKER_INDEX"  # this worker's index, 0 = the chief
-ENV_WORKER_HOSTS = "FINETUNE_WORKER_HOSTS"  # host:port of every worker, comma-separated, index order
 INDEX_FALLBACKS = ("JOB_COMPLETION_INDEX",)  # an Indexed Job's own env var
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):([0-9]{1,5})$")
 

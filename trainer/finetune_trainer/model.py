@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from finetune_contract.spec import ModelSpec
 
-from finetune_trainer.config import ModelSpec
 from finetune_trainer.errors import InvalidSpecError
 
 __all__ = [

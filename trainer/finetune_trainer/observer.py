@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
-from finetune_trainer.protocol import Stage
+from finetune_contract.protocol import Stage
 
 __all__ = ["TrainingObserver"]
 

@@ -30,10 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-from finetune_trainer.observer import TrainingObserver
-from finetune_trainer.protocol import (
+from finetune_contract.protocol import (
     ENV_JOB_NAME,
     ENV_JOB_NAMESPACE,
     ENV_JOB_UID,
@@ -49,7 +46,10 @@ from finetune_trainer.protocol import (
     Stage,
     TerminationSummary,
 )
-from finetune_trainer.protocol import Event as ReportEvent
+from finetune_contract.protocol import Event as ReportEvent
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from finetune_trainer.observer import TrainingObserver
 
 __all__ = [
     "DEFAULT_TERMINATION_PATH",

@@ -192,4 +192,4 @@ def test_dockerignore_lets_in_only_what_the_build_copies() -> None:
     ]
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "uv.lock", "README.md", "operator", "trainer"}
+    assert allowed == {"pyproject.toml", "uv.lock", "README.md", "contract", "operator", "trainer"}

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from finetune_trainer import config, protocol
+from finetune_contract import protocol
+from finetune_contract.spec import MAX_STAGE_EPOCHS
+from finetune_trainer import config
 
 
 def _manifest(**training: object) -> dict[str, object]:
@@ -42,7 +44,7 @@ def test_yaml_still_loads(tmp_path: Path) -> None:
 
 
 def test_epochs_are_bounded_within_the_progress_protocol() -> None:
-    limit = config.MAX_STAGE_EPOCHS
+    limit = MAX_STAGE_EPOCHS
     assert 2 * limit <= protocol.MAX_EPOCHS
     with pytest.raises(config.ConfigError, match="epochs"):
         config.parse_config(_manifest(head={"epochs": limit + 1}), source="test")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from finetune_contract.spec import AugmentationSpec, DataSpec
 from finetune_trainer import data
-from finetune_trainer.config import AugmentationSpec, DataSpec
 from finetune_trainer.errors import DataError
 from PIL import Image
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from finetune_contract.spec import ModelSpec
 from finetune_trainer import model
-from finetune_trainer.config import ModelSpec
 from finetune_trainer.errors import InvalidSpecError
 
 SHAPE = (32, 32, 3)

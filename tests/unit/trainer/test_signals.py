@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 import yaml
+from finetune_contract.exits import EXIT_TERMINATED, REASON_TERMINATED
 from finetune_trainer import train
-from finetune_trainer.__main__ import EXIT_TERMINATED, REASON_TERMINATED
 from finetune_trainer.config import parse_config
 from imagesets import spec_dict
 
