@@ -1,7 +1,7 @@
 """The local control plane: `hack/cluster.py up|down|status` (finetune_testbed.cluster).
 
 `up` builds (once, cached: hack/build-control-plane.sh) and starts etcd, kube-apiserver,
-kube-controller-manager and the pod runner (hack/podrunner.py), all on loopback, with
+kube-controller-manager and the pod runner (hack/podrunner.py: finetune_testbed.podrunner), all on loopback, with
 certificates, a service-account signing key and an audit policy generated under `.cluster/`:
 
     .cluster/kubeconfig         admin (client certificate, group system:masters)
@@ -20,7 +20,7 @@ them), by pid (SIGTERM, then SIGKILL). Ports are fixed but overridable:
 FTO_APISERVER_PORT (6443), FTO_ETCD_PORT (2379), FTO_ETCD_PEER_PORT (2380),
 FTO_KCM_PORT (10257), FTO_KUBELET_PORT (10250: the pod runner's `kubectl logs` endpoint).
 `up --simulate-pods SECONDS` starts the pod runner in simulated mode. FTO_PODS=container
-runs every pod's containers from their images with podman + runc (hack/podrunner_container.py);
+runs every pod's containers from their images with podman + runc (finetune_testbed.podrunner.container);
 FTO_PODS=process (the default) as local processes, the fast mode the tests use. A cluster up
 in another mode gets its pod runner restarted in the one asked for.
 
@@ -87,7 +87,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_PY = ROOT / "hack" / "cluster.py"  # the entry point: `python hack/cluster.py up|down|status`
 NODE_NAME = "local-node"
 SERVICE_CIDR = "10.0.0.0/24"
-# The pod bridge's host address (hack/podnet.py, FTO_POD_NETWORK=netns): pods reach the API
+# The pod bridge's host address (finetune_testbed.podrunner.podnet, FTO_POD_NETWORK=netns): pods reach the API
 # server there (KUBERNETES_SERVICE_HOST), so its serving certificate names it too.
 POD_BRIDGE_GATEWAY = "10.244.0.1"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -572,7 +572,8 @@ KUEUE_METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")  # fixed in Kueue's ma
 FIELD_MANAGER = "hack-cluster"
 
 
-def _switched_on(var: str) -> bool:
+def switched_on(var: str) -> bool:
+    """A part of the control plane switched on: `var` unset or anything but 0/false/no/off."""
     return os.environ.get(var, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -586,7 +587,7 @@ def _build(script: str) -> Path:
 
 def kueue_enabled() -> bool:
     """Kueue is part of the control plane unless FTO_KUEUE is 0/false/no/off."""
-    return _switched_on("FTO_KUEUE")
+    return switched_on("FTO_KUEUE")
 
 
 def build_kueue() -> Path:
@@ -772,7 +773,7 @@ JOBSET_WEBHOOK_CONFIGS = (
 
 def jobset_enabled() -> bool:
     """JobSet is part of the control plane unless FTO_JOBSET is 0/false/no/off."""
-    return _switched_on("FTO_JOBSET")
+    return switched_on("FTO_JOBSET")
 
 
 def build_jobset() -> Path:
@@ -1109,7 +1110,7 @@ def component_argv(*, name: str, bin_dir: Path, layout: Layout, ports: Ports, si
         elif mode == "container":
             argv.append("--pods=container")
         if simulate is None and os.environ.get("FTO_POD_NETWORK", "host") == "netns":
-            argv.append("--pod-network=netns")  # a namespace per pod on a bridge: hack/podnet.py
+            argv.append("--pod-network=netns")  # a namespace per pod on a bridge: podrunner/podnet.py
         return argv
     raise ValueError(name)
 

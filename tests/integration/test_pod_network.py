@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from finetune_testbed.podrunner import podnet
 from fixtures.cluster import PrivateCluster, private_cluster, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "hack"))
-import podnet  # noqa: E402  (hack/podnet.py)
 
 BRIDGE_NET = ipaddress.ip_network("10.244.0.0/24")
 GATEWAY = "10.244.0.1"
@@ -297,9 +295,8 @@ def test_api_server_certificate_names_the_bridge_address_also_when_issued_before
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from fixtures.cluster import _load_cluster_module
+    from finetune_testbed import cluster as mod
 
-    mod = _load_cluster_module()
     pki = tmp_path / "pki"
     mod.ensure_pki(pki=pki)
 

@@ -541,13 +541,10 @@ def test_pod_runner_renews_projected_tokens_like_the_kubelet(
 ) -> None:
     """A projected serviceAccountToken is minted again when due (80 % of its lifetime); the new
     file replaces the old one atomically and is a valid token bound to the same pod."""
-    import importlib.util
+    from finetune_testbed.podrunner.api import Api
+    from finetune_testbed.podrunner.runner import PodRunner
+    from finetune_testbed.podrunner.state import PodRun
 
-    spec = importlib.util.spec_from_file_location("fto_hack_podrunner", cluster.root / "hack" / "podrunner.py")
-    assert spec is not None and spec.loader is not None
-    podrunner = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = podrunner  # its dataclasses look their module up
-    spec.loader.exec_module(podrunner)
     # A pod object for the runner to mint for (its image "fails to pull", so nothing runs it).
     (pod,) = apply_yaml({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "holder"},
@@ -557,11 +554,11 @@ def test_pod_runner_renews_projected_tokens_like_the_kubelet(
                                 "runAsNonRoot": True, "runAsUser": 1000,
                                 "seccompProfile": {"type": "RuntimeDefault"}}}]},
     }, namespace=namespace)  # fmt: skip
-    runner = podrunner.PodRunner(
-        api=podrunner.Api(kubeconfig=str(cluster.kubeconfig)), cluster_dir=tmp_path, node_name="renewal-test",
+    runner = PodRunner(
+        api=Api(kubeconfig=str(cluster.kubeconfig)), cluster_dir=tmp_path, node_name="renewal-test",
         capacity={}, simulate=None, kubelet_port=0, bind=False,
     )  # fmt: skip
-    run = podrunner.PodRun(uid=pod["metadata"]["uid"], pod=pod, dir=tmp_path / "run")
+    run = PodRun(uid=pod["metadata"]["uid"], pod=pod, dir=tmp_path / "run")
     source = {"audience": "renewal.test", "expirationSeconds": 600, "path": "token"}
     volume = {"name": "t", "projected": {"sources": [{"serviceAccountToken": source}]}}
     folder, _ = runner.volume_source(run, volume)

@@ -21,7 +21,7 @@ kubelet with a CRI runtime does, as far as this machine allows:
   default profile, Unconfined (or no profile at all: the kubelet's default) -> unconfined,
   Localhost -> <cluster>/seccomp/<profile>.
 - host network (pods share the machine's loopback, as in process mode), or with
-  `--pod-network=netns` the pod's own namespace (`--network ns:/run/netns/<ns>`, hack/podnet.py);
+  `--pod-network=netns` the pod's own namespace (`--network ns:/run/netns/<ns>`, podnet.py);
   hostname = the pod's;
   every volume a bind mount at its mountPath, read-only where asked; the termination message
   a bind-mounted file (mode 0666, as the kubelet makes it) read after exit.
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 # B1's containers.conf (default_ulimits = [], which these hosts need); written beside the
 # cluster when the checkout has none.
 CONTAINERS_CONF = ROOT / "hack" / "containers" / "containers.conf"
@@ -235,7 +235,7 @@ def run_argv(
 ) -> tuple[list[str], dict[str, str]]:
     """`podman run` for one container, and the variables its environment must carry.
 
-    `network`: "host", or `ns:/run/netns/<name>` for the pod's own namespace (hack/podnet.py,
+    `network`: "host", or `ns:/run/netns/<name>` for the pod's own namespace (podnet.py,
     which also puts its /etc/hosts among `mounts`).
 
     Env values travel in podman's own environment (`--env NAME` imports it), not in its argv,

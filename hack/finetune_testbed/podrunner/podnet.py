@@ -115,7 +115,7 @@ def pod_hostname(*, pod: dict[str, object]) -> str:
 def hosts_file_text(*, own: HostsEntry, peers: Iterable[HostsEntry]) -> str:
     """The /etc/hosts of `own`: localhost, then its own names, then its subdomain's other pods."""
     lines = [
-        "# Kubernetes-managed hosts file (hack/podnet.py).",
+        "# Kubernetes-managed hosts file (hack/finetune_testbed/podrunner/podnet.py).",
         "127.0.0.1\tlocalhost",
         "::1\tlocalhost ip6-localhost ip6-loopback",
     ]
