@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.cluster import Cluster, private_cluster, wait_for
+from fixtures.cluster import Cluster, private_cluster, require_release, wait_for
 from fixtures.kueue import QUEUE_LABEL, KueueObjects, require_kueue, workload_admitted, workloads
 
 GROUP_PATH = "/apis/jobset.x-k8s.io/v1alpha2"
@@ -48,19 +48,9 @@ if os.environ.get("FAIL_FIRST") == "1" and attempt == "0":
 
 def require_jobset(cluster: Cluster) -> None:
     """Skips under FTO_JOBSET=0; fails when JobSet should run but its CRD or webhooks are missing."""
-    if os.environ.get("FTO_JOBSET", "1").strip().lower() in ("0", "false", "no", "off"):
-        pytest.skip("JobSet is off (FTO_JOBSET=0)")
-    missing = [
-        path
-        for path in (
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/jobsets.jobset.x-k8s.io",
-            f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{WEBHOOK_CONFIGS[0]}",
-            f"/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/{WEBHOOK_CONFIGS[1]}",
-        )
-        if cluster.get(path) is None
-    ]
-    if missing:
-        pytest.fail(f"JobSet is not running on {cluster.dir} (missing {missing}); `hack/cluster.py up` starts it")
+    require_release(
+        cluster, title="JobSet", switch="FTO_JOBSET", crd="jobsets.jobset.x-k8s.io", webhook_configs=WEBHOOK_CONFIGS
+    )
 
 
 @pytest.fixture
@@ -118,15 +108,11 @@ def jobset_manifest(
 
 def create_jobset(cluster: Cluster, *, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """POSTs the JobSet and returns it as the API server stored it (after the webhooks)."""
-    code, stored = cluster.request("POST", f"{GROUP_PATH}/namespaces/{namespace}/jobsets", body=manifest)
-    assert code == 201, stored
-    return stored
+    return cluster.create(f"{GROUP_PATH}/namespaces/{namespace}/jobsets", manifest)
 
 
 def get_jobset(cluster: Cluster, *, namespace: str, name: str) -> dict[str, Any]:
-    found = cluster.get(f"{GROUP_PATH}/namespaces/{namespace}/jobsets/{name}")
-    assert found is not None, f"JobSet {namespace}/{name} is gone"
-    return found
+    return cluster.must_get(f"{GROUP_PATH}/namespaces/{namespace}/jobsets/{name}")
 
 
 def condition(obj: dict[str, Any], kind: str) -> bool:

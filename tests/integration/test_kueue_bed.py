@@ -75,15 +75,11 @@ def job_manifest(*, name: str, queue: str | None, seconds: float = 0.0, cpu: str
 
 def create_job(cluster: Cluster, *, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """POSTs the Job and returns it as the API server stored it (after the webhooks)."""
-    code, job = cluster.request("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", body=manifest)
-    assert code == 201, job
-    return job
+    return cluster.create(f"/apis/batch/v1/namespaces/{namespace}/jobs", manifest)
 
 
 def get_job(cluster: Cluster, *, namespace: str, name: str) -> dict[str, Any]:
-    job = cluster.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
-    assert job is not None, f"Job {namespace}/{name} is gone"
-    return job
+    return cluster.must_get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
 
 
 def complete(job: dict[str, Any]) -> bool:
