@@ -26,7 +26,8 @@ may write the progress of the job a report names:
 A reviewed verdict is kept (by the token's SHA-256): an accepted token for at most `ttl_s`
 and never past its own expiry, a refused one for `negative_ttl_s`; a token already under
 review is not reviewed twice at once. A running trainer therefore costs one review and two
-reads per pod and token rotation, not one per report; local refusals are not kept (checking a
+reads per `ttl_s` (300 s by default) and per token rotation, not one per report: a pod that
+reports for an hour is reviewed about twelve times. Local refusals are not kept (checking a
 signature again is cheaper than letting a flood of them evict the verdicts of real tokens).
 Each review is counted in `finetune_progress_token_reviews_total{result}`, each token check
 before it in `finetune_progress_token_checks_total{result}` (verified, rejected, unverified,
