@@ -28,17 +28,22 @@ __all__ = [
     "API_GROUP",
     "API_VERSION",
     "CONDITION_TYPES",
+    "IMMUTABLE_SPEC_RULE",
     "KIND",
     "KUBERNETES_TYPE",
     "MAX_NAME_LENGTH",
+    "NAME_LENGTH_RULE",
+    "OBJECT_RULES",
     "PHASES",
     "PLURAL",
     "Condition",
     "ConditionStatus",
     "ConditionType",
+    "FineTuneJob",
     "FineTuneJobSpec",
     "FineTuneJobStatus",
     "Phase",
+    "PrinterColumn",
     "RuntimeSpec",
     "Stage",
     "WorkersStatus",
@@ -224,6 +229,22 @@ class WrittenBy:
     writers: tuple[Writer, ...]
 
 
+@dataclass(frozen=True)
+class PrinterColumn:
+    """Metadata of a field: a column of `kubectl get` (the CRD's additionalPrinterColumns).
+
+    `crd.py` renders one column per marked field, in `order`, with the field's JSON path
+    (`.status.<field>`, or `.<field>.<path>` on `FineTuneJob`).
+    """
+
+    name: str
+    type: Literal["string", "integer", "number", "boolean", "date"]
+    order: int
+    description: str | None = None
+    priority: int = 0  # 1: only with `kubectl get -o wide`
+    path: str | None = None  # below the field, e.g. creationTimestamp of metadata
+
+
 _OPERATOR = WrittenBy(("operator",))
 _PROGRESS = WrittenBy(("progress",))
 _BOTH = WrittenBy(("operator", "progress"))  # the hub's while training, the operator's at the end
@@ -278,36 +299,40 @@ class FineTuneJobStatus(_StatusModel):
     observed_generation: Annotated[int | None, _OPERATOR] = Field(
         default=None, description="The metadata.generation this status describes."
     )
-    phase: Annotated[Phase | None, _OPERATOR] = Field(
+    phase: Annotated[Phase | None, _OPERATOR, PrinterColumn("Phase", "string", 1, "Phase of the job.")] = Field(
         default=None, description="Pending, Running, Suspended, Succeeded or Failed."
     )
-    reason: Annotated[str | None, _OPERATOR] = Field(
+    reason: Annotated[str | None, _OPERATOR, PrinterColumn("Reason", "string", 7, "Why.", priority=1)] = Field(
         default=None,
         description="Why the job is in its phase, CamelCase (e.g. DataError, BackoffLimitExceeded on Failed).",
     )
-    stage: Annotated[Stage | None, _PROGRESS] = Field(
+    stage: Annotated[Stage | None, _PROGRESS, PrinterColumn("Stage", "string", 2, "Training stage now running.")] = Field(
         default=None, description="The training phase now running: head (phase 1) or fine-tune (phase 2)."
     )
     epoch: Annotated[int | None, _PROGRESS] = Field(
         default=None, ge=0, description="Epochs completed within the current stage."
     )
-    epochs: Annotated[str | None, _PROGRESS] = Field(
+    epochs: Annotated[str | None, _PROGRESS, PrinterColumn("Epoch", "string", 3, "Epoch within the stage.")] = Field(
         default=None,
         description="Epoch within the stage over the stage's planned epochs, e.g. 4/10 (the EPOCH column).",
     )
     total_epochs: Annotated[int | None, _PROGRESS] = Field(
         default=None, ge=0, description="Planned epochs of both stages."
     )
-    progress: Annotated[int | None, _BOTH] = Field(
+    progress: Annotated[
+        int | None, _BOTH, PrinterColumn("Progress", "integer", 4, "Percent of planned epochs done.")
+    ] = Field(
         default=None, ge=0, le=100, description="Percent of the planned epochs done; early stopping jumps it."
     )
-    eta_seconds: Annotated[int | None, _BOTH] = Field(
+    eta_seconds: Annotated[int | None, _BOTH, PrinterColumn("ETA", "integer", 6, "Seconds left.")] = Field(
         default=None, ge=0, description="Estimated seconds until training ends."
     )
     metrics: Annotated[dict[str, float] | None, _PROGRESS] = Field(
         default=None, description="Latest epoch metrics: loss, accuracy, val_loss, val_accuracy."
     )
-    best_val_accuracy: Annotated[float | None, _PROGRESS] = Field(
+    best_val_accuracy: Annotated[
+        float | None, _PROGRESS, PrinterColumn("Val-Acc", "number", 5, "Best validation accuracy.")
+    ] = Field(
         default=None, description="Best validation accuracy so far."
     )
     images_per_second: Annotated[float | None, _PROGRESS] = Field(
@@ -392,6 +417,45 @@ def status_patch(
 
 
 MAX_NAME_LENGTH = 52  # Job names become pod labels (63) and pod names get a 6-char suffix and more.
+
+# The CEL rules of the whole object (x-kubernetes-validations of FineTuneJob).
+NAME_LENGTH_RULE: dict[str, JsonValue] = {
+    "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+    "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters (it names the batch Job and its pods)",
+}
+IMMUTABLE_SPEC_RULE: dict[str, JsonValue] = {
+    # From creation on: the operator hands the spec to the Job at once, so a later edit would
+    # leave the FineTuneJob describing a training that is not the one running.
+    "rule": (
+        "self.spec.model == oldSelf.spec.model && self.spec.data == oldSelf.spec.data && "
+        "self.spec.training == oldSelf.spec.training && self.spec.output == oldSelf.spec.output && "
+        "self.spec.runtime == oldSelf.spec.runtime"
+    ),
+    "message": "spec is immutable once the job is created, except spec.suspend",
+    "fieldPath": ".spec",
+    "reason": "FieldValueForbidden",
+}
+OBJECT_RULES: tuple[dict[str, JsonValue], ...] = (NAME_LENGTH_RULE, IMMUTABLE_SPEC_RULE)
+
+
+class FineTuneJob(BaseModel):
+    """A two-phase fine-tuning of a pretrained Keras image model, run as a batch Job."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        json_schema_extra={"x-kubernetes-validations": list(OBJECT_RULES)},
+    )
+
+    api_version: str = Field(
+        default=f"{API_GROUP}/{API_VERSION}", description="APIVersion of the object: finetune.dev/v1alpha1."
+    )
+    kind: str = Field(default=KIND, description="Kind of the object: FineTuneJob.")
+    metadata: Annotated[
+        dict[str, Any], PrinterColumn("Age", "date", 8, path="creationTimestamp")
+    ] = Field(default_factory=dict, description="The object's metadata (metav1.ObjectMeta).")
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus)
 
 
 def operator_refusal(*, name: str, spec: Mapping[str, Any]) -> tuple[FineTuneJobSpec | None, str | None]:

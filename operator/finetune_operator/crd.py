@@ -70,25 +70,10 @@ DEFAULT_MAX_PROPERTIES = 64
 
 _DROP = {"title", "$defs", "$schema", "examples", "propertyNames"}
 
-MAX_NAME_LENGTH = 52  # the Job is named like the FineTuneJob; its pods add a suffix, labels allow 63
-
-NAME_LENGTH_RULE = {
-    "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
-    "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters (it names the batch Job and its pods)",
-}
-
-IMMUTABLE_SPEC_RULE = {
-    # From creation on: the operator hands the spec to the Job at once, so a later edit would
-    # leave the FineTuneJob describing a training that is not the one running.
-    "rule": (
-        "self.spec.model == oldSelf.spec.model && self.spec.data == oldSelf.spec.data && "
-        "self.spec.training == oldSelf.spec.training && self.spec.output == oldSelf.spec.output && "
-        "self.spec.runtime == oldSelf.spec.runtime"
-    ),
-    "message": "spec is immutable once the job is created, except spec.suspend",
-    "fieldPath": ".spec",
-    "reason": "FieldValueForbidden",
-}
+# The object's CEL rules live on the model (api.FineTuneJob); these names stay for callers.
+MAX_NAME_LENGTH = api.MAX_NAME_LENGTH
+NAME_LENGTH_RULE = api.NAME_LENGTH_RULE
+IMMUTABLE_SPEC_RULE = api.IMMUTABLE_SPEC_RULE
 
 
 # ----- Kubernetes types, from the OpenAPI schemas of the Kubernetes release below -----
@@ -495,26 +480,31 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _printer_columns() -> list[dict[str, Any]]:
-    return [
-        {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Phase of the job."},
-        {"name": "Stage", "type": "string", "jsonPath": ".status.stage", "description": "Training stage now running."},
-        {"name": "Epoch", "type": "string", "jsonPath": ".status.epochs", "description": "Epoch within the stage."},
-        {
-            "name": "Progress",
-            "type": "integer",
-            "jsonPath": ".status.progress",
-            "description": "Percent of planned epochs done.",
-        },
-        {
-            "name": "Val-Acc",
-            "type": "number",
-            "jsonPath": ".status.bestValAccuracy",
-            "description": "Best validation accuracy.",
-        },
-        {"name": "ETA", "type": "integer", "jsonPath": ".status.etaSeconds", "description": "Seconds left."},
-        {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1, "description": "Why."},
-        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-    ]
+    """The `kubectl get` columns: the fields marked with `api.PrinterColumn`, in their order."""
+    marked: list[tuple[api.PrinterColumn, str]] = []
+    for model, prefix in ((api.FineTuneJob, ""), (api.FineTuneJobStatus, "status.")):
+        for name, field in model.model_fields.items():
+            for meta in field.metadata:
+                if isinstance(meta, api.PrinterColumn):
+                    path = f".{prefix}{field.alias or name}" + (f".{meta.path}" if meta.path else "")
+                    marked.append((meta, path))
+    columns = []
+    for column, path in sorted(marked, key=lambda found: found[0].order):
+        out: dict[str, Any] = {"name": column.name, "type": column.type, "jsonPath": path}
+        if column.priority:
+            out["priority"] = column.priority
+        if column.description:
+            out["description"] = column.description
+        columns.append(out)
+    return columns
+
+
+def _object_rules() -> list[Any]:
+    """The CEL rules of the whole object, from the model (api.FineTuneJob's x-kubernetes-validations)."""
+    extra = api.FineTuneJob.model_config.get("json_schema_extra")
+    if not isinstance(extra, dict):
+        raise TypeError("api.FineTuneJob carries its CEL rules in json_schema_extra")
+    return list(copy.deepcopy(extra["x-kubernetes-validations"]))  # type: ignore[arg-type]
 
 
 def build_crd() -> dict[str, Any]:
@@ -529,18 +519,19 @@ def build_crd() -> dict[str, Any]:
     # as InProgress, never Current, and Argo CD's health as Progressing.
     status["default"] = {}
     status["properties"]["observedGeneration"]["default"] = 0
+    fields = api.FineTuneJob.model_fields
     root = {
         "type": "object",
-        "description": "A two-phase fine-tuning of a pretrained Keras image model, run as a batch Job.",
-        "required": ["spec"],
+        "description": api.FineTuneJob.__doc__,
+        "required": [fields[name].alias or name for name, field in fields.items() if field.is_required()],
         "properties": {
-            "apiVersion": {"type": "string", "description": "APIVersion of the object: finetune.dev/v1alpha1."},
-            "kind": {"type": "string", "description": "Kind of the object: FineTuneJob."},
+            "apiVersion": {"type": "string", "description": fields["api_version"].description},
+            "kind": {"type": "string", "description": fields["kind"].description},
             "metadata": {"type": "object"},
             "spec": spec,
             "status": status,
         },
-        "x-kubernetes-validations": [NAME_LENGTH_RULE, IMMUTABLE_SPEC_RULE],
+        "x-kubernetes-validations": _object_rules(),
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

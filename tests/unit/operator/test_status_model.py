@@ -116,3 +116,20 @@ def test_a_field_set_later_is_validated_and_recorded() -> None:
         written.progress = 101
     with pytest.raises(ValueError, match="eta_secnds"):
         written.eta_secnds = 3  # type: ignore[attr-defined]
+
+
+def test_printer_columns_and_object_rules_come_from_the_models() -> None:
+    version = crd.build_crd()["spec"]["versions"][0]
+    columns = {c["jsonPath"]: c["name"] for c in version["additionalPrinterColumns"]}
+    marked = {
+        f".status.{f.alias or n}": m.name
+        for n, f in api.FineTuneJobStatus.model_fields.items()
+        for m in f.metadata
+        if isinstance(m, api.PrinterColumn)
+    }
+    assert marked and set(marked.items()) <= set(columns.items())
+    assert columns[".metadata.creationTimestamp"] == "Age"  # marked on api.FineTuneJob.metadata
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase", "Stage", "Epoch", "Progress", "Val-Acc", "ETA", "Reason", "Age",
+    ]  # fmt: skip
+    assert version["schema"]["openAPIV3Schema"]["x-kubernetes-validations"] == list(api.OBJECT_RULES)
