@@ -30,7 +30,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_trainer import distribute, protocol
+from finetune_contract import protocol
+from finetune_contract.exits import EXIT_TERMINATED, NON_RETRYABLE_EXIT_CODES
+from finetune_contract.protocol import ENV_WORKER_HOSTS, ENV_WORKER_INDEX
 
 from finetune_operator import api, settings
 
@@ -46,7 +48,6 @@ __all__ = [
     "NON_RETRYABLE_EXIT_CODES",
     "PROGRESS_TOKEN_FILE",
     "SPEC_ANNOTATION",
-    "TERMINATED_EXIT_CODE",
     "WORKER_PORT",
     "Owner",
     "build_job",
@@ -78,18 +79,13 @@ KUEUE_LABELS = (
     "kueue.x-k8s.io/max-exec-time-seconds",  # the Workload's spec.maximumExecutionTimeSeconds
     "kueue.x-k8s.io/prebuilt-workload-name",  # a Workload the user made for the Job
 )
-NON_RETRYABLE_EXIT_CODES = (2, 3, 4)  # invalid spec, data error, diverged: API.md's exit codes
-# 128 + SIGTERM: the trainer saved its state because its pod is going away (Kueue preemption or
-# spec.suspend, which delete the pod without a DisruptionTarget condition, a node drain): resumed
-# later from its checkpoint, never a failure that counts toward backoffLimit.
-TERMINATED_EXIT_CODE = 143
+# The trainer's exit codes (NON_RETRYABLE_EXIT_CODES, EXIT_TERMINATED) are the contract's:
+# finetune_contract.exits.
 MANAGED_BY = "finetune-operator"
 # Multi-worker training (runtime.workers > 1): a JobSet, its workers' env as the trainer reads it
-# (finetune_trainer.distribute), and the port they talk gRPC on (TFJob's default).
+# (finetune_contract.protocol), and the port they talk gRPC on (TFJob's default).
 JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
 WORKER_PORT = 2222
-ENV_WORKER_HOSTS = distribute.ENV_WORKER_HOSTS
-ENV_WORKER_INDEX = distribute.ENV_WORKER_INDEX
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 REPLICATED_JOB = "worker"  # the JobSet's one replicatedJob: pods <name>-worker-0-<index>-<suffix>
 MAX_POD_NAME = 63  # JobSet's webhook refuses a JobSet whose pod names could be longer (DNS-1035 label)
@@ -216,7 +212,7 @@ def _pod_failure_rules(*, ignore_terminated: bool) -> list[dict[str, Any]]:
             [
                 {
                     "action": "Ignore",
-                    "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [TERMINATED_EXIT_CODE]},
+                    "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [EXIT_TERMINATED]},
                 }
             ]
             if ignore_terminated

@@ -73,7 +73,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import http_exceptions, web
-from finetune_trainer import config, protocol
+from finetune_contract import protocol
+from finetune_contract.spec import TrainingSpec
 from pydantic import ValidationError
 
 from finetune_operator import api, metrics
@@ -130,7 +131,7 @@ class Registration:
     stage_epochs: Mapping[str, int] | None = None  # planned epochs per stage (`stage_plan`), when known
 
 
-def stage_plan(training: config.TrainingSpec) -> dict[str, int]:
+def stage_plan(training: TrainingSpec) -> dict[str, int]:
     """Planned epochs of each stage, as the trainer reports them in `stageEpochs` (pure).
 
     Phase 2 runs only when it unfreezes layers, so it plans no epochs otherwise (like

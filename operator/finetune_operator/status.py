@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_trainer import protocol
+from finetune_contract import protocol
+from finetune_contract.exits import EXIT_REASONS, EXIT_TERMINATED
 from pydantic import ValidationError
 
 from finetune_operator import api
@@ -46,7 +47,6 @@ __all__ = [
     "workload_view",
 ]
 
-EXIT_REASONS = {2: "InvalidSpec", 3: "DataError", 4: "Diverged"}
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 # Container waiting reasons of a pod that can never start -> the FineTuneJob's reason.
 START_FAILURE_REASONS = {
@@ -66,7 +66,7 @@ MAX_MESSAGE_LENGTH = 1024
 MAX_SUMMARY_CHARS = 16 * 1024  # the kubelet keeps 4 KiB of a termination message; more is not a summary
 TERMINAL = frozenset({"Succeeded", "Failed"})
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-KILLED_EXIT_CODES = frozenset({137, 143})  # SIGKILL, SIGTERM: a worker stopped with its group, not the one that failed
+KILLED_EXIT_CODES = frozenset({137, EXIT_TERMINATED})  # SIGKILL, SIGTERM: a worker stopped with its group, not the one that failed
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # Kueue's Evicted reasons (apis/kueue/v1beta1 workload_types.go): "Deactivated" when someone set
 # spec.active to false (the operator, for spec.suspend); "DeactivatedDueTo<Cause>" when Kueue did
