@@ -19,6 +19,24 @@ from finetune_operator.tokens import Verdict
 from finetune_trainer import protocol
 
 
+async def quiet(hub: ProgressHub, *, timeout: float = 10.0) -> None:
+    """Until no write the hub spawned is in flight (a proof of "nothing more", without sleeping).
+
+    Reads the hub's private task set: every status write the hub makes runs as one of those
+    tasks, or waits for one as a job's pending report with its timer (`holds_write`).
+    """
+    deadline = time.monotonic() + timeout
+    while hub._tasks:
+        assert time.monotonic() < deadline, f"hub writes still in flight after {timeout} s"
+        await asyncio.wait(set(hub._tasks), timeout=max(0.0, deadline - time.monotonic()))
+
+
+def holds_write(hub: ProgressHub, *, namespace: str, name: str) -> bool:
+    """Whether the hub keeps a report of the job to write later (pending, or its timer set)."""
+    job = hub._jobs.get((namespace, name))
+    return job is not None and (job.pending is not None or job.timer is not None)
+
+
 @dataclass
 class StatusRecorder:
     """Stands in for the operator's `patch_status`: records every write (and can fail on demand)."""

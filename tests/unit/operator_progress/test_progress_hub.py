@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 from finetune_operator import metrics
-from progress_helpers import Live, MakeLive, report
+from progress_helpers import Live, MakeLive, holds_write, quiet, report
 
 
 def reports_total(result: str) -> float:
@@ -16,14 +16,14 @@ def reports_total(result: str) -> float:
 
 
 async def barrier(live: Live, *, namespace: str = "ml", name: str = "barrier") -> None:
-    """Send a valid report for another job and wait for its write: anything the refused
-    reports could have triggered would have been spawned before it."""
+    """Send a valid report for another job, wait for its write, then until the hub has no write
+    in flight: anything the refused reports could have triggered was spawned before it."""
     live.register(namespace=namespace, name=name, uid="", token="barrier-token", total_epochs=10)
     before = len(live.recorder.for_job(namespace, name))
     resp = await live.post(report(namespace=namespace, name=name), token="barrier-token")
     assert resp.status == 202
     await live.recorder.wait_for(before + 1, namespace=namespace, name=name)
-    await asyncio.sleep(0.05)
+    await quiet(live.hub)
 
 
 async def test_auth_missing_wrong_cross_job_and_valid(make_live: MakeLive) -> None:
@@ -192,13 +192,17 @@ async def test_coalescing_latest_report_wins_when_the_window_closes(make_live: M
         assert (await live.post(report(name="a", epoch=epoch), token="token-a")).status == 202
     assert time.monotonic() - first_at < interval, "machine too slow for this window"
     assert len(live.recorder.for_job("ml", "a")) == 1  # inside the window: nothing written yet
+    assert holds_write(live.hub, namespace="ml", name="a")  # held for the window's end
 
     writes = await live.recorder.wait_for(2, namespace="ml", name="a")
     assert writes[1]["epoch"] == 4  # the latest report won
     second_at = [t for ns, n, _, t in live.recorder.writes if (ns, n) == ("ml", "a")][1]
     assert second_at - first_at >= interval * 0.95
-    await asyncio.sleep(interval * 0.2)
-    assert len(live.recorder.for_job("ml", "a")) == 2  # one write per window, no more
+    # One write per window, no more: nothing in flight, nothing held for later, so no third
+    # write can come without a new report.
+    await quiet(live.hub)
+    assert not holds_write(live.hub, namespace="ml", name="a")
+    assert len(live.recorder.for_job("ml", "a")) == 2
 
 
 async def test_stage_change_and_final_bypass_the_window(make_live: MakeLive) -> None:
