@@ -18,29 +18,11 @@
 # proxy is missing, it says so and fails.
 set -euo pipefail
 
-TOOL=build-jobset
 JOBSET_VERSION="${JOBSET_VERSION:-v0.10.1}"
-K8S_LIBS="${K8S_LIBS:-v0.34.4}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${FTO_CACHE:-$HOME/.cache/finetune-operator}"
-hash="$(cat "$ROOT/hack/build-jobset.sh" "$ROOT/hack/lib/build-common.sh" | sha256sum | cut -c1-12)"
-KEY="jobset-${JOBSET_VERSION}-${hash}"
-DEST="$CACHE/$KEY"
-OUT="$DEST/bin"
-BINS=(jobset)
-
 # shellcheck source=lib/build-common.sh
-. "$ROOT/hack/lib/build-common.sh"
-# The manifests are copied after the binary is built: the binary alone is not enough.
-have_all() {
-  [ -x "$OUT/jobset" ] && [ -f "$DEST/webhook/kustomization.yaml" ] && [ -f "$DEST/VERSION" ]
-}
-exit_if_cached_else_lock
-require_go "the JobSet controller manager" "sigs.k8s.io/jobset@${JOBSET_VERSION}"
+. "$(dirname "${BASH_SOURCE[0]}")/lib/build-common.sh"
+release_start jobset "$JOBSET_VERSION" sigs.k8s.io/jobset "the JobSet controller manager"
 
-SRC="$DEST/src"
-mkdir -p "$SRC" "$OUT"
-cd "$SRC"
 # A scratch module requiring JobSet, k8s.io/* at K8S_LIBS (hack/lib/build-common.sh).
 scratch_module localjobset sigs.k8s.io/jobset "$JOBSET_VERSION" sigs.k8s.io/jobset
 go_build_bin jobset sigs.k8s.io/jobset "-s -w"

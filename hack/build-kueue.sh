@@ -15,27 +15,11 @@
 # to anything else: if Go or the module proxy is missing, it says so and fails.
 set -euo pipefail
 
-TOOL=build-kueue
 KUEUE_VERSION="${KUEUE_VERSION:-v0.14.8}"
-K8S_LIBS="${K8S_LIBS:-v0.34.4}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${FTO_CACHE:-$HOME/.cache/finetune-operator}"
-hash="$(cat "$ROOT/hack/build-kueue.sh" "$ROOT/hack/lib/build-common.sh" | sha256sum | cut -c1-12)"
-KEY="kueue-${KUEUE_VERSION}-${hash}"
-DEST="$CACHE/$KEY"
-OUT="$DEST/bin"
-BINS=(kueue)
-
 # shellcheck source=lib/build-common.sh
-. "$ROOT/hack/lib/build-common.sh"
-# The manifests are copied after the binary is built: the binary alone is not enough.
-have_all() { [ -x "$OUT/kueue" ] && [ -f "$DEST/webhook/kustomization.yaml" ] && [ -f "$DEST/VERSION" ]; }
-exit_if_cached_else_lock
-require_go "Kueue's controller manager" "sigs.k8s.io/kueue@${KUEUE_VERSION}"
+. "$(dirname "${BASH_SOURCE[0]}")/lib/build-common.sh"
+release_start kueue "$KUEUE_VERSION" sigs.k8s.io/kueue "Kueue's controller manager"
 
-SRC="$DEST/src"
-mkdir -p "$SRC" "$OUT"
-cd "$SRC"
 # A scratch module requiring Kueue, k8s.io/* at K8S_LIBS (hack/lib/build-common.sh).
 scratch_module localkueue sigs.k8s.io/kueue "$KUEUE_VERSION" sigs.k8s.io/kueue/cmd/kueue
 version_pkg=sigs.k8s.io/kueue/pkg/version

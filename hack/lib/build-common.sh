@@ -3,6 +3,10 @@
 # build flags). The sourcing script sets TOOL (its name, for messages), CACHE, KEY, OUT
 # (the cached bin folder) and BINS (the binaries that must be in it) first.
 
+# The repository and the cache, unless the sourcing script set them.
+ROOT="${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
+CACHE="${CACHE:-${FTO_CACHE:-$HOME/.cache/finetune-operator}}"
+
 have_all() { for b in "${BINS[@]}"; do [ -x "$OUT/$b" ] || return 1; done; }
 
 # Prints OUT and exits when every binary is cached. Otherwise takes the build lock (one build
@@ -102,4 +106,33 @@ copy_release_manifests() {
   fi
   chmod -R u+w "$DEST/crds" "$DEST/webhook"
   echo "$1" > "$DEST/VERSION"
+}
+
+# release_start NAME VERSION MODULE WHAT: the start of hack/build-NAME.sh, a controller release
+# (Kueue, JobSet) built against the control plane's Kubernetes libraries (K8S_LIBS, v0.34.4
+# unless set): TOOL, release_cache, exit_if_cached_else_lock, require_go (to build WHAT,
+# fetching MODULE@VERSION), then into SRC (DEST/src) for scratch_module.
+release_start() {
+  TOOL="build-$1"
+  K8S_LIBS="${K8S_LIBS:-v0.34.4}"
+  release_cache "$1" "$2"
+  exit_if_cached_else_lock
+  require_go "$4" "$3@$2"
+  SRC="$DEST/src"
+  mkdir -p "$SRC" "$OUT"
+  cd "$SRC"
+}
+
+# release_cache NAME VERSION: the cache entry of a controller release built by hack/build-NAME.sh
+# (Kueue, JobSet): KEY NAME-VERSION-<hash of that script and this file: the recipe>, DEST, OUT
+# (DEST/bin) and BINS (NAME); have_all also wants the manifests copy_release_manifests writes
+# after the build (the binary alone is not enough).
+release_cache() {
+  local hash
+  hash="$(cat "$ROOT/hack/build-$1.sh" "$ROOT/hack/lib/build-common.sh" | sha256sum | cut -c1-12)"
+  KEY="$1-$2-$hash"
+  DEST="$CACHE/$KEY"
+  OUT="$DEST/bin"
+  BINS=("$1")
+  have_all() { [ -x "$OUT/${BINS[0]}" ] && [ -f "$DEST/webhook/kustomization.yaml" ] && [ -f "$DEST/VERSION" ]; }
 }
