@@ -472,5 +472,9 @@ def operator_refusal(*, name: str, spec: Mapping[str, Any]) -> tuple[FineTuneJob
             f"(known: {', '.join(sorted(KERAS_APPLICATIONS)[:6])}, ...)"
         )
     if parsed.runtime.workers > 1:
-        return None, "spec.runtime.workers: multi-worker training is not supported yet; use 1"
+        from finetune_operator.builders import jobset_name_refusal  # builders imports this module
+
+        too_long = jobset_name_refusal(name=name, workers=parsed.runtime.workers)
+        if too_long is not None:
+            return None, too_long
     return parsed, None

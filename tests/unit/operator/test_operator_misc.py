@@ -45,7 +45,8 @@ BASE = {"data": {"train": "/d", "validationSplit": 0.2}, "output": {"path": "/m"
     [
         ("ok", BASE, None),
         ("bad-base", {**BASE, "model": {"base": "NoSuchNet"}}, "spec.model.base"),
-        ("workers", {**BASE, "runtime": {"workers": 2}}, "spec.runtime.workers"),
+        ("workers", {**BASE, "runtime": {"workers": 2}}, None),  # a JobSet
+        ("w" * 47, {**BASE, "runtime": {"workers": 2}}, "metadata.name: at most 46 characters"),  # JobSet's pod names
         ("x" * 60, BASE, "metadata.name"),
         ("both", {**BASE, "data": {"train": "/d", "validation": "/v", "validationSplit": 0.1}}, "exactly one"),
         ("unknown-field", {**BASE, "bogus": 1}, "bogus"),
