@@ -64,8 +64,9 @@ def _kind(job: status.JobView) -> actions.Kind:
 Key = tuple[str, str]
 
 
-# The status fields the reconciler compares with what it derives (the rest is the hub's).
-_KEPT_STATUS = (*status.OWNED_FIELDS, "progress", "etaSeconds")
+# The status fields the reconciler compares with what it derives (the rest is the hub's):
+# those the model says the operator writes (api.WrittenBy).
+_KEPT_STATUS = status.OWNED_FIELDS
 
 
 @dataclass(frozen=True)
