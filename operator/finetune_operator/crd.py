@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from finetune_trainer import config
+from finetune_contract.spec import PATH_PATTERN
 from pydantic import BaseModel
 
 from finetune_operator import api
@@ -113,7 +113,7 @@ ASCII_PATTERNS = frozenset(
      ENV_NAME["pattern"], CONFIG_KEY["pattern"], ASCII_TEXT_PATTERN,
      api.IMAGE_PATTERN, api.DNS_SUBDOMAIN_OR_EMPTY_PATTERN, QUANTITY_PATTERN}
 )  # fmt: skip
-TEXT_PATTERNS = frozenset({TEXT_PATTERN, config.PATH_PATTERN})
+TEXT_PATTERNS = frozenset({TEXT_PATTERN, PATH_PATTERN})
 
 # The volume sources a trainer pod may use: Pod Security `restricted`'s list plus nfs, hostPath
 # and image. The in-tree cloud and legacy drivers (deprecated or removed) are left out.

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import jwt
-from finetune_trainer import protocol
+from finetune_contract import protocol
 
 from finetune_operator import kube, metrics
 
