@@ -1,8 +1,8 @@
 """Typed models of the FineTuneJob resource: the single source of truth for its spec and status.
 
-The training part of the spec is the trainer's own `finetune_trainer.config.TrainerSpec`
-(reused, never duplicated); this module adds what only Kubernetes needs (`runtime`,
-`suspend`) and the status the operator and its progress hub write. `crd.py` renders the
+The training part of the spec is the contract's `finetune_contract.spec.TrainerSpec`, the model
+the trainer validates its config with (reused, never duplicated); this module adds what only
+Kubernetes needs (`runtime`, `suspend`) and the status the operator and its progress hub write. `crd.py` renders the
 CRD's OpenAPI schema from these models, so descriptions, defaults, ranges and enums live here.
 
 Kubernetes-native sub-objects (resources, volumes, env, affinity, ...) are plain dicts here,
@@ -17,7 +17,15 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from finetune_trainer import config, protocol
+from finetune_contract import protocol
+from finetune_contract.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    SpecModel,
+    TrainerSpec,
+    format_validation_error,
+)
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from pydantic.alias_generators import to_camel
 from pydantic.fields import FieldInfo
@@ -55,9 +63,6 @@ __all__ = [
     "status_patch",
 ]
 
-API_GROUP = config.API_GROUP
-API_VERSION = config.API_VERSION
-KIND = config.KIND
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ("ftj",)
@@ -117,7 +122,7 @@ EnvVar = Annotated[dict[str, Any], _kubernetes("EnvVar")]
 Toleration = Annotated[dict[str, Any], _kubernetes("Toleration")]
 
 
-class RuntimeSpec(config.SpecModel):
+class RuntimeSpec(SpecModel):
     """How the job runs on Kubernetes; a local `finetune-train` run ignores all of it."""
 
     image: str = Field(
@@ -202,7 +207,7 @@ class RuntimeSpec(config.SpecModel):
     )
 
 
-class FineTuneJobSpec(config.TrainerSpec):
+class FineTuneJobSpec(TrainerSpec):
     """What to train (the trainer's spec), how to run it on Kubernetes, and whether it is suspended."""
 
     runtime: RuntimeSpec = Field(
@@ -465,7 +470,7 @@ def operator_refusal(*, name: str, spec: Mapping[str, Any]) -> tuple[FineTuneJob
     try:
         parsed = FineTuneJobSpec.model_validate(dict(spec))
     except ValidationError as exc:
-        return None, config.format_validation_error(exc)
+        return None, format_validation_error(exc)
     if parsed.model.base not in KERAS_APPLICATIONS:
         return None, (
             f"spec.model.base: unknown keras.applications model {parsed.model.base!r} "

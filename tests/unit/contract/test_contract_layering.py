@@ -30,6 +30,7 @@ PACKAGES = {
 KUBERNETES_CLIENTS = {"kopf", "kubernetes", "kubernetes_asyncio", "kr8s", "lightkube"}
 ML = {"tensorflow", "keras", "tf_keras", "tensorboard"}
 FORBIDDEN = {
+    "finetune_operator": ML | {"finetune_trainer"},
     "finetune_trainer": KUBERNETES_CLIENTS | {"finetune_operator"},
 }
 CONTRACT_ALLOWED = {"pydantic", "typing_extensions", "finetune_contract"}
