@@ -7,7 +7,9 @@ and the fake trainer (tests/integration/fake_trainer.py) in every worker pod:
   stable names and reads its index from the completion-index annotation; status.workers says
   2 in total, the job Succeeds with one attempt, the chief's model path;
 - a worker exiting 3 (DataError) fails the group at once: Failed/DataError, one attempt, no restart;
-- an output claim without ReadWriteMany is refused: Failed/InvalidSpec naming the claim, no JobSet.
+- an output claim without ReadWriteMany is refused: Failed/InvalidSpec naming the claim, no JobSet;
+- with a Kueue queue label the JobSet is created suspended and Kueue (v0.14.8, its JobSet
+  integration) admits the group as ONE Workload of 2 pods; the job Succeeds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import yaml
 from fixtures import jobs
 from fixtures.cluster import Cluster, wait_for
 from fixtures.jobs import operator_in_namespace
+from fixtures.kueue import QUEUE_LABEL, KueueObjects, require_kueue, workload_admitted, workloads
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -130,3 +133,30 @@ def test_an_output_claim_without_read_write_many_is_refused(env: Env) -> None:
     assert failed["reason"] == "InvalidSpec"
     assert "single" in failed["message"] and "ReadWriteMany" in failed["message"]
     assert env.get(f"{JOBSETS}/lonely") is None
+
+
+def test_kueue_admits_the_worker_group_as_one_workload(env: Env) -> None:
+    require_kueue(env.cluster)
+    env.apply(claim("shared", "ReadWriteMany"))
+    with KueueObjects(env.cluster) as kueue:
+        queue = kueue.queue(namespace=env.namespace, cpu="1", memory="1Gi")
+        manifest = two_workers("queued", claim_name="shared")
+        manifest["spec"]["runtime"]["resources"] = {"requests": {"cpu": "500m"}}
+        manifest["metadata"]["labels"] = {QUEUE_LABEL: queue.local_queue}
+        env.apply(manifest)
+        js = wait_for(lambda: env.get(f"{JOBSETS}/queued"), timeout=WAIT, message="the JobSet of ftj/queued")
+        assert js["metadata"]["labels"][QUEUE_LABEL] == queue.local_queue
+        uid = js["metadata"]["uid"]
+
+        def admitted() -> dict[str, Any] | None:
+            mine = [w for w in workloads(env.cluster, namespace=env.namespace)
+                    if any(r.get("uid") == uid for r in w["metadata"].get("ownerReferences") or [])]  # fmt: skip
+            return mine[0] if mine and workload_admitted(mine[0]) else None
+
+        wl = wait_for(admitted, timeout=WAIT, message="the Workload of JobSet queued Admitted")
+        assert [ps["count"] for ps in wl["spec"]["podSets"]] == [2]
+        done = env.wait_phase("queued", "Succeeded")
+        assert done["attempts"] == 1 and done["workers"]["total"] == 2
+        owned = [w for w in workloads(env.cluster, namespace=env.namespace)
+                 if any(r.get("kind") == "Job" for r in w["metadata"].get("ownerReferences") or [])]  # fmt: skip
+        assert owned == []  # no Workload of its own for the JobSet's child Job
