@@ -47,6 +47,9 @@ import kopf
 from finetune_operator import actions, api, builders, engine, kube, metrics, status, tokens
 from finetune_operator import settings as config_mod
 
+# The status field's JSON name, from the model (not a string kept in step by hand).
+_ETA_SECONDS = api.FineTuneJobStatus.model_fields["eta_seconds"].alias or "eta_seconds"
+
 __all__ = ["Operator", "make_memo", "operator_of"]
 
 logger = logging.getLogger("finetune_operator")
@@ -539,9 +542,9 @@ class Operator:
     async def _apply(self, key: Key, ftj: FtjView, outcome: status.Outcome, previous: Mapping[str, Any]) -> None:
         namespace, name = key
         patch = status.diff(desired=outcome.status, current=previous)
-        if patch and "etaSeconds" in outcome.status and outcome.status["etaSeconds"] is None:
+        if patch and _ETA_SECONDS in outcome.status and outcome.status[_ETA_SECONDS] is None:
             # The hub may have written an estimate this view has not seen yet: clear it anyway.
-            patch["etaSeconds"] = None
+            patch[_ETA_SECONDS] = None
         if patch:
             await self.actions.patch_status(namespace=namespace, name=name, status=patch, source="reconcile")
             self._written.setdefault(ftj.uid, {}).update(patch)
