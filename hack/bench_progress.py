@@ -197,7 +197,7 @@ class HubProcess:
             f"--rate={rate}",
             f"--burst={burst}",
         ]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "trainer")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "contract"), str(ROOT / "operator"), str(ROOT / "trainer")])}
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -239,7 +239,7 @@ async def _drive(
 ) -> None:
     """Each job sends epoch-end reports; `plan(job, i)` gives the pause before report i (None: stop)."""
     import aiohttp
-    from finetune_trainer import protocol
+    from finetune_contract import protocol
 
     url = f"http://127.0.0.1:{port}{protocol.PROGRESS_PATH}"
     connector = aiohttp.TCPConnector(limit=len(jobs) + 10)
@@ -540,7 +540,7 @@ def part_d(*, jobs: int, seconds: float, flat_seconds: float) -> dict[str, Any]:
         kubeconfig=KUBECONFIG,
         health_port=health_port,
         log=log,
-        env={"PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "trainer")])},
+        env={"PYTHONPATH": os.pathsep.join([str(ROOT / "contract"), str(ROOT / "operator"), str(ROOT / "trainer")])},
     )
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     chosen = [
@@ -565,7 +565,7 @@ def part_d(*, jobs: int, seconds: float, flat_seconds: float) -> dict[str, Any]:
             )
             job.uid = made["metadata"]["uid"]
         # Each job's token as the kubelet would project it: bound to the job's pod, for its audience.
-        from finetune_trainer import protocol
+        from finetune_contract import protocol
 
         deadline = time.monotonic() + 300
         pending = list(chosen)

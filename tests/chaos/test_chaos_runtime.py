@@ -43,7 +43,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from finetune_trainer import protocol
+from finetune_contract import protocol
 from fixtures.cluster import Cluster, wait_for
 from fixtures.jobs import (
     delete_namespace,

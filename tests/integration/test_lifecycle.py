@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_trainer import protocol
+from finetune_contract import protocol
 from fixtures import jobs
 from fixtures.cluster import Cluster, wait_for
 from fixtures.jobs import operator_in_namespace, post_progress

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_trainer import protocol
+from finetune_contract import protocol
 from fixtures.cluster import Cluster, KubectlError, wait_for
 from fixtures.jobs import (
     fake_trainer_operator,

@@ -319,7 +319,7 @@ def test_no_crd_installed(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 def report(env: Env, *, name: str, stage: str, epoch: int, done: int, total: int, stage_epochs: int) -> int:
-    from finetune_trainer import protocol
+    from finetune_contract import protocol
 
     body = protocol.ProgressReport.model_validate(
         {"namespace": env.namespace, "name": name, "event": "epoch-end", "stage": stage, "epoch": epoch,

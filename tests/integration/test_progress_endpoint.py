@@ -34,8 +34,8 @@ import jwt
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
+from finetune_contract import protocol
 from finetune_operator import metrics
-from finetune_trainer import protocol
 from fixtures.cluster import ApplyYaml, Cluster, ServiceAccountKubeconfig, wait_for
 from fixtures.jobs import progress_token, trainer_pod, waiting_ftj
 from fixtures.operator import OPERATOR_NS, RBAC, OperatorProcess, install_crd_and_rbac

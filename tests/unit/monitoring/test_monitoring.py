@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 import yaml
+from finetune_contract.protocol import STAGES
 from finetune_testbed import tools
 from finetune_trainer import report
-from finetune_trainer.protocol import STAGES
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[3]

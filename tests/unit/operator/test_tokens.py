@@ -20,8 +20,8 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from finetune_contract import protocol
 from finetune_operator import kube, metrics, tokens
-from finetune_trainer import protocol
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 UID = "uid-a"

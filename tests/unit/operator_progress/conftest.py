@@ -7,8 +7,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from finetune_contract import protocol
 from finetune_operator.progress import ProgressHub
-from finetune_trainer import protocol
 from progress_helpers import Live, MakeLive, StatusRecorder, TokenTable
 
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from finetune_contract import protocol
 from finetune_operator.progress import ProgressHub
 from finetune_operator.tokens import Verdict
-from finetune_trainer import protocol
 
 
 async def quiet(hub: ProgressHub, *, timeout: float = 10.0) -> None:

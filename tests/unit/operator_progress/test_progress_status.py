@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from finetune_contract import protocol
 from finetune_operator import api
 from finetune_operator.progress import build_status, progress_status
-from finetune_trainer import protocol
 from progress_helpers import report
 
 

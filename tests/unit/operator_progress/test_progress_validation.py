@@ -19,10 +19,11 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from finetune_contract import protocol
+from finetune_contract.spec import TrainingSpec
 from finetune_operator import api, metrics
 from finetune_operator.progress import MAX_ETA_SECONDS, build_status, report_errors, stage_plan
 from finetune_operator.tokens import Verdict
-from finetune_trainer import config, protocol
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from progress_helpers import MakeLive, report
@@ -158,9 +159,9 @@ async def test_the_token_check_over_its_limit_is_503_with_retry_after(make_live:
 
 
 def test_stage_plan_follows_the_spec() -> None:
-    training = config.TrainingSpec.model_validate({"head": {"epochs": 3}, "fineTune": {"epochs": 4}})
+    training = TrainingSpec.model_validate({"head": {"epochs": 3}, "fineTune": {"epochs": 4}})
     assert stage_plan(training) == {"head": 3, "fine-tune": 4}
-    skipped = config.TrainingSpec.model_validate({"head": {"epochs": 3}, "fineTune": {"epochs": 4, "unfreezeLast": 0}})
+    skipped = TrainingSpec.model_validate({"head": {"epochs": 3}, "fineTune": {"epochs": 4, "unfreezeLast": 0}})
     assert stage_plan(skipped) == {"head": 3, "fine-tune": 0}
     assert sum(stage_plan(skipped).values()) == skipped.total_epochs
 

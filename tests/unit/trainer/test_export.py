@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from finetune_contract.spec import ModelSpec
 from finetune_trainer import export, model
-from finetune_trainer.config import ModelSpec
 
 
 def _size(path: Path) -> int:

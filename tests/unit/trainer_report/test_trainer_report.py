@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from finetune_contract.protocol import PROGRESS_PATH, ProgressReport, TerminationSummary
 from finetune_trainer import report
-from finetune_trainer.protocol import PROGRESS_PATH, ProgressReport, TerminationSummary
 from prometheus_client.parser import text_string_to_metric_families
 
 TOKEN = "s3cret-token"
