@@ -86,6 +86,7 @@ class FtjView:
     status: Mapping[str, Any]
     deleting: bool
     ttl_s: int | None = None  # spec.runtime.ttlSecondsAfterFinished
+    resource_version: str = ""  # metadata.resourceVersion, shown once a pass over it completed
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -108,6 +109,7 @@ def ftj_view(body: Mapping[str, Any]) -> FtjView:
         output_path=str((spec.get("output") or {}).get("path", "")),
         status={k: current[k] for k in _KEPT_STATUS if k in current},
         deleting=bool(meta.get("deletionTimestamp")),
+        resource_version=str(meta.get("resourceVersion") or ""),
         ttl_s=ttl if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl >= 0 else None,
     )
 
@@ -203,10 +205,14 @@ class Operator:
     # ----- the reconcile -----
 
     async def reconcile(self, key: Key) -> None:
-        namespace, name = key
         ftj = self._ftj(key)
         if ftj is None or ftj.deleting:
             return
+        await self._reconcile(key, ftj)
+        metrics.job_reconciled(namespace=key[0], name=key[1], resource_version=ftj.resource_version)
+
+    async def _reconcile(self, key: Key, ftj: FtjView) -> None:
+        namespace, name = key
         owner = builders.Owner(namespace=namespace, name=name, uid=ftj.uid, labels=ftj.labels)
         previous = {**ftj.status, **self._written.get(ftj.uid, {})}
         now = datetime.datetime.now(datetime.UTC)

@@ -162,6 +162,13 @@ JOB_LAST_PROGRESS = Gauge(
     ["namespace", "name"],
     registry=REGISTRY,
 )
+JOB_RECONCILED = Gauge(
+    "finetune_job_reconciled_resource_version",
+    "metadata.resourceVersion of the FineTuneJob that the latest completed reconcile pass of it "
+    "acted on (while the API server's versions are integers): a pass over that version has run.",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
 JOB_DURATION = Histogram(
     "finetune_job_duration_seconds",
     "Wall time from start to Succeeded or Failed.",
@@ -335,6 +342,15 @@ def observe_progress(
         if eta_seconds is not None:
             put(JOB_ETA, (namespace, name), eta_seconds)
         put(JOB_LAST_PROGRESS, (namespace, name), timestamp)
+
+
+def job_reconciled(*, namespace: str, name: str, resource_version: str) -> None:
+    """A reconcile pass of the job, over the body at `resource_version`, has completed."""
+    if not resource_version.isdigit():
+        return  # opaque to clients: only shown where the server happens to use integers
+    with _lock:
+        JOB_RECONCILED.labels(namespace, name).set(float(resource_version))
+        _job_series.setdefault((namespace, name), set()).add((JOB_RECONCILED, (namespace, name)))
 
 
 def forget_job(*, namespace: str, name: str) -> None:
