@@ -175,12 +175,14 @@ class KubeClient:
         relogin_interval_s: float = 1.0,
         retry: RetryPolicy | None = None,
         sleep: Sleep = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._user_agent = user_agent
         self._pool_size = pool_size
         self._relogin_interval_s = relogin_interval_s
         self._retry = retry if retry is not None else RetryPolicy()
         self._sleep = sleep
+        self._clock = clock  # measures `relogin_interval_s` (tests pass a clock they advance)
         self._info: kopf.ConnectionInfo | None = None
         self._relogin: Relogin | None = None
         self._api: kclient.ApiClient | None = None
@@ -336,7 +338,7 @@ class KubeClient:
                 return True  # another request (or Kopf's login) has already swapped them
             if self._relogin is None:
                 return False
-            now = time.monotonic()
+            now = self._clock()
             last = self._last_relogin
             if (
                 last is not None
@@ -349,7 +351,7 @@ class KubeClient:
             except Exception as exc:
                 logger.warning("re-login after a 401 failed: %s", exc)
                 return False
-            self._last_relogin = (time.monotonic(), fresh if fresh is not None else failed)
+            self._last_relogin = (self._clock(), fresh if fresh is not None else failed)
             if fresh is None or same_credentials(fresh, failed):
                 logger.warning("the API server refused the credentials (401) and no new ones are there yet")
                 return False

@@ -280,20 +280,23 @@ async def test_a_401_re_reads_the_credentials_and_retries_once(pc: PrivateCluste
         calls.append("relogin")
         return current
 
-    client = kube.KubeClient(relogin_interval_s=0.5)
+    now = [1000.0]  # the client's clock: the test moves it, nothing waits for the interval
+    client = kube.KubeClient(relogin_interval_s=30.0, clock=lambda: now[0])
     try:
         await client.connect(info=token_info(pc, revoked), relogin=relogin)
         # The token file is not rotated yet: the same credentials come back, the 401 stands.
         with pytest.raises(kube.ApiError) as err:
             await whoami(client)
         assert err.value.status == 401 and calls == ["relogin"]
-        # ... and is not re-read again and again while it cannot have changed.
+        # ... and is not re-read again and again while it cannot have changed (just short of
+        # the interval, the file is not read: a client that ignored the interval would read it).
+        now[0] += 29.9
         with pytest.raises(kube.ApiError):
             await whoami(client)
         assert calls == ["relogin"]
         # Rotated: concurrent 401s share one re-login, every request then succeeds.
         current = good
-        await asyncio.sleep(0.5)  # the re-read interval passes
+        now[0] += 0.2  # the re-read interval passes
         answers = await asyncio.gather(*(whoami(client) for _ in range(8)))
         assert answers == [USER] * 8
         assert calls == ["relogin", "relogin"] and client.relogins == 1
