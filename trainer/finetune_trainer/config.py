@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from finetune_contract.spec import *  # noqa: F403  (moved there; re-exported until the operator imports it)
 from finetune_contract.spec import KIND, TrainerSpec, format_validation_error
 from pydantic import ValidationError
 

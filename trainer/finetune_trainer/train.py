@@ -51,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from finetune_contract.protocol import Stage
+from finetune_contract.spec import TrainerSpec
 
 from finetune_trainer import data as data_lib
 from finetune_trainer import distribute as distribute_lib
@@ -58,10 +60,8 @@ from finetune_trainer import evaluation as evaluation_lib
 from finetune_trainer import export as export_lib
 from finetune_trainer import features as features_lib
 from finetune_trainer import model as model_lib
-from finetune_trainer.config import TrainerSpec
 from finetune_trainer.errors import DivergedError, InvalidSpecError
 from finetune_trainer.observer import TrainingObserver
-from finetune_trainer.protocol import Stage
 
 __all__ = ["HISTORY_FIELDS", "RunResult", "Terminated", "cpu_has_bf16", "resolve_policy", "run", "shielded", "terminate"]
 
