@@ -156,7 +156,7 @@ def test_quota_of_one_runs_two_jobs_one_at_a_time(cluster: Cluster, namespace: s
 def test_job_naming_a_missing_local_queue_stays_suspended(
     cluster: Cluster, namespace: str, kueue: KueueObjects
 ) -> None:
-    kueue.queue(namespace=namespace)  # a queue exists, just not the one the Job names
+    queue = kueue.queue(namespace=namespace)  # a queue exists, just not the one the Job names
     created = create_job(cluster, namespace=namespace, manifest=job_manifest(name="lost", queue="no-such-queue"))
     assert created["spec"]["suspend"] is True
 
@@ -167,12 +167,20 @@ def test_job_naming_a_missing_local_queue_stays_suspended(
     cond = wait_for(kueue_says_why, timeout=30, message="Kueue's reason on the Workload of Job lost")
     assert "doesn't exist" in cond["message"], cond
     assert cond["reason"] == "Inadmissible", cond
-    # And it stays so (watched for 3 s): suspended, no pod.
-    until = time.monotonic() + 3
-    while time.monotonic() < until:
-        assert get_job(cluster, namespace=namespace, name="lost")["spec"]["suspend"] is True
-        assert cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "job-name=lost")["items"] == []
-        time.sleep(0.5)
+    # Kueue has decided (the condition above) and the Job stays suspended, with no pod ...
+    assert get_job(cluster, namespace=namespace, name="lost")["spec"]["suspend"] is True
+    assert cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "job-name=lost")["items"] == []
+    # ... until the queue it names appears: only then is it admitted and started (startTime is set
+    # when Kueue unsuspends the Job), so it did not start at any moment before.
+    kueue.local_queue(namespace=namespace, cluster_queue=queue.cluster_queue, name="no-such-queue")
+    made = cluster.kubectl_json("get", "localqueues.kueue.x-k8s.io", "no-such-queue", "-n", namespace)
+
+    def completed() -> dict[str, Any] | None:
+        j = get_job(cluster, namespace=namespace, name="lost")
+        return j if complete(j) else None
+
+    job = wait_for(completed, timeout=60, message="Job lost Complete once its LocalQueue exists")
+    assert job["status"]["startTime"] >= made["metadata"]["creationTimestamp"], (job["status"], made["metadata"])
 
 
 def test_unlabelled_job_is_left_alone(cluster: Cluster, namespace: str, kueue: KueueObjects) -> None:
