@@ -20,8 +20,9 @@ may write the progress of the job a report names:
    `max_reviews` at once): over the limit the answer is `unavailable` with a Retry-After,
    never a review;
 4. the token must be bound to a pod of this namespace, and that pod must be owned by the
-   batch Job that this FineTuneJob (this uid) owns (403 otherwise). So a pod a user makes
-   by hand with a projected token for someone else's job's audience writes nothing.
+   batch Job that this FineTuneJob (this uid) owns, or, for a multi-worker job, by a child
+   Job of the JobSet this FineTuneJob owns (403 otherwise). So a pod a user makes by hand
+   with a projected token for someone else's job's audience writes nothing.
 
 A reviewed verdict is kept (by the token's SHA-256): an accepted token for at most `ttl_s`
 and never past its own expiry, a refused one for `negative_ttl_s`; a token already under
@@ -278,6 +279,9 @@ def bound_pod(review: Mapping[str, Any], *, namespace: str) -> tuple[str, str] |
     return str(names[0]), str(uids[0])
 
 
+_JOBSET_GROUP = "jobset.x-k8s.io"
+
+
 def _controller(body: Mapping[str, Any]) -> Mapping[str, Any]:
     for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
         if ref.get("controller"):
@@ -418,11 +422,22 @@ class TokenChecker:
             if (pod.get("metadata") or {}).get("uid") != pod_uid or owner.get("kind") != "Job":
                 return Verdict("forbidden", "token's pod is not a trainer pod of this job")
             job = await self._client.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{owner.get('name')}")
+            job_meta = job.get("metadata") or {}
+            if job_meta.get("uid") != owner.get("uid"):
+                return Verdict("forbidden", "token's pod is not a trainer pod of this job")
+            controller = _controller(job)
+            if controller.get("kind") == "JobSet" and str(controller.get("apiVersion", "")).startswith(_JOBSET_GROUP):
+                # A multi-worker job: the pod's Job is a child of the FineTuneJob's JobSet.
+                jobset = await self._client.get(
+                    f"/apis/{_JOBSET_GROUP}/v1alpha2/namespaces/{namespace}/jobsets/{controller.get('name')}"
+                )
+                if (jobset.get("metadata") or {}).get("uid") != controller.get("uid"):
+                    return Verdict("forbidden", "token's pod is not a trainer pod of this job")
+                controller = _controller(jobset)
         except kube.ApiError as exc:
             if exc.status == 404:
                 return Verdict("forbidden", "token's pod is not a trainer pod of this job")
             raise
-        job_meta = job.get("metadata") or {}
-        if job_meta.get("uid") != owner.get("uid") or _controller(job).get("uid") != uid:
+        if controller.get("uid") != uid:
             return Verdict("forbidden", "token's pod is not a trainer pod of this job")
         return OK

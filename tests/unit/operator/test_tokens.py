@@ -339,3 +339,45 @@ async def test_reviews_run_at_most_max_reviews_at_once_and_once_per_token(issuer
     verdicts = await asyncio.gather(*(check(token=same, namespace="ml", name="a", uid=UID) for _ in range(20)))
     assert all(v.ok for v in verdicts)
     assert api.reviews == 4
+
+
+@dataclass
+class JobSetApi(FakeApi):
+    """A worker pod of a multi-worker job: pod -> child Job -> JobSet -> FineTuneJob `jobset_owner`."""
+
+    jobset_owner: str = UID
+    jobset_uid: str = "jobset-uid"
+
+    async def get(self, path: str) -> dict[str, Any]:
+        if "/pods/" in path:
+            self.gets.append(path)
+            owner = {"kind": "Job", "name": "flowers-worker-0", "uid": "job-uid", "controller": True}
+            return {"metadata": {"uid": "pod-uid", "ownerReferences": [owner]}}
+        if "/jobs/" in path:
+            self.gets.append(path)
+            owner = {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "name": "flowers",
+                     "uid": "jobset-uid", "controller": True}
+            return {"metadata": {"uid": "job-uid", "ownerReferences": [owner]}}
+        if "/jobsets/" in path:
+            self.gets.append(path)
+            owner = {"kind": "FineTuneJob", "name": "a", "uid": self.jobset_owner, "controller": True}
+            return {"metadata": {"uid": self.jobset_uid, "ownerReferences": [owner]}}
+        return await super().get(path)
+
+
+async def test_a_worker_pod_of_the_jobs_jobset_may_report(issuer: Signer) -> None:
+    api = JobSetApi(signers=[issuer])
+    verdict = await checker(api)(token=issuer.token(), namespace="ml", name="a", uid=UID)
+    assert verdict.ok, verdict
+    assert any("/apis/jobset.x-k8s.io/v1alpha2/namespaces/ml/jobsets/flowers" in g for g in api.gets)
+
+
+@pytest.mark.parametrize(
+    ("jobset_owner", "jobset_uid"),
+    [("another-ftj-uid", "jobset-uid"), (UID, "a-jobset-made-again")],
+    ids=["jobset-of-another-job", "jobset-replaced"],
+)
+async def test_a_pod_of_someone_elses_jobset_may_not_report(issuer: Signer, jobset_owner: str, jobset_uid: str) -> None:
+    api = JobSetApi(signers=[issuer], jobset_owner=jobset_owner, jobset_uid=jobset_uid)
+    verdict = await checker(api)(token=issuer.token(), namespace="ml", name="a", uid=UID)
+    assert verdict.result == "forbidden"
