@@ -261,8 +261,10 @@ def test_a_ttl_that_passes_while_the_operator_is_stopped_never_reruns_the_job(en
     # The operator applies the TTL after recording the outcome ...
     wait_for(lambda: env.jobs("brief") == [], timeout=WAIT, message="job/brief deleted after its TTL")
     assert status["completionTime"] >= done_at[:19]
-    # ... and never makes a second Job: a reconcile pass over a version of the job written after
-    # the deletion (the annotation) has completed, and it made none.
+    # ... and never makes a second Job: once the old Job's pods are gone too (the last change the
+    # operator watches), a reconcile pass over a version of the job written after that (the
+    # annotation) has completed, and it made none.
+    wait_for(lambda: env.pods("brief") == [], timeout=WAIT, message="job/brief's pods gone")
     env.kubectl("annotate", "finetunejob", "brief", "test.finetune.dev/nudge=after-ttl", "--overwrite")
     nudged = int((env.ftj("brief") or {})["metadata"]["resourceVersion"])
     labels = {"namespace": env.namespace, "name": "brief"}
@@ -271,6 +273,10 @@ def test_a_ttl_that_passes_while_the_operator_is_stopped_never_reruns_the_job(en
         timeout=WAIT, message="a reconcile pass of ftj/brief over its version after the Job's deletion",
     )  # fmt: skip
     assert env.jobs("brief") == [], "a second Job was created"
+    # A pass counts each Job it creates as it creates it: the restarted operator made none at all
+    # (a Job made and deleted again between two looks at the list counts too).
+    created = env.operator.sample("finetune_jobs_created_total", {"namespace": env.namespace})
+    assert (created or 0) == 0, f"the restarted operator created {created} Job(s)"
     assert env.status("brief")["phase"] == "Succeeded"
     assert env.events("brief").count("JobCreated") == 1
 
