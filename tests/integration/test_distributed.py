@@ -23,8 +23,8 @@ share them); the kill test comes first, so its phase 2 is caught while it runs. 
 the 2 shared cores, cluster start included: 4 min 52 s with process pods, 3 min 9 s with
 container pods (FTO_DIST_PODS=container, a quieter moment: containers cost no more here).
 
-The chief's progress reports are refused (403) for a JobSet's pods today; the last test says so
-(strict xfail: it fails once they are accepted, and then the mark goes).
+Only the chief (worker 0) sends progress; the last test shows its reports reach the status
+(the progress endpoint accepts a pod of a child Job of the FineTuneJob's JobSet).
 """
 
 from __future__ import annotations
@@ -379,11 +379,6 @@ def test_two_workers_train_together_and_match_one_worker(bed: Bed) -> None:
     assert abs(two - one) * 100 <= ACCURACY_POINTS, (two, one)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the progress endpoint answers 403 to a JobSet worker: tokens.py accepts a pod whose Job's "
-    "controller is the FineTuneJob, and a JobSet's child Job is the JobSet's (found 2026-12-02)",
-)
 def test_the_chiefs_progress_reaches_the_status(bed: Bed) -> None:
     """Worker 0 sends progress: the 2-worker job's status shows the stages as the 1-worker one's does."""
     for name in ("pair", "single"):
