@@ -299,7 +299,7 @@ class KubeClient:
                 method=method,
                 resource_path=path,
                 query_params=list(params.items()) if params else None,
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                header_params={"Content-Type": content_type, "Accept": "application/json, */*"},  # */*: the JWKS is application/jwk-set+json
                 body=dict(body) if isinstance(body, Mapping) else body,
             )
             resp = await api.call_api(
