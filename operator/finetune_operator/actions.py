@@ -46,7 +46,7 @@ logger = logging.getLogger("finetune_operator")
 
 GROUP, VERSION, PLURAL = api.API_GROUP, api.API_VERSION, api.PLURAL
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"
-JOBSET_GROUP, JOBSET_VERSION = "jobset.x-k8s.io", "v1alpha2"
+JOBSET_GROUP, JOBSET_VERSION = builders.JOBSET_GROUP, builders.JOBSET_VERSION
 Kind = Literal["Job", "JobSet"]
 
 

@@ -41,6 +41,8 @@ __all__ = [
     "CONFIG_FILE",
     "CONTAINER_NAME",
     "JOBSET_API_VERSION",
+    "JOBSET_GROUP",
+    "JOBSET_VERSION",
     "JOB_NAME_LABEL",
     "KUEUE_LABELS",
     "KUEUE_QUEUE_LABEL",
@@ -84,7 +86,8 @@ KUEUE_LABELS = (
 MANAGED_BY = "finetune-operator"
 # Multi-worker training (runtime.workers > 1): a JobSet, its workers' env as the trainer reads it
 # (finetune_contract.protocol), and the port they talk gRPC on (TFJob's default).
-JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
+JOBSET_GROUP, JOBSET_VERSION = "jobset.x-k8s.io", "v1alpha2"  # the one place the JobSet API is named
+JOBSET_API_VERSION = f"{JOBSET_GROUP}/{JOBSET_VERSION}"
 WORKER_PORT = 2222
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 REPLICATED_JOB = "worker"  # the JobSet's one replicatedJob: pods <name>-worker-0-<index>-<suffix>

@@ -56,7 +56,7 @@ from typing import Any, Literal
 import jwt
 from finetune_contract import protocol
 
-from finetune_operator import kube, metrics
+from finetune_operator import builders, kube, metrics
 
 __all__ = [
     "DISCOVERY_PATH",
@@ -279,9 +279,6 @@ def bound_pod(review: Mapping[str, Any], *, namespace: str) -> tuple[str, str] |
     return str(names[0]), str(uids[0])
 
 
-_JOBSET_GROUP = "jobset.x-k8s.io"
-
-
 def _controller(body: Mapping[str, Any]) -> Mapping[str, Any]:
     for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
         if ref.get("controller"):
@@ -426,10 +423,10 @@ class TokenChecker:
             if job_meta.get("uid") != owner.get("uid"):
                 return Verdict("forbidden", "token's pod is not a trainer pod of this job")
             controller = _controller(job)
-            if controller.get("kind") == "JobSet" and str(controller.get("apiVersion", "")).startswith(_JOBSET_GROUP):
+            if controller.get("kind") == "JobSet" and controller.get("apiVersion") == builders.JOBSET_API_VERSION:
                 # A multi-worker job: the pod's Job is a child of the FineTuneJob's JobSet.
                 jobset = await self._client.get(
-                    f"/apis/{_JOBSET_GROUP}/v1alpha2/namespaces/{namespace}/jobsets/{controller.get('name')}"
+                    f"/apis/{builders.JOBSET_API_VERSION}/namespaces/{namespace}/jobsets/{controller.get('name')}"
                 )
                 if (jobset.get("metadata") or {}).get("uid") != controller.get("uid"):
                     return Verdict("forbidden", "token's pod is not a trainer pod of this job")
