@@ -393,7 +393,9 @@ class Operator:
                 await self._apply(key, ftj, outcome, previous)
                 return None
             if check.kind == "wait":
-                await self._wait_for_volume(key, ftj, check.message, previous=previous, now=now)
+                await self._wait_for_volume(
+                    key, ftj, check.message, workers=parsed.runtime.workers, previous=previous, now=now
+                )
                 return None
         found = actions.Obstacle("clear")
         if self._leftovers(key, ftj.uid):
@@ -464,7 +466,7 @@ class Operator:
         return None
 
     async def _wait_for_volume(
-        self, key: Key, ftj: FtjView, why: str, *, previous: Mapping[str, Any], now: datetime.datetime
+        self, key: Key, ftj: FtjView, why: str, *, workers: int, previous: Mapping[str, Any], now: datetime.datetime
     ) -> None:
         """A multi-worker job whose output claim does not exist yet: Pending/WaitingForVolume, looked at again.
 
@@ -486,7 +488,7 @@ class Operator:
         outcome = status.derive(
             generation=ftj.generation, suspend=ftj.suspend, output_path=ftj.output_path, previous=previous, job=None,
             pods=[], counted_pods=self._counted.get(ftj.uid), now=now, pending_timeout_s=timeout,
-            blocked=why, blocked_reason="WaitingForVolume", workers=2,
+            blocked=why, blocked_reason="WaitingForVolume", workers=workers,
         )  # fmt: skip
         if status.diff(desired=outcome.status, current=previous):
             await self._apply(key, ftj, outcome, previous)

@@ -160,3 +160,22 @@ def test_kueue_admits_the_worker_group_as_one_workload(env: Env) -> None:
         owned = [w for w in workloads(env.cluster, namespace=env.namespace)
                  if any(r.get("kind") == "Job" for r in w["metadata"].get("ownerReferences") or [])]  # fmt: skip
         assert owned == []  # no Workload of its own for the JobSet's child Job
+
+
+def test_a_missing_output_claim_is_waited_for_then_the_group_runs(env: Env) -> None:
+    """A claim applied after the job: Pending/WaitingForVolume (workers counted from the spec), then the JobSet."""
+    env.apply(jobs.ftj(
+        "early", output="/models/early", env={"FAKE_SLEEP": "1"}, workers=3, backoffLimit=1,
+        volumes=[{"name": "models", "persistentVolumeClaim": {"claimName": "later"}}],
+        volumeMounts=[{"name": "models", "mountPath": "/models"}],
+    ))  # fmt: skip
+    waiting = wait_for(lambda: (s := env.status("early")).get("reason") == "WaitingForVolume" and s,
+                       timeout=WAIT, message=f"ftj/early WaitingForVolume (now {env.status('early')})")  # fmt: skip
+    assert waiting["phase"] == "Pending"
+    assert "later" in waiting["message"]
+    assert waiting["workers"]["total"] == 3
+    assert env.get(f"{JOBSETS}/early") is None
+    env.apply(claim("later", "ReadWriteMany"))
+    wait_for(lambda: env.get(f"{JOBSETS}/early"), timeout=WAIT, message="the JobSet of ftj/early once its claim exists")
+    done = env.wait_phase("early", "Succeeded")
+    assert done["workers"]["total"] == 3
