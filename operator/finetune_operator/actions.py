@@ -198,7 +198,7 @@ class KubeActions:
         kind = kind_of(parsed)
         build = builders.build_jobset if kind == "JobSet" else builders.build_job
         view = status.jobset_view if kind == "JobSet" else status.job_view
-        manifest = build(
+        pod = builders.TrainerPod(
             owner=owner,
             spec=parsed,
             default_image=config.trainer_image,
@@ -207,6 +207,7 @@ class KubeActions:
             run_as_user=config.run_as_user,
             raw_spec=spec,
         )
+        manifest = build(pod=pod)
         path = collection(namespace=ns, kind=kind)
         try:
             body = await self.client.create(path, manifest)

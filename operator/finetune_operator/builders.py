@@ -3,7 +3,7 @@
 No I/O here; the handlers send what these return. The Job is owned by the FineTuneJob
 (ownerReferences), so deleting the FineTuneJob deletes it and its pods. With
 `runtime.workers > 1` a JobSet (`build_jobset`) takes the Job's place: the same trainer pod
-(`build_pod_template`) for every worker, restarted as a group.
+(`build_pod_template`, made from a `TrainerPod`) for every worker, restarted as a group.
 
 The Job (or JobSet) is the only object the operator creates. The spec the trainer reads (`--config`)
 travels in the Job itself: the FineTuneJob manifest, as compact JSON, is the pod-template
@@ -52,6 +52,7 @@ __all__ = [
     "SPEC_ANNOTATION",
     "WORKER_PORT",
     "Owner",
+    "TrainerPod",
     "build_job",
     "build_jobset",
     "build_pod_template",
@@ -153,11 +154,29 @@ def kueue_labels(labels: Mapping[str, str]) -> dict[str, str]:
     return {key: str(labels[key]) for key in KUEUE_LABELS if key in labels}
 
 
-def _metadata(*, owner: Owner, name: str) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class TrainerPod:
+    """What the trainer pod of a FineTuneJob is made from: the same for its Job and for each JobSet worker.
+
+    `raw_spec` is the FineTuneJob's spec as the API server holds it, handed to the trainer
+    as it is (default: `spec` dumped back, for callers that have only the parsed model).
+    """
+
+    owner: Owner
+    spec: api.FineTuneJobSpec
+    default_image: str
+    progress_url: str | None
+    trainer_command: Sequence[str] = ("finetune-train",)
+    run_as_user: int = settings.DEFAULT_RUN_AS_USER
+    raw_spec: Mapping[str, Any] | None = None
+
+
+def _metadata(*, owner: Owner) -> dict[str, Any]:
+    """The Job's (or JobSet's) metadata: named like the FineTuneJob, owned by it, its labels and Kueue labels."""
     return {
-        "name": name,
+        "name": owner.name,
         "namespace": owner.namespace,
-        "labels": labels(owner=owner),
+        "labels": {**labels(owner=owner), **kueue_labels(owner.labels)},
         "ownerReferences": [owner.reference()],
     }
 
@@ -226,32 +245,28 @@ def _pod_failure_rules(*, ignore_terminated: bool) -> list[dict[str, Any]]:
 
 def build_pod_template(
     *,
-    owner: Owner,
-    spec: api.FineTuneJobSpec,
-    default_image: str,
-    progress_url: str | None,
-    trainer_command: Sequence[str] = ("finetune-train",),
-    run_as_user: int = settings.DEFAULT_RUN_AS_USER,
-    raw_spec: Mapping[str, Any] | None = None,
+    pod: TrainerPod,
     extra_env: Sequence[Mapping[str, Any]] = (),
     extra_ports: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The trainer pod template (metadata and spec) of a FineTuneJob: the same for a Job and for each JobSet worker.
 
     `extra_env` (the operator's own, e.g. a worker's place in its group) wins over a
-    `runtime.env` variable of the same name; `extra_ports` come after the metrics port. See `build_job` for `raw_spec`.
+    `runtime.env` variable of the same name; `extra_ports` come after the metrics port.
     """
+    owner, spec, run_as_user = pod.owner, pod.spec, pod.run_as_user
     runtime = spec.runtime
+    raw_spec = pod.raw_spec
     if raw_spec is None:
         raw_spec = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     ours = {str(e.get("name")) for e in extra_env}
     user_env = [e for e in runtime.env if str(e.get("name")) not in ours]
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
-        "image": runtime.image or default_image,
+        "image": runtime.image or pod.default_image,
         "imagePullPolicy": "IfNotPresent",
-        "command": [*trainer_command, "--config", CONFIG_FILE],
-        "env": _env(owner=owner, progress_url=progress_url, extra=[*user_env, *extra_env]),
+        "command": [*pod.trainer_command, "--config", CONFIG_FILE],
+        "env": _env(owner=owner, progress_url=pod.progress_url, extra=[*user_env, *extra_env]),
         "ports": [
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
             *(copy.deepcopy(dict(p)) for p in extra_ports),
@@ -336,20 +351,9 @@ def build_pod_template(
     }
 
 
-def build_job(
-    *,
-    owner: Owner,
-    spec: api.FineTuneJobSpec,
-    default_image: str,
-    progress_url: str | None,
-    trainer_command: Sequence[str] = ("finetune-train",),
-    run_as_user: int = settings.DEFAULT_RUN_AS_USER,
-    raw_spec: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The batch/v1 Job that runs the trainer, named like the FineTuneJob.
+def build_job(*, pod: TrainerPod) -> dict[str, Any]:
+    """The batch/v1 Job that runs the trainer pod `pod`, named like the FineTuneJob.
 
-    `raw_spec` is the FineTuneJob's spec as the API server holds it, handed to the trainer
-    as it is (default: `spec` dumped back, for callers that have only the parsed model).
     `runtime.ttlSecondsAfterFinished` is not put on the Job: the operator deletes the Job
     itself once it has recorded the outcome (a TTL controller could delete it first).
 
@@ -363,30 +367,26 @@ def build_job(
     would count toward `backoffLimit`. Only there: elsewhere a trainer that exits 143 by itself
     would otherwise be retried without end.
     """
-    runtime = spec.runtime
-    job_labels = {**labels(owner=owner), **kueue_labels(owner.labels)}
-    queued = KUEUE_QUEUE_LABEL in job_labels
+    queued = KUEUE_QUEUE_LABEL in pod.owner.labels
     job_spec: dict[str, Any] = {
-        "backoffLimit": runtime.backoff_limit,
+        "backoffLimit": pod.spec.runtime.backoff_limit,
         "completions": 1,
         "parallelism": 1,
-        "suspend": spec.suspend or queued,
-        "podFailurePolicy": {"rules": _pod_failure_rules(ignore_terminated=queued)},
-        "template": build_pod_template(
-            owner=owner,
-            spec=spec,
-            default_image=default_image,
-            progress_url=progress_url,
-            trainer_command=trainer_command,
-            run_as_user=run_as_user,
-            raw_spec=raw_spec,
-        ),
+        "suspend": pod.spec.suspend or queued,
+        **_job_spec(pod=pod, template=build_pod_template(pod=pod), ignore_terminated=queued),
     }
-    if runtime.active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = runtime.active_deadline_seconds
-    metadata = _metadata(owner=owner, name=owner.name)
-    metadata["labels"] = job_labels
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(owner=pod.owner), "spec": job_spec}
+
+
+def _job_spec(*, pod: TrainerPod, template: dict[str, Any], ignore_terminated: bool) -> dict[str, Any]:
+    """What a Job and a JobSet's child Job share: the pod failure policy, the template, the deadline."""
+    shared: dict[str, Any] = {
+        "podFailurePolicy": {"rules": _pod_failure_rules(ignore_terminated=ignore_terminated)},
+        "template": template,
+    }
+    if pod.spec.runtime.active_deadline_seconds is not None:
+        shared["activeDeadlineSeconds"] = pod.spec.runtime.active_deadline_seconds
+    return shared
 
 
 def worker_hosts(*, name: str, workers: int, port: int = WORKER_PORT) -> list[str]:
@@ -399,16 +399,7 @@ def worker_hosts(*, name: str, workers: int, port: int = WORKER_PORT) -> list[st
     return [f"{name}-{REPLICATED_JOB}-0-{index}.{name}:{port}" for index in range(workers)]
 
 
-def build_jobset(
-    *,
-    owner: Owner,
-    spec: api.FineTuneJobSpec,
-    default_image: str,
-    progress_url: str | None,
-    trainer_command: Sequence[str] = ("finetune-train",),
-    run_as_user: int = settings.DEFAULT_RUN_AS_USER,
-    raw_spec: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+def build_jobset(*, pod: TrainerPod) -> dict[str, Any]:
     """The JobSet (jobset.x-k8s.io/v1alpha2) of a FineTuneJob with `runtime.workers > 1`, named like it.
 
     One replicatedJob `worker` of one Indexed Job with `workers` pods, each the trainer pod of
@@ -435,23 +426,15 @@ def build_jobset(
     when queue-labelled and from then on is Kueue's (its jobset integration admits the group as
     one Workload). `runtime.ttlSecondsAfterFinished` is applied by the operator, as for a Job.
     """
-    runtime = spec.runtime
+    owner, runtime = pod.owner, pod.spec.runtime
     workers = runtime.workers
-    set_labels = {**labels(owner=owner), **kueue_labels(owner.labels)}
-    queued = KUEUE_QUEUE_LABEL in set_labels
     index_env = {
         "name": ENV_WORKER_INDEX,
         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}},
     }
     hosts_env = {"name": ENV_WORKER_HOSTS, "value": ",".join(worker_hosts(name=owner.name, workers=workers))}
     template = build_pod_template(
-        owner=owner,
-        spec=spec,
-        default_image=default_image,
-        progress_url=progress_url,
-        trainer_command=trainer_command,
-        run_as_user=run_as_user,
-        raw_spec=raw_spec,
+        pod=pod,
         extra_env=[hosts_env, index_env],
         extra_ports=[{"name": "worker", "containerPort": WORKER_PORT, "protocol": "TCP"}],
     )
@@ -460,11 +443,8 @@ def build_jobset(
         "completions": workers,
         "parallelism": workers,
         "backoffLimit": 0,  # one failed worker fails the Job: the JobSet restarts the group
-        "podFailurePolicy": {"rules": _pod_failure_rules(ignore_terminated=True)},
-        "template": template,
+        **_job_spec(pod=pod, template=template, ignore_terminated=True),
     }
-    if runtime.active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = runtime.active_deadline_seconds
     jobset_spec: dict[str, Any] = {
         "replicatedJobs": [
             {
@@ -483,8 +463,7 @@ def build_jobset(
                 {"name": "DeadlineExceeded", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]},
             ],
         },
-        "suspend": spec.suspend or queued,
+        "suspend": pod.spec.suspend or KUEUE_QUEUE_LABEL in owner.labels,
     }
-    metadata = _metadata(owner=owner, name=owner.name)
-    metadata["labels"] = set_labels
+    metadata = _metadata(owner=owner)
     return {"apiVersion": JOBSET_API_VERSION, "kind": "JobSet", "metadata": metadata, "spec": jobset_spec}

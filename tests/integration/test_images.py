@@ -134,8 +134,10 @@ def job_for(*, spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The Job the operator makes for `spec` (no progress URL) and the config file it hands the trainer."""
     owner = builders.Owner(namespace="images", name="tiny", uid="0a1b2c3d-images", labels={})
     job = builders.build_job(
-        owner=owner, spec=api.FineTuneJobSpec.model_validate(spec), default_image=TRAINER_IMAGE,
-        progress_url=None, raw_spec=spec,
+        pod=builders.TrainerPod(
+            owner=owner, spec=api.FineTuneJobSpec.model_validate(spec), default_image=TRAINER_IMAGE,
+            progress_url=None, raw_spec=spec,
+        ),
     )
     return job, builders.spec_document(owner=owner, spec=spec)
 

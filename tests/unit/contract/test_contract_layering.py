@@ -100,7 +100,8 @@ def test_the_operator_fails_the_job_on_exactly_the_non_retryable_codes() -> None
     parsed = api.FineTuneJobSpec.model_validate(
         {"data": {"train": "/d", "validationSplit": 0.2}, "output": {"path": "/m"}}
     )
-    job = builders.build_job(owner=owner, spec=parsed, default_image="img:1", progress_url=None)
+    pod = builders.TrainerPod(owner=owner, spec=parsed, default_image="img:1", progress_url=None)
+    job = builders.build_job(pod=pod)
     rules = job["spec"]["podFailurePolicy"]["rules"]
     fail = [r["onExitCodes"]["values"] for r in rules if r["action"] == "FailJob"]
     ignored = [r["onExitCodes"]["values"] for r in rules if r["action"] == "Ignore" and "onExitCodes" in r]

@@ -102,11 +102,13 @@ def test_checkov_on_a_trainer_job(render: Render, tmp_path: Path) -> None:
         labels={},
     )
     job = builders.build_job(
-        owner=owner,
-        spec=api.FineTuneJobSpec.model_validate(resource["spec"]),
-        default_image="ghcr.io/finetune-dev/finetune-trainer:0.1.0",
-        progress_url="http://finetune-operator.finetune-system.svc:8081/v1/progress",
-        run_as_user=_operator_run_as_user(render("base")),
+        pod=builders.TrainerPod(
+            owner=owner,
+            spec=api.FineTuneJobSpec.model_validate(resource["spec"]),
+            default_image="ghcr.io/finetune-dev/finetune-trainer:0.1.0",
+            progress_url="http://finetune-operator.finetune-system.svc:8081/v1/progress",
+            run_as_user=_operator_run_as_user(render("base")),
+        ),
     )
     annotations = job["metadata"].setdefault("annotations", {})
     for i, (check, reason) in enumerate(sorted(TRAINER_JOB_SKIPS.items()), start=1):

@@ -226,7 +226,9 @@ class TestComponent:
         spec = api.FineTuneJobSpec.model_validate(
             {"data": {"train": "/data/train", "validationSplit": 0.2}, "output": {"path": "/models/x"}}
         )
-        job = builders.build_job(owner=owner, spec=spec, default_image="trainer:test", progress_url=None)
+        job = builders.build_job(
+            pod=builders.TrainerPod(owner=owner, spec=spec, default_image="trainer:test", progress_url=None)
+        )
         pod = job["spec"]["template"]
         monitor = yaml.safe_load((COMPONENT / "podmonitor.yaml").read_text())
         assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()

@@ -18,7 +18,8 @@ BASE_SPEC: dict[str, Any] = {
 def job_for(runtime: dict[str, Any] | None = None, *, progress_url: str | None = "http://op:8081/v1/progress",
             owner: builders.Owner = OWNER, suspend: bool = False) -> dict[str, Any]:
     spec = api.FineTuneJobSpec.model_validate({**BASE_SPEC, "runtime": runtime or {}, "suspend": suspend})
-    return builders.build_job(owner=owner, spec=spec, default_image="img:default", progress_url=progress_url)
+    pod = builders.TrainerPod(owner=owner, spec=spec, default_image="img:default", progress_url=progress_url)
+    return builders.build_job(pod=pod)
 
 
 def container(job: dict[str, Any]) -> dict[str, Any]:
@@ -106,11 +107,13 @@ def test_command_spec_mount_and_image() -> None:
     assert not any("configMap" in v for v in job["spec"]["template"]["spec"]["volumes"])
     assert container(job_for({"image": "my/trainer:2"}))["image"] == "my/trainer:2"
     custom = builders.build_job(
-        owner=OWNER,
-        spec=api.FineTuneJobSpec.model_validate(BASE_SPEC),
-        default_image="i",
-        progress_url=None,
-        trainer_command=("python", "fake.py"),
+        pod=builders.TrainerPod(
+            owner=OWNER,
+            spec=api.FineTuneJobSpec.model_validate(BASE_SPEC),
+            default_image="i",
+            progress_url=None,
+            trainer_command=("python", "fake.py"),
+        ),
     )
     assert container(custom)["command"] == ["python", "fake.py", "--config", "/etc/finetune/job.json"]
 
@@ -187,7 +190,8 @@ def test_the_pod_template_carries_the_manifest_the_trainer_reads() -> None:
         "suspend": False,
     }
     parsed = api.FineTuneJobSpec.model_validate(spec)
-    job = builders.build_job(owner=OWNER, spec=parsed, default_image="i", progress_url=None, raw_spec=spec)
+    pod = builders.TrainerPod(owner=OWNER, spec=parsed, default_image="i", progress_url=None, raw_spec=spec)
+    job = builders.build_job(pod=pod)
     text = job["spec"]["template"]["metadata"]["annotations"]["finetune.dev/spec"]
     assert text == builders.spec_document(owner=OWNER, spec=spec)
     document = json.loads(text)  # what the trainer reads from /etc/finetune/job.json
@@ -215,10 +219,12 @@ def test_the_progress_token_is_a_projected_token_for_this_job_only() -> None:
     assert pod["automountServiceAccountToken"] is False
     assert not any("secret" in v for v in pod["volumes"])
     other = builders.build_job(
-        owner=builders.Owner(namespace="ml", name="flowers", uid="uid-2", labels={}),
-        spec=api.FineTuneJobSpec.model_validate(BASE_SPEC),
-        default_image="i",
-        progress_url=None,
+        pod=builders.TrainerPod(
+            owner=builders.Owner(namespace="ml", name="flowers", uid="uid-2", labels={}),
+            spec=api.FineTuneJobSpec.model_validate(BASE_SPEC),
+            default_image="i",
+            progress_url=None,
+        ),
     )
     other_volume = next(v for v in other["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
     assert other_volume["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "progress.finetune.dev/uid-2"
@@ -227,5 +233,5 @@ def test_the_progress_token_is_a_projected_token_for_this_job_only() -> None:
 def test_builders_do_not_mutate_the_spec() -> None:
     runtime = {"resources": {"limits": {"cpu": "1"}}, "gpus": 1}
     spec = api.FineTuneJobSpec.model_validate({**BASE_SPEC, "runtime": runtime})
-    builders.build_job(owner=OWNER, spec=spec, default_image="i", progress_url=None)
+    builders.build_job(pod=builders.TrainerPod(owner=OWNER, spec=spec, default_image="i", progress_url=None))
     assert spec.runtime.resources == {"limits": {"cpu": "1"}}

@@ -23,8 +23,10 @@ def parsed(runtime: dict[str, Any] | None = None, *, suspend: bool = False) -> a
 
 def jobset_for(runtime: dict[str, Any] | None = None, *, owner: builders.Owner = OWNER, suspend: bool = False) -> dict[str, Any]:
     return builders.build_jobset(
-        owner=owner, spec=parsed(runtime, suspend=suspend), default_image="img:default",
-        progress_url="http://op:8081/v1/progress",
+        pod=builders.TrainerPod(
+            owner=owner, spec=parsed(runtime, suspend=suspend), default_image="img:default",
+            progress_url="http://op:8081/v1/progress",
+        ),
     )  # fmt: skip
 
 
@@ -43,7 +45,9 @@ def test_identity_owner_and_labels_like_the_job() -> None:
     meta = js["metadata"]
     assert (js["apiVersion"], js["kind"], meta["name"], meta["namespace"]) == (
         "jobset.x-k8s.io/v1alpha2", "JobSet", "flowers", "ml")  # fmt: skip
-    job = builders.build_job(owner=OWNER, spec=parsed(), default_image="img:default", progress_url=None)
+    job = builders.build_job(
+        pod=builders.TrainerPod(owner=OWNER, spec=parsed(), default_image="img:default", progress_url=None)
+    )
     assert meta["ownerReferences"] == job["metadata"]["ownerReferences"]
     assert meta["labels"] == job["metadata"]["labels"]
     # The child Job and its pods carry the FineTuneJob's labels: the operator's watches see them.
@@ -62,8 +66,9 @@ def test_one_indexed_job_of_all_workers_under_a_headless_service() -> None:
 
 def test_the_pod_is_the_single_worker_jobs_pod_plus_its_place_in_the_group() -> None:
     spec = parsed({"env": [{"name": "A", "value": "1"}], "gpus": 2})
-    job = builders.build_job(owner=OWNER, spec=spec, default_image="img:default", progress_url="http://p")
-    js = builders.build_jobset(owner=OWNER, spec=spec, default_image="img:default", progress_url="http://p")
+    pod = builders.TrainerPod(owner=OWNER, spec=spec, default_image="img:default", progress_url="http://p")
+    job = builders.build_job(pod=pod)
+    js = builders.build_jobset(pod=pod)
     single = job["spec"]["template"]
     worker = child_job(js)["spec"]["template"]
     assert worker["metadata"] == single["metadata"]  # the manifest the trainer reads, the labels
@@ -149,7 +154,8 @@ def test_a_queue_label_creates_it_suspended_with_kueues_labels(suspend: bool) ->
 
 def test_the_trainer_reads_the_same_manifest() -> None:
     raw = {**BASE_SPEC, "runtime": {"workers": 2}}
-    js = builders.build_jobset(owner=OWNER, spec=parsed(), default_image="i", progress_url=None, raw_spec=raw)
+    pod = builders.TrainerPod(owner=OWNER, spec=parsed(), default_image="i", progress_url=None, raw_spec=raw)
+    js = builders.build_jobset(pod=pod)
     doc = json.loads(child_job(js)["spec"]["template"]["metadata"]["annotations"][builders.SPEC_ANNOTATION])
     assert doc["spec"] == raw
     assert doc["metadata"] == {"name": "flowers", "namespace": "ml", "uid": "uid-1"}

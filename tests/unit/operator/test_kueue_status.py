@@ -103,7 +103,7 @@ def job_for(labels: dict[str, str], *, suspend: bool = False) -> dict[str, Any]:
     spec = api.FineTuneJobSpec.model_validate(
         {"data": {"train": "/data/train", "validationSplit": 0.2}, "output": {"path": "/models/flowers"}, "suspend": suspend}
     )
-    return builders.build_job(owner=owner, spec=spec, default_image="img", progress_url=None)
+    return builders.build_job(pod=builders.TrainerPod(owner=owner, spec=spec, default_image="img", progress_url=None))
 
 
 def test_a_queue_label_creates_the_job_suspended_with_every_kueue_label() -> None:
