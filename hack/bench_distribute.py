@@ -34,8 +34,7 @@ def _command() -> list[str]:
 
 
 def _spec(*, train: Path, val: Path, output: Path, epochs: int, workers: int) -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT / "tests" / "unit" / "trainer"))
-    from imagesets import spec_dict
+    from finetune_testbed.imagesets import spec_dict
 
     spec = spec_dict(train=train, validation=val, output=output, head_epochs=epochs, fine_epochs=epochs,
                      batch_size=BATCH, augmentation=True)
@@ -86,8 +85,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--images-per-class", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests" / "unit" / "trainer"))
-    from imagesets import write_image_folder
+    from finetune_testbed.imagesets import write_image_folder
 
     with tempfile.TemporaryDirectory(prefix="bench-distribute-") as name:
         tmp = Path(name)

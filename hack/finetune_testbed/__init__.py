@@ -11,6 +11,7 @@ folder is on sys.path when it runs), never loaded by file path:
 - `net`, `polling`, `kubeconfigs`, `tools`: what the tools and the tests' fixtures share
   (free loopback ports, polls with a timeout, ServiceAccount kubeconfigs, the cached Go tools
   that hack/build-*.sh build).
+- `imagesets`: tiny generated class-per-folder image sets and specs (the trainer's tests, `make bench`).
 
 The scripts that stay files of their own: hack/localcluster_exec.py (run by path with
 `python -I`, as root, in a new mount namespace: the standard library only) and the hack/bench*.py

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from imagesets import write_image_folder
+from finetune_testbed.imagesets import write_image_folder
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -21,8 +21,8 @@ import keras
 import numpy as np
 import pytest
 import yaml
+from finetune_testbed.imagesets import spec_dict
 from finetune_trainer.__main__ import main
-from imagesets import spec_dict
 
 SHAPE = (32, 32, 3)
 
@@ -125,7 +125,7 @@ def test_nan_loss_exits_4(image_sets: dict[str, Path], tmp_path: Path) -> None:
 
 
 def _write_images(root: Path, *, per_class: int) -> Path:
-    from imagesets import write_image_folder
+    from finetune_testbed.imagesets import write_image_folder
 
     return write_image_folder(root, per_class=per_class)
 

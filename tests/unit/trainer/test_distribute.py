@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,10 +22,11 @@ from typing import Any
 
 import pytest
 import yaml
+from finetune_testbed.imagesets import spec_dict, write_image_folder
+from finetune_testbed.net import free_ports
 from finetune_trainer import distribute
 from finetune_trainer.config import load_runtime
 from finetune_trainer.errors import InvalidSpecError
-from imagesets import spec_dict, write_image_folder
 
 HOSTS = ("w0.job.ns.svc:2222", "w1.job.ns.svc:2222")
 LOSS_TOLERANCE = 1e-4  # relative, per epoch: float sums in another order (2 replicas); measured ~1e-7
@@ -171,17 +171,6 @@ def test_mirrored_strategy_on_two_logical_cpus_matches_one_device(image_sets: di
     assert abs(result["one"]["val_accuracy"] - result["mirrored"]["val_accuracy"]) * 100 <= ACCURACY_POINTS
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _command() -> list[str]:
     script = Path(sys.executable).with_name("finetune-train")
     return [str(script)] if script.exists() else [sys.executable, "-m", "finetune_trainer"]
@@ -207,7 +196,7 @@ def test_two_workers_train_together_and_only_the_chief_writes(larger_sets: dict[
     spec = spec_dict(train=larger_sets["train"], validation=larger_sets["val"], output=tmp_path / "out",
                      base="VGG16", head_epochs=HEAD_EPOCHS, fine_epochs=1, batch_size=16, head_lr=0.01,
                      units=(64,), patience=HEAD_EPOCHS)
-    hosts = ",".join(f"127.0.0.1:{port}" for port in _free_ports(2))
+    hosts = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
     config = _config(tmp_path / "job.json", spec, workers=2)
     procs: list[subprocess.Popen[str]] = []
     terminations = [tmp_path / f"termination-{i}.json" for i in range(2)]

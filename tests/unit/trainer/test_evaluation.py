@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from finetune_testbed.imagesets import spec_dict, write_image_folder
 from finetune_trainer import evaluation as ev
 from finetune_trainer.__main__ import main
-from imagesets import spec_dict, write_image_folder
 
 # A tiny set, worked by hand. Classes a, b, c; rows true, columns predicted:
 #        a  b  c

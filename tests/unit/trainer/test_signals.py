@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import yaml
 from finetune_contract.exits import EXIT_TERMINATED, REASON_TERMINATED
+from finetune_testbed.imagesets import spec_dict
 from finetune_trainer import train
 from finetune_trainer.config import parse_config
-from imagesets import spec_dict
 
 EXIT_BOUND_S = 20.0  # SIGTERM -> process gone, including TensorFlow's own shutdown
 

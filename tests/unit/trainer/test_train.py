@@ -13,11 +13,11 @@ import keras
 import numpy as np
 import pytest
 from finetune_contract.spec import DataSpec, ModelSpec
+from finetune_testbed.imagesets import spec_dict
 from finetune_trainer import data as data_lib
 from finetune_trainer import model as model_lib
 from finetune_trainer import train
 from finetune_trainer.config import parse_config
-from imagesets import spec_dict
 
 SHAPE = (32, 32, 3)
 

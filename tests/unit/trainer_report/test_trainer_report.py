@@ -15,13 +15,15 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from finetune_contract.protocol import PROGRESS_PATH, ProgressReport, TerminationSummary
+from finetune_testbed.net import free_port
+from finetune_testbed.polling import wait_until
 from finetune_trainer import report
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -79,20 +81,6 @@ def hanging_url() -> Iterator[str]:
     sock.listen(64)
     yield f"http://127.0.0.1:{sock.getsockname()[1]}{PROGRESS_PATH}"
     sock.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], bool], *, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 def epoch_end(observer: Any, *, stage: str = "head", epoch: int = 1, **metrics: float) -> None:
@@ -438,7 +426,7 @@ class TestBuildObservers:
         (observer,) = report.build_observers(progress_url=None)
         assert isinstance(observer, report.ProgressReporter)
         observer.on_stage_start(stage="head", stage_epochs=1, epochs_done=0, total_epochs=1)
-        wait_until(lambda: endpoint.count() == 1)
+        wait_until(lambda: endpoint.count() == 1, timeout=5.0, what="one report at the endpoint", interval=0.01)
         token_file.write_text("rotated\n")
         observer.on_finish(result="succeeded", metrics={}, message="")
         assert [h["Authorization"] for _, h, _ in endpoint.requests] == ["Bearer first", "Bearer rotated"]
