@@ -1,4 +1,4 @@
-"""The two training phases, their callbacks, resume after a lost pod, and the outputs.
+"""The training stages' callbacks and loop, resume after a lost pod, and the outputs.
 
 Phase 1 ("head") trains the new head on the frozen base; phase 2 ("fine-tune") unfreezes the
 base's last layers (BatchNorm excepted), recompiles at a low learning rate and trains on.
@@ -14,15 +14,18 @@ backup (`checkpoints/<stage>/callbacks.json`, the best weights in `early-stoppin
 put back before the resumed epoch starts, so a resumed stage stops and restores where an
 uninterrupted one would.
 
-Fast paths (the same layers and the same math, only less repeated work): whatever a frozen
-part of the network computes from images that never change is computed once.
-- Phase 1 without augmentation: the base's pooled features of every image are extracted
-  once and the head's own layers train on them, so the full model holds the trained head.
-- Phase 1 with augmentation: training images change every epoch, validation images do not,
-  so validation runs the head on cached features.
+Stages (stages.py): `_run` plans the stages and runs each the same way: set what trains,
+plan its inputs, fit, finish; a stage finished in an earlier run is restored instead.
+Fast paths (the same layers and the same math, only less repeated work): whatever the frozen
+part of the network below a stage's first trainable layer computes from images that never
+change is computed once (stages.plan_inputs).
+- Phase 1: the base and its pooling are frozen. Without augmentation the pooled features of
+  every image are extracted once and the head's own layers train on them, so the full model
+  holds the trained head; with augmentation training images change every epoch, validation
+  images do not, so validation runs the head on cached features.
 - Phase 2: the base is cut just below its first unfrozen layer (model.split_below_trainable);
   the frozen prefix's output is cached for validation, and without augmentation for training
-  too, when it fits the cache budget.
+  too, as far as the cache budget allows.
 
 Termination (SIGTERM: suspend, preemption, node drain): `terminate()` is what the signal
 handler calls. It raises `Terminated`, a BaseException, so that no `except Exception` on the
@@ -51,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from finetune_contract.protocol import Stage
+from finetune_contract.protocol import STAGES, Stage
 from finetune_contract.spec import TrainerSpec
 
 from finetune_trainer import data as data_lib
@@ -60,6 +63,7 @@ from finetune_trainer import evaluation as evaluation_lib
 from finetune_trainer import export as export_lib
 from finetune_trainer import features as features_lib
 from finetune_trainer import model as model_lib
+from finetune_trainer import stages as stages_lib
 from finetune_trainer.errors import DivergedError, InvalidSpecError
 from finetune_trainer.observer import TrainingObserver
 
@@ -564,24 +568,14 @@ def _compile(model: Any, *, learning_rate: float) -> None:
     )
 
 
-def _fit_stage(
-    run: _Run,
-    *,
-    stage: Stage,
-    model: Any,
-    learning_rate: float,
-    epochs: int,
-    epochs_before: int,
-    train: Any,
-    validation: Any,
-    steps: int,
-    fit_kwargs: dict[str, Any],
-) -> dict[str, Any]:
-    """One phase: compile, fit with the stage's callbacks, check for divergence; returns its summary."""
+def _fit_stage(run: _Run, *, stage: stages_lib.TrainingStage, inputs: stages_lib.StageInputs, steps: int) -> dict[str, Any]:
+    """One stage: compile, fit with its callbacks, check for divergence; returns its summary."""
     import keras
 
     spec = run.spec.training
-    backup_dir = run.out / "checkpoints" / stage
+    name, epochs, learning_rate = stage.name, stage.epochs, stage.learning_rate
+    validation = inputs.validation
+    backup_dir = run.out / "checkpoints" / name
     early = keras.callbacks.EarlyStopping(
         monitor="val_loss",
         patience=spec.early_stopping.patience,
@@ -595,7 +589,7 @@ def _fit_stage(
         verbose=1,
     )
     nan_guard = _make_nan_guard()
-    progress = _make_stage_callback(run, stage=stage, stage_epochs=epochs, epochs_before=epochs_before, steps=steps)
+    progress = _make_stage_callback(run, stage=name, stage_epochs=epochs, epochs_before=stage.epochs_before, steps=steps)
     cached = validation if isinstance(validation, features_lib.CachedValidation) else None
     if cached is not None:
         _compile(cached.model, learning_rate=1e-3)  # compiled for its loss and metrics; never trained
@@ -615,21 +609,22 @@ def _fit_stage(
         _make_callback_state(directory=backup_dir, early=early, reduce=reduce),
         _make_tick(clock, part="checkpoint"),
         keras.callbacks.TensorBoard(
-            log_dir=str(run.out / "tensorboard" / stage), write_graph=False, profile_batch=0
+            log_dir=str(run.out / "tensorboard" / name), write_graph=False, profile_batch=0
         ),
         _make_tick(clock, part="tensorboard"),
         _make_shield_callback(begin=False),
     ]
+    model = inputs.model
     _compile(model, learning_rate=learning_rate)
     started = time.monotonic()
     try:
         model.fit(
-            train,
+            inputs.train,
             validation_data=None if cached is not None else validation,
             epochs=epochs,
             callbacks=callbacks,
             verbose=run.verbose,
-            **fit_kwargs,
+            **inputs.fit_kwargs,
         )
     finally:
         _SHIELD.reset()  # an error inside the epoch-end section must not hold later signals forever
@@ -638,10 +633,10 @@ def _fit_stage(
         shutil.rmtree(backup_dir, ignore_errors=True)  # never resume from NaN weights
         epoch, batch, loss = nan_guard.diverged
         raise DivergedError(
-            f"training diverged: loss became {loss} in stage {stage}, epoch {epoch}, batch {batch} "
-            f"(learning rate {learning_rate:g}); lower spec.training.{'head' if stage == 'head' else 'fineTune'}.learningRate"
+            f"training diverged: loss became {loss} in stage {name}, epoch {epoch}, batch {batch} "
+            f"(learning rate {learning_rate:g}); lower {stage.rate_field}"
         )
-    rows = [r for r in run.state.history if r["stage"] == stage]
+    rows = [r for r in run.state.history if r["stage"] == name]
     val_accs = [a for r in rows if (a := _finite(r.get("val_accuracy"))) is not None]
     val_losses = [v for r in rows if (v := _finite(r.get("val_loss"))) is not None]
     epochs_run = len(rows)
@@ -668,35 +663,48 @@ def _fit_stage(
     }
 
 
-def _finish_stage(run: _Run, *, stage: Stage, network: model_lib.Network, summary: dict[str, Any]) -> None:
+def _finish_stage(
+    run: _Run, *, stage: stages_lib.TrainingStage, network: model_lib.Network, summary: dict[str, Any]
+) -> None:
     """Marks a stage done: its final weights and summary saved, its backup dropped."""
     checkpoints = run.out / "checkpoints"
     with shielded():
         weights = network.model.get_weights()
-        tmp = checkpoints / f"{stage}-final.tmp.npz"
+        tmp = checkpoints / f"{stage.name}-final.tmp.npz"
         np.savez(tmp, *weights)
-        os.replace(tmp, checkpoints / f"{stage}-final.npz")
-        run.state.completed[stage] = summary
+        os.replace(tmp, checkpoints / f"{stage.name}-final.npz")
+        run.state.completed[stage.name] = summary
         run.state.save()
-        shutil.rmtree(checkpoints / stage, ignore_errors=True)
+        shutil.rmtree(checkpoints / stage.name, ignore_errors=True)
     run.observers.call(
         "on_stage_end",
-        stage=stage,
+        stage=stage.name,
         epochs_run=int(summary["epochsRun"]),
         stopped_early=bool(summary["stoppedEarly"]),
-        epochs_done=_epochs_through(run.spec, stage),
+        epochs_done=stage.epochs_through,
         total_epochs=run.total_epochs,
     )
-
-
-def _epochs_through(spec: TrainerSpec, stage: Stage) -> int:
-    head = spec.training.head.epochs
-    return head if stage == "head" else spec.training.total_epochs
 
 
 def _restore_stage(*, out: Path, stage: Stage, network: model_lib.Network) -> None:
     with np.load(out / "checkpoints" / f"{stage}-final.npz") as saved:
         network.model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
+
+
+def _resume_state(*, out: Path, spec: TrainerSpec) -> _State:
+    """The saved state of an earlier run of this spec, or a fresh one with every stale stage file gone."""
+    state, resumed = _State.load(path=out / "checkpoints" / "state.json", fingerprint=_fingerprint(spec))
+    if resumed:
+        log.info("resuming: stages already done: %s", ", ".join(state.completed) or "none")
+        return state
+    for stale in (*STAGES, *(f"{name}-final.npz" for name in STAGES)):
+        target = out / "checkpoints" / stale
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+    state.save()
+    return state
 
 
 def _prepare_output(out: Path) -> None:
@@ -768,18 +776,7 @@ def _run(
     )
     network = model_lib.build_network(spec=spec.model, num_classes=len(splits.class_names))
 
-    fingerprint = _fingerprint(spec)
-    state, resumed = _State.load(path=out / "checkpoints" / "state.json", fingerprint=fingerprint)
-    if not resumed:
-        for stale in ("head", "fine-tune", "head-final.npz", "fine-tune-final.npz"):
-            target = out / "checkpoints" / stale
-            if target.is_dir():
-                shutil.rmtree(target, ignore_errors=True)
-            else:
-                target.unlink(missing_ok=True)
-        state.save()
-    else:
-        log.info("resuming: stages already done: %s", ", ".join(state.completed) or "none")
+    state = _resume_state(out=out, spec=spec)
 
     run_ctx = _Run(
         spec=spec,
@@ -790,152 +787,55 @@ def _run(
         total_epochs=training.total_epochs,
         n_train=len(splits.train),
     )
-    for row in state.history:
-        acc = _finite(row.get("val_accuracy"))
-        if acc is not None and (run_ctx.best_val_accuracy is None or acc > run_ctx.best_val_accuracy):
-            run_ctx.best_val_accuracy = acc
+    run_ctx.best_val_accuracy = max(
+        (acc for row in state.history if (acc := _finite(row.get("val_accuracy"))) is not None), default=None
+    )
     _write_history(out / "history.csv", state.history)
 
     batch = training.batch_size
     augmentation = data_lib.build_augmentation(spec=spec.data.augmentation, seed=training.seed)
     steps = max(1, -(-len(splits.train) // batch))
-
-    def val_ds() -> Any:
-        return data_lib.make_dataset(images=splits.validation, batch_size=batch, shuffle=False, seed=training.seed)
-
-    def train_ds() -> Any:
-        return data_lib.make_dataset(
-            images=splits.train, batch_size=batch, shuffle=True, seed=training.seed, augmentation=augmentation
-        )
-
     budget = data_lib.cache_budget()
-
-    def cache(model: Any, images: data_lib.ImageSet) -> np.ndarray:
-        return features_lib.extract(model=model, images=images, batch_size=batch)
-
-    model: Any
-    train_data: Any
-    validation: Any
-    # What computes the final validation predictions cheaply: the last stage's cached inputs
-    # and the model that maps them to probabilities (None: run the full model).
+    # The final validation predictions: from the last trained stage's cached inputs where it
+    # has them (the model that maps them to probabilities), else the full model on images.
     predictor: tuple[Any, np.ndarray] | None = None
-    stages: dict[str, dict[str, Any]] = {}
-    # Phase 1: the head on the frozen base. Validation images never change and the base is
-    # frozen, so their pooled features are computed once; without augmentation the training
-    # images' features too, and the head trains on them alone.
-    if "head" in state.completed:
-        _restore_stage(out=out, stage="head", network=network)
-        stages["head"] = {**state.completed["head"], "completedInEarlierRun": True}
-    elif training.head.epochs > 0:
-        hooks.call("on_stage_start", stage="head", stage_epochs=training.head.epochs, epochs_done=0,
+    summaries: dict[str, dict[str, Any]] = {}
+    for stage in stages_lib.plan_stages(spec=spec):
+        if stage.name in state.completed:
+            _restore_stage(out=out, stage=stage.name, network=network)
+            summaries[stage.name] = {**state.completed[stage.name], "completedInEarlierRun": True}
+            predictor = None
+            continue
+        hooks.call("on_stage_start", stage=stage.name, stage_epochs=stage.epochs, epochs_done=stage.epochs_before,
                    total_epochs=run_ctx.total_epochs)
-        model_lib.freeze_base(network.base)
         cpu_started = time.process_time()
-        extract_started = time.monotonic()
-        x_val = cache(network.features, splits.validation)
-        val_cache = features_lib.CachedValidation(model=network.head, x=x_val, y=splits.validation.labels, batch_size=batch)
-        predictor = (network.head, x_val)
-        if augmentation is None:
-            x_train = cache(network.features, splits.train)
-            extraction = time.monotonic() - extract_started
-            log.info("fast path: base features of %d images extracted once in %.1fs", len(x_train) + len(x_val), extraction)
-            model, train_data, validation = network.head, x_train, (x_val, splits.validation.labels)
-            fit_kwargs: dict[str, Any] = {"y": splits.train.labels, "batch_size": batch, "shuffle": True}
-        else:
-            extraction = time.monotonic() - extract_started
-            model, train_data, validation = network.model, train_ds(), val_cache
-            fit_kwargs = {"shuffle": False}  # the pipeline shuffles
-        summary = _fit_stage(
-            run_ctx,
-            stage="head",
-            model=model,
-            learning_rate=training.head.learning_rate,
-            epochs=training.head.epochs,
-            epochs_before=0,
-            train=train_data,
-            validation=validation,
-            steps=steps,
-            fit_kwargs=fit_kwargs,
-        )
+        trainable = stage.prepare(network)
+        log.info("%s: training %s", stage.name, ", ".join(trainable) or "no layers with weights")
+        inputs = stages_lib.plan_inputs(stage=stage, network=network, splits=splits, augmentation=augmentation,
+                                        batch_size=batch, seed=training.seed, budget=budget)
+        summary = _fit_stage(run_ctx, stage=stage, inputs=inputs, steps=steps)
         _add_timing(
             summary,
-            extraction=extraction,
-            extracted=len(splits.validation) + (len(splits.train) if augmentation is None else 0),
+            extraction=inputs.extraction_seconds,
+            extracted=inputs.extracted,
             validation_images=len(splits.validation),
             cpu_started=cpu_started,
         )
-        summary["fastPath"] = "features" if augmentation is None else "validation-features"
-        summary["trainableLayers"] = [layer.name for layer in network.head.layers if layer.trainable and layer.weights]
-        _finish_stage(run_ctx, stage="head", network=network, summary=summary)
-        stages["head"] = summary
-
-    # Phase 2: the last layers of the base, at a low learning rate. The layers below the
-    # first unfrozen one stay frozen, so their output is cached where it fits in memory
-    # (validation always, training images too without augmentation).
-    fine = training.fine_tune
-    if fine.unfreeze_last > 0 and fine.epochs > 0:
-        if "fine-tune" in state.completed:
-            _restore_stage(out=out, stage="fine-tune", network=network)
-            stages["fine-tune"] = {**state.completed["fine-tune"], "completedInEarlierRun": True}
-        else:
-            hooks.call("on_stage_start", stage="fine-tune", stage_epochs=fine.epochs,
-                       epochs_done=training.head.epochs, total_epochs=run_ctx.total_epochs)
-            cpu_started = time.process_time()
-            unfrozen = model_lib.unfreeze_last(network.base, count=fine.unfreeze_last)
-            predictor = None
-            log.info("fine-tune: unfroze %s", ", ".join(unfrozen) or "no layers with weights")
-            split = model_lib.split_below_trainable(network)
-            cached_images = len(splits.validation) + (len(splits.train) if augmentation is None else 0)
-            if split is not None and cached_images * int(np.prod(split.shape)) * 4 > budget:
-                log.info("fine-tune: the output of %s does not fit the cache budget; not cached", split.cut)
-                split = None
-            extract_started = time.monotonic()
-            model, train_data, validation = network.model, train_ds(), val_ds()
-            fit_kwargs = {"shuffle": False}
-            mode = "none"
-            if split is not None:
-                x_val = cache(split.prefix, splits.validation)
-                validation = features_lib.CachedValidation(model=split.rest, x=x_val, y=splits.validation.labels, batch_size=batch)
-                predictor = (split.rest, x_val)
-                mode = "validation-prefix"
-                if augmentation is None:
-                    model, train_data = split.rest, cache(split.prefix, splits.train)
-                    validation = (x_val, splits.validation.labels)
-                    fit_kwargs = {"y": splits.train.labels, "batch_size": batch, "shuffle": True}
-                    mode = "prefix"
-                log.info("fine-tune: output of %s cached (%s)", split.cut, mode)
-            extraction = time.monotonic() - extract_started
-            summary = _fit_stage(
-                run_ctx,
-                stage="fine-tune",
-                model=model,
-                learning_rate=fine.learning_rate,
-                epochs=fine.epochs,
-                epochs_before=training.head.epochs,
-                train=train_data,
-                validation=validation,
-                steps=steps,
-                fit_kwargs=fit_kwargs,
-            )
-            _add_timing(
-                summary,
-                extraction=extraction,
-                extracted={"none": 0, "validation-prefix": len(splits.validation)}.get(mode, cached_images),
-                validation_images=len(splits.validation),
-                cpu_started=cpu_started,
-            )
-            summary["fastPath"] = mode
-            summary["cachedBelow"] = split.cut if split is not None else None
-            summary["trainableLayers"] = unfrozen
-            _finish_stage(run_ctx, stage="fine-tune", network=network, summary=summary)
-            stages["fine-tune"] = summary
+        summary["fastPath"] = inputs.fast_path
+        summary["cachedBelow"] = inputs.cached_below
+        summary["trainableLayers"] = trainable
+        _finish_stage(run_ctx, stage=stage, network=network, summary=summary)
+        summaries[stage.name] = summary
+        predictor = inputs.predictor
 
     return _save_outputs(
         run_ctx,
         network=network,
         splits=splits,
-        stages=stages,
-        val=predictor or val_ds(),
+        stages=summaries,
+        val=predictor or data_lib.make_dataset(
+            images=splits.validation, batch_size=batch, shuffle=False, seed=training.seed
+        ),
         policy=policy,
         started=started,
         decode_seconds=decode_seconds,
