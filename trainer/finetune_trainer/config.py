@@ -18,7 +18,6 @@ from finetune_contract.spec import KIND, TrainerSpec, format_validation_error
 from pydantic import ValidationError
 
 __all__ = [
-    "OPERATOR_ONLY_KEYS",
     "ConfigError",
     "load_config",
     "load_runtime",

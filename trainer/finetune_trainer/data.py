@@ -31,7 +31,6 @@ from finetune_contract.spec import AugmentationSpec, DataSpec
 from finetune_trainer.errors import DataError
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "Augmentation",
     "ClassFolders",
     "ImageSet",

@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 __all__ = [
     "ANNOTATED_MAX_CLASSES",
     "DENSE_MATRIX_MAX_CLASSES",
-    "REPORT_FILE",
     "TENSORBOARD_RUN",
     "TENSORBOARD_TAG",
     "ClassMetrics",

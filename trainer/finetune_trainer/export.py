@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["predict_validation", "validation_metrics", "write_model", "write_saved_model"]
+__all__ = ["predict_validation", "validation_metrics", "write_model"]
 
 
 def predict_validation(*, model: Any, val: Any, batch_size: int) -> np.ndarray:

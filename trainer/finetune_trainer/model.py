@@ -32,7 +32,6 @@ __all__ = [
     "build_network",
     "fine_tune_layers",
     "freeze_base",
-    "preprocessing_layer",
     "split_below_trainable",
     "unfreeze_last",
 ]
