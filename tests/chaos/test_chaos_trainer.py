@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from e2e.e2e_helpers import write_images
+from fixtures import jobs
 from fixtures.cluster import ApplyYaml, Cluster, ServiceAccountKubeconfig, wait_for
 from fixtures.operator import OperatorProcess, install_crd_and_rbac
 
@@ -61,14 +62,7 @@ def fine_tune_job(name: str) -> dict[str, Any]:
             "runtime": {
                 "gpus": 0,
                 "backoffLimit": 2,
-                "volumes": [
-                    {"name": "data", "persistentVolumeClaim": {"claimName": "chaos-data", "readOnly": True}},
-                    {"name": "models", "persistentVolumeClaim": {"claimName": "chaos-models"}},
-                ],
-                "volumeMounts": [
-                    {"name": "data", "mountPath": "/data", "readOnly": True},
-                    {"name": "models", "mountPath": "/models"},
-                ],
+                **jobs.claim_volumes(data="chaos-data", models="chaos-models"),
             },
         },
     }  # fmt: skip

@@ -32,6 +32,7 @@ from e2e_helpers import (
     wait_until,
     write_images,
 )
+from fixtures import jobs
 from fixtures.cluster import ApplyYaml, Cluster, ServiceAccountKubeconfig
 from fixtures.operator import OperatorProcess, install_crd_and_rbac
 
@@ -75,14 +76,7 @@ def fine_tune_job(*, metrics_port: int) -> dict[str, Any]:
             "runtime": {
                 "gpus": 0,
                 "backoffLimit": 0,
-                "volumes": [
-                    {"name": "data", "persistentVolumeClaim": {"claimName": "e2e-data", "readOnly": True}},
-                    {"name": "models", "persistentVolumeClaim": {"claimName": "e2e-models"}},
-                ],
-                "volumeMounts": [
-                    {"name": "data", "mountPath": "/data", "readOnly": True},
-                    {"name": "models", "mountPath": "/models"},
-                ],
+                **jobs.claim_volumes(data="e2e-data", models="e2e-models"),
                 # Pods share the machine's network here: a port of its own, not 9090 (Prometheus's).
                 "env": [{"name": "FINETUNE_METRICS_PORT", "value": str(metrics_port)}],
             },

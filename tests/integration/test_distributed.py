@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -48,18 +47,13 @@ from typing import Any
 import pytest
 import yaml
 from finetune_contract import protocol
+from finetune_testbed import imagesets  # the generated image sets of the trainer's tests
+from finetune_testbed.podrunner import podnet  # hack/finetune_testbed/podrunner/podnet.py
 from fixtures import jobs
 from fixtures.cluster import PrivateCluster, private_cluster, wait_for
 from fixtures.operator import OperatorProcess, free_port, install_crd_and_rbac
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location(
-    "fto_imagesets", ROOT / "tests" / "unit" / "trainer" / "imagesets.py"
-)
-assert _spec is not None and _spec.loader is not None
-imagesets = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(imagesets)  # the trainer tests' generated image sets
-from finetune_testbed.podrunner import podnet  # noqa: E402  (hack/finetune_testbed/podrunner/podnet.py)
 
 pytestmark = [
     pytest.mark.integration,
@@ -149,14 +143,7 @@ def ftj(name: str, *, workers: int, fine_tune_epochs: int, head_epochs: int = HE
         "workers": workers,
         "backoffLimit": 2,
         "resources": {"requests": {"cpu": "100m"}},
-        "volumes": [
-            {"name": "data", "persistentVolumeClaim": {"claimName": "dist-data", "readOnly": True}},
-            {"name": "models", "persistentVolumeClaim": {"claimName": "dist-models"}},
-        ],
-        "volumeMounts": [
-            {"name": "data", "mountPath": "/data", "readOnly": True},
-            {"name": "models", "mountPath": "/models"},
-        ],
+        **jobs.claim_volumes(data="dist-data", models="dist-models"),
     }
     if MODE == "container":
         runtime["image"] = CONTAINER_IMAGE

@@ -280,14 +280,7 @@ def real(name: str, *, queue: str, priority: str, fine_tune_epochs: int) -> dict
                 "gpus": 0,
                 "backoffLimit": 0,  # a preemption that counted as a failure would fail the job at once
                 "resources": ONE_CPU,
-                "volumes": [
-                    {"name": "data", "persistentVolumeClaim": {"claimName": "kueue-data", "readOnly": True}},
-                    {"name": "models", "persistentVolumeClaim": {"claimName": "kueue-models"}},
-                ],
-                "volumeMounts": [
-                    {"name": "data", "mountPath": "/data", "readOnly": True},
-                    {"name": "models", "mountPath": "/models"},
-                ],
+                **jobs.claim_volumes(data="kueue-data", models="kueue-models"),
             },
         },
     }  # fmt: skip

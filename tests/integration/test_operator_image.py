@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fixtures import jobs
 from fixtures.cluster import PrivateCluster, private_cluster, wait_for
 from fixtures.operator import free_port
 
@@ -120,14 +121,7 @@ def tiny_job() -> dict[str, Any]:
             "runtime": {
                 "gpus": 0,
                 "backoffLimit": 0,
-                "volumes": [
-                    {"name": "data", "persistentVolumeClaim": {"claimName": "data", "readOnly": True}},
-                    {"name": "models", "persistentVolumeClaim": {"claimName": "models"}},
-                ],
-                "volumeMounts": [
-                    {"name": "data", "mountPath": "/data", "readOnly": True},
-                    {"name": "models", "mountPath": "/models"},
-                ],
+                **jobs.claim_volumes(data="data", models="models"),
                 "env": [{"name": "FINETUNE_METRICS_PORT", "value": str(free_port())}],
             },
         },
