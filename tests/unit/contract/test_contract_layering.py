@@ -11,8 +11,6 @@ with are the ones the operator's pod failure policy and status read.
 from __future__ import annotations
 
 import ast
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 from finetune_contract import exits, protocol, spec
 from finetune_operator import api, builders
 from finetune_trainer import errors
+from fixtures.imports import loaded_packages
 
 ROOT = Path(__file__).resolve().parents[3]
 PACKAGES = {
@@ -76,13 +75,9 @@ def test_the_contract_imports_only_pydantic_and_the_standard_library() -> None:
 
 
 def test_importing_the_contract_loads_neither_side_nor_their_dependencies() -> None:
-    code = (
-        "import json, sys\n"
-        "import finetune_contract, finetune_contract.spec, finetune_contract.protocol, finetune_contract.exits\n"
-        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    loaded = loaded_packages(
+        "finetune_contract", "finetune_contract.spec", "finetune_contract.protocol", "finetune_contract.exits"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    loaded = set(json.loads(out.stdout))
     assert "pydantic" in loaded  # the check sees real imports
     assert loaded & (ML | KUBERNETES_CLIENTS | {"aiohttp", "numpy", "yaml", "finetune_operator", "finetune_trainer"}) == set()
 

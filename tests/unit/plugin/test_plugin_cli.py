@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,18 +11,13 @@ import pytest
 import yaml
 from finetune_operator import plugin
 from finetune_operator import plugin_format as fmt
+from fixtures.imports import loaded_packages
 
 HEAVY = ("tensorflow", "keras", "kopf")
 
 
 def test_the_plugin_imports_neither_tensorflow_keras_nor_kopf() -> None:
-    code = (
-        "import json, sys\n"
-        "import finetune_operator.plugin\n"
-        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
-    loaded = set(json.loads(proc.stdout))
+    loaded = loaded_packages("finetune_operator.plugin", timeout=60)
     assert {"kubernetes", "rich", "finetune_operator"} <= loaded
     assert loaded.isdisjoint(HEAVY), loaded & set(HEAVY)
 
