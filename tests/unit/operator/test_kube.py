@@ -9,8 +9,10 @@ tests/integration/test_survival.py.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import kopf
@@ -83,16 +85,23 @@ def recording_client(slept: list[float], **kwargs: Any) -> kube.KubeClient:
     return kube.KubeClient(sleep=sleep, **kwargs)
 
 
+@contextlib.asynccontextmanager
+async def connected(server: Answers, client: kube.KubeClient) -> AsyncIterator[None]:
+    """`client` logged in to `server` while the block runs, closed after it (raised or not)."""
+    async with server as url:
+        await client.connect(info=kopf.ConnectionInfo(server=url, token="t"))
+        try:
+            yield
+        finally:
+            await client.close()
+
+
 async def test_a_429_is_retried_after_the_servers_retry_after() -> None:
     server = Answers([(429, {"Retry-After": "2"}), (429, {"Retry-After": "2"}), (201, {})])
     slept: list[float] = []
     client = recording_client(slept)
-    async with server as url:
-        await client.connect(info=kopf.ConnectionInfo(server=url, token="t"))
-        try:
-            got = await client.create("/api/v1/namespaces/n/configmaps", {"metadata": {"name": "x"}})
-        finally:
-            await client.close()
+    async with connected(server, client):
+        got = await client.create("/api/v1/namespaces/n/configmaps", {"metadata": {"name": "x"}})
     assert got["metadata"] == {"name": "x"}
     assert slept == [2.0, 2.0]  # the server's ask, longer than the backoff (0.25 s, 0.5 s)
     assert [m for m, _, _ in server.seen] == ["POST"] * 3
@@ -105,13 +114,9 @@ async def test_5xx_backs_off_exponentially_and_gives_up_after_the_attempts() -> 
     slept: list[float] = []
     policy = kube.RetryPolicy(attempts=4, base_s=0.5, cap_s=1.5, jitter=0.2)
     client = recording_client(slept, retry=policy)
-    async with server as url:
-        await client.connect(info=kopf.ConnectionInfo(server=url, token="t"))
-        try:
-            with pytest.raises(kube.ApiError) as caught:
-                await client.get("/api/v1/namespaces/n/configmaps/x?x=1")
-        finally:
-            await client.close()
+    async with connected(server, client):
+        with pytest.raises(kube.ApiError) as caught:
+            await client.get("/api/v1/namespaces/n/configmaps/x?x=1")
     assert caught.value.status == 503 and caught.value.message == "answer 4"
     assert len(server.seen) == 4 and len(slept) == 3
     for wait, base in zip(slept, (0.5, 1.0, 1.5), strict=True):  # doubled, capped at 1.5, jittered up to 20 %
@@ -123,13 +128,9 @@ async def test_other_refusals_reach_the_caller_at_once(status: int) -> None:
     server = Answers([(status, {"Retry-After": "1"})])
     slept: list[float] = []
     client = recording_client(slept)
-    async with server as url:
-        await client.connect(info=kopf.ConnectionInfo(server=url, token="t"))
-        try:
-            with pytest.raises(kube.ApiError) as caught:
-                await client.merge_patch("/api/v1/namespaces/n/configmaps/x", {"data": {"a": "1"}})
-        finally:
-            await client.close()
+    async with connected(server, client):
+        with pytest.raises(kube.ApiError) as caught:
+            await client.merge_patch("/api/v1/namespaces/n/configmaps/x", {"data": {"a": "1"}})
     assert caught.value.status == status and caught.value.reason == "Scripted"
     assert len(server.seen) == 1 and slept == []
 
@@ -138,13 +139,9 @@ async def test_a_retry_after_too_long_to_wait_is_not_waited_for() -> None:
     server = Answers([(429, {"Retry-After": "120"}), (200, {})])
     slept: list[float] = []
     client = recording_client(slept, retry=kube.RetryPolicy(max_retry_after_s=30))
-    async with server as url:
-        await client.connect(info=kopf.ConnectionInfo(server=url, token="t"))
-        try:
-            with pytest.raises(kube.ApiError) as caught:
-                await client.get("/api/v1/namespaces/n/configmaps/x")
-        finally:
-            await client.close()
+    async with connected(server, client):
+        with pytest.raises(kube.ApiError) as caught:
+            await client.get("/api/v1/namespaces/n/configmaps/x")
     assert caught.value.status == 429 and caught.value.headers["Retry-After"] == "120"
     assert len(server.seen) == 1 and slept == []
 
@@ -153,13 +150,9 @@ async def test_a_real_wait_honours_retry_after() -> None:
     """Without an injected sleep: the second request comes no sooner than the server asked."""
     server = Answers([(503, {"Retry-After": "1"}), (200, {})])
     client = kube.KubeClient()
-    async with server as url:
-        await client.connect(info=kopf.ConnectionInfo(server=url, token="t"))
+    async with connected(server, client):
         started = time.monotonic()
-        try:
-            await client.get("/api/v1/namespaces/n/configmaps/x")
-        finally:
-            await client.close()
+        await client.get("/api/v1/namespaces/n/configmaps/x")
     assert time.monotonic() - started >= 1.0
     assert len(server.seen) == 2
 
@@ -187,10 +180,6 @@ async def test_requests_go_straight_to_the_server_whatever_the_proxy_environment
     monkeypatch.delenv("no_proxy", raising=False)
     server = Answers([(200, {})])
     client = kube.KubeClient(retry=kube.RetryPolicy(attempts=1))
-    async with server as url:
-        await client.connect(info=kopf.ConnectionInfo(server=url, token="t"))
-        try:
-            got = await client.get("/api/v1/namespaces/n/configmaps/x")
-        finally:
-            await client.close()
+    async with connected(server, client):
+        got = await client.get("/api/v1/namespaces/n/configmaps/x")
     assert got["metadata"] == {"name": "x"} and len(server.seen) == 1
