@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["DEFAULT_RUN_AS_USER", "DEFAULT_TRAINER_IMAGE", "ENVIRONMENT", "OperatorConfig", "parse_args"]
 
@@ -77,78 +78,52 @@ def parse_args(
         default=None,
         help=said("--namespace", "namespace to watch (repeatable; default all)") + ", comma-separated",
     )
-    p.add_argument(
-        "--trainer-image",
-        default=fallback("--trainer-image", DEFAULT_TRAINER_IMAGE),
-        help=said("--trainer-image"),
-    )
-    p.add_argument(
+    def env_flag(
+        flag: str, default: str, *, kind: Callable[[str], Any] = str, text: str = "", optional: bool = False
+    ) -> None:
+        """A flag whose default is its environment variable's value, else `default`; `optional`: "" reads None."""
+        value = fallback(flag, default)
+        p.add_argument(
+            flag, type=kind, default=None if optional and not value else kind(value), help=said(flag, text)
+        )
+
+    env_flag("--trainer-image", DEFAULT_TRAINER_IMAGE)
+    env_flag(
         "--trainer-command",
-        default=fallback("--trainer-command", "finetune-train"),
-        help=said(
-            "--trainer-command",
-            "program (and leading args) the trainer container runs before `--config FILE`; for tests",
-        ),
+        "finetune-train",
+        text="program (and leading args) the trainer container runs before `--config FILE`; for tests",
     )
-    p.add_argument(
-        "--progress-host", default=fallback("--progress-host", "0.0.0.0"), help=said("--progress-host")
+    env_flag("--progress-host", "0.0.0.0")
+    env_flag("--progress-port", "8081", kind=int)
+    env_flag(
+        "--progress-url", "", text="the progress URL trainer pods are given; unset: no progress reports", optional=True
     )
-    p.add_argument(
-        "--progress-port",
-        type=int,
-        default=int(fallback("--progress-port", "8081")),
-        help=said("--progress-port"),
-    )
-    p.add_argument(
-        "--progress-url",
-        default=fallback("--progress-url", "") or None,
-        help=said("--progress-url", "the progress URL trainer pods are given; unset: no progress reports"),
-    )
-    p.add_argument(
-        "--metrics-host", default=fallback("--metrics-host", "0.0.0.0"), help=said("--metrics-host")
-    )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(fallback("--metrics-port", "8080")),
-        help=said("--metrics-port"),
-    )
-    p.add_argument(
-        "--health-port", type=int, default=int(fallback("--health-port", "8082")), help=said("--health-port")
-    )
-    p.add_argument(
+    env_flag("--metrics-host", "0.0.0.0")
+    env_flag("--metrics-port", "8080", kind=int)
+    env_flag("--health-port", "8082", kind=int)
+    env_flag(
         "--pending-timeout",
-        type=float,
-        default=float(fallback("--pending-timeout", "600")),
-        help=said(
-            "--pending-timeout",
-            "seconds a pod may wait on its image or on scheduling before the job fails (0: forever)",
-        ),
+        "600",
+        kind=float,
+        text="seconds a pod may wait on its image or on scheduling before the job fails (0: forever)",
     )
-    p.add_argument(
+    env_flag(
         "--status-window",
-        type=float,
-        default=float(fallback("--status-window", "1.0")),
-        help=said(
-            "--status-window",
-            "seconds over which non-final status changes of a job are coalesced into one write (0: none)",
-        ),
+        "1.0",
+        kind=float,
+        text="seconds over which non-final status changes of a job are coalesced into one write (0: none)",
     )
-    p.add_argument(
+    env_flag(
         "--run-as-user",
-        type=int,
-        default=int(fallback("--run-as-user", str(DEFAULT_RUN_AS_USER))),
-        help=said(
-            "--run-as-user",
-            f"uid and gid of the trainer pods (default {DEFAULT_RUN_AS_USER}, the images' uid)",
-        ),
+        str(DEFAULT_RUN_AS_USER),
+        kind=int,
+        text=f"uid and gid of the trainer pods (default {DEFAULT_RUN_AS_USER}, the images' uid)",
     )
-    p.add_argument(
+    env_flag(
         "--peering",
-        default=fallback("--peering", "") or None,
-        help=said(
-            "--peering", "Kopf peering object for running several replicas (needs deploy/base/peering.yaml)"
-        ),
+        "",
+        text="Kopf peering object for running several replicas (needs deploy/base/peering.yaml)",
+        optional=True,
     )
     p.add_argument(
         "--priority", type=int, default=None, help="Kopf peering priority (default: random; no env)"
