@@ -20,7 +20,6 @@ __all__ = [
     "API_GROUP",
     "API_VERSION",
     "KIND",
-    "MAX_PATH_LENGTH",
     "MAX_STAGE_EPOCHS",
     "PATH_PATTERN",
     "AugmentationSpec",

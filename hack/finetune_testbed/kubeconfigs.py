@@ -13,7 +13,6 @@ from typing import Any
 __all__ = [
     "KubeconfigError",
     "admin_cluster",
-    "certificate_kubeconfig",
     "mint_token",
     "service_account_user",
     "token_kubeconfig",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-__all__ = ["HACK", "ToolBuildError", "build", "built_tool"]
+__all__ = ["ToolBuildError", "build", "built_tool"]
 
 HACK = Path(__file__).resolve().parent.parent
 

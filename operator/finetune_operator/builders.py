@@ -39,28 +39,23 @@ from finetune_operator import api, settings
 __all__ = [
     "CONFIG_DIR",
     "CONFIG_FILE",
-    "CONTAINER_NAME",
     "JOBSET_API_VERSION",
     "JOBSET_GROUP",
     "JOBSET_VERSION",
     "JOB_NAME_LABEL",
     "KUEUE_LABELS",
     "KUEUE_QUEUE_LABEL",
-    "METRICS_PORT",
     "NON_RETRYABLE_EXIT_CODES",
-    "PROGRESS_TOKEN_FILE",
     "SPEC_ANNOTATION",
     "WORKER_PORT",
     "Owner",
     "TrainerPod",
     "build_job",
     "build_jobset",
-    "build_pod_template",
     "jobset_name_refusal",
     "kueue_labels",
     "labels",
     "spec_document",
-    "worker_hosts",
 ]
 
 CONTAINER_NAME = "trainer"

@@ -56,10 +56,7 @@ __all__ = [
     "TEXT_PATTERNS",
     "VOLUME_SOURCES",
     "build_crd",
-    "kubernetes_schema",
     "main",
-    "map_key_rule",
-    "model_schema",
     "one_of_rule",
     "render_crd",
 ]

@@ -26,7 +26,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["RETRY_DELAYS", "WAIT_DELAYS", "Clock", "Engine", "LoopClock", "backoff"]
+__all__ = ["WAIT_DELAYS", "Clock", "Engine", "backoff"]
 
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # after a failed reconcile
 WAIT_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # looking again at what an earlier FineTuneJob left

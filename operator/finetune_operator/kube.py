@@ -59,7 +59,7 @@ import aiohttp
 import kopf
 from kubernetes.aio import client as kclient
 
-__all__ = ["RETRY_STATUSES", "ApiError", "KubeClient", "Relogin", "RetryPolicy", "retry_delay", "same_credentials"]
+__all__ = ["ApiError", "KubeClient", "Relogin", "RetryPolicy", "retry_delay", "same_credentials"]
 
 logger = logging.getLogger("finetune_operator")
 

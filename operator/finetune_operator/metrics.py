@@ -55,7 +55,6 @@ __all__ = [
     "PHASES",
     "REGISTRY",
     "REPORT_RESULTS",
-    "TOKEN_CHECK_RESULTS",
     "TOKEN_REVIEW_RESULTS",
     "forget_job",
     "job_created",

@@ -42,7 +42,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from finetune_operator import plugin_format as fmt
 
-__all__ = ["PluginError", "main"]
+__all__ = ["main"]
 
 WATCH_CHUNK_S = 300  # one server-side watch lasts at most this long; then it is opened again
 

@@ -29,7 +29,6 @@ from finetune_operator import api
 __all__ = [
     "Event",
     "JobView",
-    "KueueWait",
     "Outcome",
     "PodView",
     "WorkloadView",
@@ -39,7 +38,6 @@ __all__ = [
     "invalid_spec",
     "job_view",
     "jobset_view",
-    "kueue_wait",
     "parse_time",
     "pod_view",
     "rfc3339",
