@@ -48,6 +48,8 @@ PATH_PATTERN = r"^[^\x00-\x1f\x7f]*$"  # no control characters
 MAX_STAGE_EPOCHS = 100_000  # of one phase: both together stay within the progress protocol's bound
 
 LearningRate = Annotated[float, Field(gt=0.0, lt=1.0)]
+# A folder or file path (data, output, weights): not empty, bounded, no control characters.
+PathText = Annotated[str, Field(min_length=1, max_length=MAX_PATH_LENGTH, pattern=PATH_PATTERN)]
 
 
 class SpecModel(BaseModel):
@@ -119,11 +121,8 @@ class ModelSpec(SpecModel):
             "EfficientNetB0, ... An unknown name fails the job with reason InvalidSpec."
         ),
     )
-    weights: str = Field(
+    weights: PathText = Field(
         default="imagenet",
-        min_length=1,
-        max_length=MAX_PATH_LENGTH,
-        pattern=PATH_PATTERN,
         description=(
             "Pretrained weights of the base: 'imagenet', 'none' (random initialisation) or the "
             "path of a weights file for the base without its top (include_top=False)."
@@ -175,17 +174,11 @@ class DataSpec(SpecModel):
         }
     )
 
-    train: str = Field(
-        min_length=1,
-        max_length=MAX_PATH_LENGTH,
-        pattern=PATH_PATTERN,
+    train: PathText = Field(
         description="Folder of training images, one sub-folder per class.",
     )
-    validation: str | None = Field(
+    validation: PathText | None = Field(
         default=None,
-        min_length=1,
-        max_length=MAX_PATH_LENGTH,
-        pattern=PATH_PATTERN,
         description="Folder of validation images with the same class sub-folders. Exclusive with validationSplit.",
     )
     validation_split: float | None = Field(
@@ -277,10 +270,7 @@ class TrainingSpec(SpecModel):
 class OutputSpec(SpecModel):
     """Where the trainer writes the model, metrics, checkpoints and logs."""
 
-    path: str = Field(
-        min_length=1,
-        max_length=MAX_PATH_LENGTH,
-        pattern=PATH_PATTERN,
+    path: PathText = Field(
         description="Output folder: model.keras, saved_model/, metrics.json, ...",
     )
 
