@@ -15,7 +15,7 @@ import numpy as np
 
 from finetune_trainer import data as data_lib
 
-__all__ = ["CachedValidation", "extract", "make_cached_validation_callback"]
+__all__ = ["CachedValidation", "cached_metrics", "extract", "make_cached_validation_callback"]
 
 
 @dataclass
@@ -34,20 +34,38 @@ def extract(*, model: Any, images: data_lib.ImageSet, batch_size: int) -> np.nda
     return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
 
 
-def make_cached_validation_callback(cached: CachedValidation) -> Any:
-    """A callback that puts val_loss/val_accuracy into the epoch's logs from `cached`.
+CHUNK = 1024  # cached inputs run through the model this many at a time
 
-    `cached.model` must be compiled (for its loss and metrics; it is never trained).
+
+def cached_metrics(cached: CachedValidation) -> tuple[float, float]:
+    """(loss, accuracy) of `cached.model` on the cached inputs: Keras' sparse categorical
+    cross-entropy, the mean over every image (what `evaluate` reports), without `evaluate`'s
+    fixed cost per call (its data adapter, step function and callbacks: ~0.1 s an epoch here).
     """
+    import keras
+
+    losses: list[np.ndarray] = []
+    hits = 0
+    for start in range(0, len(cached.y), CHUNK):
+        probs = cached.model(cached.x[start : start + CHUNK], training=False)
+        labels = cached.y[start : start + CHUNK]
+        losses.append(keras.ops.convert_to_numpy(keras.ops.sparse_categorical_crossentropy(labels, probs)))
+        hits += int(np.sum(np.argmax(keras.ops.convert_to_numpy(probs), axis=-1) == labels))
+    total = max(1, len(cached.y))
+    return float(np.concatenate(losses).astype(np.float64).sum() / total) if losses else 0.0, hits / total
+
+
+def make_cached_validation_callback(cached: CachedValidation) -> Any:
+    """A callback that puts val_loss/val_accuracy into the epoch's logs from `cached` (never trained)."""
     import keras
 
     class CachedValidationCallback(keras.callbacks.Callback):  # type: ignore[misc]
         """Puts val_loss/val_accuracy into the epoch's logs before any other callback reads them."""
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-            result = cached.model.evaluate(cached.x, cached.y, batch_size=cached.batch_size, verbose=0, return_dict=True)
+            loss, accuracy = cached_metrics(cached)
             if logs is not None:
-                logs["val_loss"] = float(result["loss"])
-                logs["val_accuracy"] = float(result["accuracy"])
+                logs["val_loss"] = loss
+                logs["val_accuracy"] = accuracy
 
     return CachedValidationCallback()

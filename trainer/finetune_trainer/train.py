@@ -591,8 +591,6 @@ def _fit_stage(run: _Run, *, stage: stages_lib.TrainingStage, inputs: stages_lib
     nan_guard = _make_nan_guard()
     progress = _make_stage_callback(run, stage=name, stage_epochs=epochs, epochs_before=stage.epochs_before, steps=steps)
     cached = validation if isinstance(validation, features_lib.CachedValidation) else None
-    if cached is not None:
-        _compile(cached.model, learning_rate=1e-3)  # compiled for its loss and metrics; never trained
     clock = _Clock(progress=progress)
     callbacks = [
         _make_tick(clock, part=None),

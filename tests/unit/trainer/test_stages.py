@@ -165,3 +165,22 @@ def test_the_inputs_of_a_fine_tune_stage(
         assert inputs.model is net.model
         assert isinstance(inputs.validation, features_lib.CachedValidation)
         assert inputs.validation.model is rest
+
+
+@pytest.mark.parametrize("chunk", [1024, 7])
+def test_cached_validation_reports_what_evaluate_reports(
+    chunk: int, monkeypatch: pytest.MonkeyPatch, float32_policy: None
+) -> None:
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((16,))
+    hidden = keras.layers.Dropout(0.5)(keras.layers.Dense(8, activation="relu")(inputs))
+    head = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(hidden))
+    head.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(30, 16)).astype(np.float32), rng.integers(0, 3, 30).astype(np.int32)
+    expected = head.evaluate(x, y, batch_size=4, verbose=0, return_dict=True)
+    monkeypatch.setattr(features_lib, "CHUNK", chunk)
+    loss, accuracy = features_lib.cached_metrics(features_lib.CachedValidation(model=head, x=x, y=y, batch_size=4))
+    assert loss == pytest.approx(expected["loss"], rel=1e-6)
+    assert accuracy == pytest.approx(expected["accuracy"], abs=1e-7)
+    assert 0.0 < accuracy < 1.0  # an untrained head: neither all right nor all wrong (a real comparison)
