@@ -17,7 +17,14 @@ TensorBoard) and phase 1's images/s as a share of the frozen base's pure inferen
 same augmented batches in the same precision (the ceiling of a pass that must run the base
 over freshly augmented images).
 
+Each model runs at its default size and at `--scale` (default 4) times as many images, where
+the fixed costs (tracing, feature extraction, per-epoch saves) weigh less; every figure is
+labelled with its training image count. `--checkpoints both` runs (c) a second time with Keras'
+BackupAndRestore in place of the trainer's background checkpoint (bench only), so the lever's
+before and after come from one command at one load.
+
     .venv/bin/python hack/bench_trainer.py [--quick] [--model mobilenet32|mobilenet96|vgg64 ...] [--per-class 30]
+        [--scale 4] [--checkpoints background|keras|both] [--only on|off]
 """
 
 from __future__ import annotations
@@ -150,15 +157,55 @@ def _spec(*, train: Path, val: Path, out: Path, hp: dict[str, Any], augment: boo
     )
 
 
+def _keras_checkpoint(*, directory: str | Path) -> Any:
+    """The checkpoint lever's baseline: Keras' BackupAndRestore as the trainer used it, synchronous.
+
+    It stands in for `checkpoint.make_checkpoint` (bench only, `--checkpoints keras|both`):
+    the same files' content written on the training thread, companion writes at once.
+    """
+    import keras
+
+    class KerasBackup(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
+        restored_epoch: int | None = None
+        write_seconds = 0.0
+
+        def defer(self, write: Any) -> None:
+            write()
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    return KerasBackup(backup_dir=str(directory), double_checkpoint=True, delete_checkpoint=False)
+
+
+@contextlib.contextmanager
+def _checkpoints(kind: str) -> Any:
+    """`background`: the trainer's own EpochCheckpoint; `keras`: BackupAndRestore in its place."""
+    from finetune_trainer import checkpoint as checkpoint_lib
+
+    saved = checkpoint_lib.make_checkpoint
+    if kind == "keras":
+        checkpoint_lib.make_checkpoint = _keras_checkpoint
+    try:
+        yield
+    finally:
+        checkpoint_lib.make_checkpoint = saved
+
+
 def run_mine(
-    *, train: Path, val: Path, out: Path, hp: dict[str, Any], augment: bool, precision: str = "auto"
+    *, train: Path, val: Path, out: Path, hp: dict[str, Any], augment: bool, precision: str = "auto",
+    checkpoints: str = "background",
 ) -> dict[str, Any]:
     from finetune_trainer import train as trainer
 
     spec = _spec(train=train, val=val, out=out, hp=hp, augment=augment, precision=precision)
     _reset_peak_rss()
     started, cpu = time.monotonic(), time.process_time()
-    result = trainer.run(spec=spec, output_dir=out, verbose=0)
+    with _checkpoints(checkpoints):
+        result = trainer.run(spec=spec, output_dir=out, verbose=0)
     total, cpu = time.monotonic() - started, time.process_time() - cpu
     stages = result.summary["stages"]
     return {
@@ -170,6 +217,7 @@ def run_mine(
                 "val_accuracy": s["bestValAccuracy"],
                 "train_images_per_second": s["imagesPerSecond"],
                 "profile": s.get("profileSeconds", {}),
+                "checkpoint_write": s.get("checkpointWriteSeconds", 0.0),
             }
             for name, s in stages.items()
         },
@@ -179,6 +227,7 @@ def run_mine(
         "total": total,
         "total_cpu": cpu,
         "peak_rss_mb": _peak_rss_mb(),
+        "checkpoints": checkpoints,
     }
 
 
@@ -346,7 +395,9 @@ def run_baseline(*, train: Path, val: Path, out: Path, hp: dict[str, Any], augme
     }
 
 
-def profile(*, train: Path, val: Path, hp: dict[str, Any], mine_aug: dict[str, Any]) -> dict[str, Any]:
+def profile(
+    *, train: Path, val: Path, hp: dict[str, Any], mine_aug: dict[str, Any], keras_checkpoints: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One phase-1 epoch of this trainer, stage by stage, and the frozen base's pure inference ceiling.
 
     decode: Pillow decoding and resizing of every image (once per run); augmentation: one epoch
@@ -415,12 +466,16 @@ def profile(*, train: Path, val: Path, hp: dict[str, Any], mine_aug: dict[str, A
         "head step": (head_s, n),
         "fit train step (incl. tracing)": (head["profile"].get("train", 0.0) / epochs, n),
         **{name: (seconds, len(splits.validation) if name == "validation" else 0) for name, seconds in per_epoch.items()},
+        "checkpoint write (background)": (head.get("checkpoint_write", 0.0) / epochs, 0),
     }
+    if keras_checkpoints:
+        keras_head = keras_checkpoints["phases"]["head"]
+        stages["checkpoint (BackupAndRestore)"] = (keras_head["profile"].get("checkpoint", 0.0) / max(1, keras_head["epochs"]), 0)
     print(f"\n-- one phase-1 epoch with augmentation ({n} images, policy {policy})")
-    print(f"{'stage':<28} {'seconds':>8} {'images/s':>9}")
+    print(f"{'stage (per epoch unless once)':<30} {'seconds':>8} {'images/s':>9}")
     for name, (seconds, images) in stages.items():
         rate = f"{images / seconds:9.0f}" if images and seconds > 0 else f"{'':>9}"
-        print(f"{name:<28} {seconds:8.3f} {rate}")
+        print(f"{name:<30} {seconds:8.3f} {rate}")
     inference = n / forward_s
     share = head["train_images_per_second"] / inference if head.get("train_images_per_second") else float("nan")
     print(
@@ -443,9 +498,19 @@ def _row(label: str, phase: dict[str, Any], n_train: int) -> str:
     )
 
 
+def _checkpoint_per_epoch(run: dict[str, Any]) -> str:
+    """Checkpoint seconds per epoch of each phase: on the training thread, and written in the background."""
+    parts = []
+    for phase, p in run["phases"].items():
+        epochs = max(1, p["epochs"])
+        parts.append(f"{phase} {p['profile'].get('checkpoint', 0.0) / epochs:.3f} s on the loop"
+                     f" + {p.get('checkpoint_write', 0.0) / epochs:.3f} s in the background")
+    return ", ".join(parts)
+
+
 def report(
     *, augment: bool, mine: dict[str, Any], base: dict[str, Any], n_train: int, keras_io: dict[str, Any] | None = None,
-    float32: dict[str, Any] | None = None,
+    float32: dict[str, Any] | None = None, mine_keras: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prints one table and returns its figures.
 
@@ -462,6 +527,8 @@ def report(
         m = mine["phases"][phase]
         for label, other in others:
             print(f"{phase if label == 'baseline' else '':<10} {_row(label, other['phases'][phase], n_train)}")
+        if mine_keras:
+            print(f"{'':<10} {_row('this+B&R', mine_keras['phases'][phase], n_train)}")
         print(f"{'':<10} {_row('this', m, n_train)}")
         b = base["phases"][phase]
         ratios[f"{phase}_wall"] = b["seconds"] / m["seconds"]
@@ -470,7 +537,8 @@ def report(
     ratios["end_to_end_wall"] = base["total"] / mine["total"]
     ratios["end_to_end_cpu"] = base["total_cpu"] / mine["total_cpu"]
     ratios["val_accuracy_points"] = 100 * (mine["val_accuracy"] - base["val_accuracy"])
-    for label, other in [*others, ("this", mine), *([("this bf16", float32)] if float32 else [])]:
+    mine_runs = [*([("this+B&R", mine_keras)] if mine_keras else []), ("this", mine)]
+    for label, other in [*others, *mine_runs, *([("this bf16", float32)] if float32 else [])]:
         print(
             f"{'total' if label == 'baseline' else '':<10} {label:<9} {other['total']:8.1f} {other['total_cpu']:8.1f} "
             f"val acc {other['val_accuracy']:.3f}  peak RSS {other.get('peak_rss_mb') or float('nan'):.0f} MB"
@@ -485,10 +553,20 @@ def report(
         ratios["bf16_vs_fp32_wall"] = mine["total"] / float32["total"]
     print(f"{line}; val acc {ratios['val_accuracy_points']:+.1f} points vs baseline (this one also writes "
           "saved_model/, checkpoints/, tensorboard/)")
-    return {"augment": augment, "ratios": ratios, "mine": mine, "baseline": base, "keras_io": keras_io, "float32": float32}
+    for label, run in mine_runs:
+        print(f"checkpoint per epoch, {label} ({run['checkpoints']}): {_checkpoint_per_epoch(run)}")
+    if mine_keras:
+        ratios["checkpoint_lever_wall"] = mine_keras["total"] / mine["total"]
+        ratios["checkpoint_lever_cpu"] = mine_keras["total_cpu"] / mine["total_cpu"]
+        ratios["keras_checkpoints_end_to_end_wall"] = base["total"] / mine_keras["total"]
+        print(f"checkpoint lever: {ratios['checkpoint_lever_wall']:.2f}x wall ({ratios['checkpoint_lever_cpu']:.2f}x cpu) "
+              f"end to end, background EpochCheckpoint vs Keras BackupAndRestore (with it: "
+              f"{ratios['keras_checkpoints_end_to_end_wall']:.2f}x vs baseline)")
+    return {"augment": augment, "ratios": ratios, "mine": mine, "baseline": base, "keras_io": keras_io, "float32": float32,
+            "mine_keras_checkpoints": mine_keras}
 
 
-def bench_model(*, name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+def bench_model(*, name: str, args: argparse.Namespace, root: Path, per_class: int | None = None) -> dict[str, Any]:
     from finetune_trainer.train import cpu_has_bf16
 
     model = MODELS[name]
@@ -508,8 +586,8 @@ def bench_model(*, name: str, args: argparse.Namespace, root: Path) -> dict[str,
         "patience": 5,
         "seed": 1234,
     }
-    per_class = args.per_class or model["per_class"]
-    folder = root / name
+    per_class = per_class or args.per_class or model["per_class"]
+    folder = root / f"{name}-{per_class}"
     train = generate(folder / "train", classes=args.classes, per_class=per_class, size=hp["size"], seed=1)
     val = generate(folder / "val", classes=args.classes, per_class=max(2, per_class // 4), size=hp["size"], seed=2)
     n_train = args.classes * per_class
@@ -520,7 +598,7 @@ def bench_model(*, name: str, args: argparse.Namespace, root: Path) -> dict[str,
         f"{args.classes * max(2, per_class // 4)} val images, batch {hp['batch']}, epochs {hp['head_epochs']}+{hp['fine_epochs']}",
         flush=True,
     )
-    results: dict[str, Any] = {"model": name, "hp": hp}
+    results: dict[str, Any] = {"model": name, "hp": hp, "n_train": n_train}
     for augment in (True, False):
         if args.only and (args.only == "on") != augment:
             continue
@@ -528,15 +606,20 @@ def bench_model(*, name: str, args: argparse.Namespace, root: Path) -> dict[str,
         # Interleaved: baseline, this, (keras-io), so that a load change hits every contender.
         base = run_baseline(train=train, val=val, out=folder / f"baseline-{tag}", hp=hp, augment=augment)
         mine = run_mine(train=train, val=val, out=folder / f"mine-{tag}", hp=hp, augment=augment)
+        mine_keras = None
+        if args.checkpoints in ("keras", "both"):  # after `this`: a first run's one-time costs never favour the lever
+            mine_keras = run_mine(train=train, val=val, out=folder / f"mine-keras-{tag}", hp=hp, augment=augment,
+                                  checkpoints="keras")
         keras_io = run_keras_io(train=train, val=val, out=folder / "keras-io", hp=hp) if augment else None
         float32 = None
         if not augment and cpu_has_bf16():  # what explicit mixed_bfloat16 gains, and whether it learns the same
             float32 = run_mine(
                 train=train, val=val, out=folder / "mine-bf16", hp=hp, augment=False, precision="mixed_bfloat16"
             )
-        results[tag] = report(augment=augment, mine=mine, base=base, n_train=n_train, keras_io=keras_io, float32=float32)
+        results[tag] = report(augment=augment, mine=mine, base=base, n_train=n_train, keras_io=keras_io, float32=float32,
+                              mine_keras=mine_keras)
         if augment:
-            results["profile"] = profile(train=train, val=val, hp=hp, mine_aug=mine)
+            results["profile"] = profile(train=train, val=val, hp=hp, mine_aug=mine, keras_checkpoints=mine_keras)
     return results
 
 
@@ -549,24 +632,36 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--head-epochs", type=int, default=4)
     parser.add_argument("--fine-epochs", type=int, default=2)
     parser.add_argument("--only", choices=("on", "off"), help="run only augmentation on or off")
+    parser.add_argument("--scale", type=int, default=4,
+                        help="also run each model with this many times its images (fixed costs amortised; 1: only the default size)")
+    parser.add_argument("--checkpoints", choices=("background", "keras", "both"), default="background",
+                        help="both: also run this trainer with Keras' BackupAndRestore in place of its background checkpoint "
+                             "(the lever's before/after in one command)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.quick:
         args.model = args.model or ["mobilenet32"]
-        args.per_class, args.head_epochs, args.fine_epochs = 12, 2, 1
+        args.per_class, args.head_epochs, args.fine_epochs, args.scale = 12, 2, 1, 1
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         for name in args.model or ["mobilenet32", "mobilenet96", "vgg64"]:
-            results.append(bench_model(name=name, args=args, root=Path(tmp)))
+            per_class = args.per_class or MODELS[name]["per_class"]
+            for size in sorted({per_class, per_class * max(1, args.scale)}):
+                results.append(bench_model(name=name, args=args, root=Path(tmp), per_class=size))
     print("\n-- summary (wall-clock ratios from this command; on a shared machine, compare ratios, not seconds)")
-    print(f"{'model':<12} {'aug on vs seed':>14} {'aug off vs seed':>15} {'vs keras-io':>11} {'ph1 / infer':>11} {'val acc pts':>11}")
+    print("(images: training images of that row; targets: >= 2x on, >= 4x off, >= 1.5x vs keras-io, >= 70% of inference)")
+    lever = any("checkpoint_lever_wall" in r.get(t, {}).get("ratios", {}) for r in results for t in ("aug", "noaug"))
+    print(f"{'model':<12} {'images':>6} {'aug on vs seed':>14} {'aug off vs seed':>15} {'vs keras-io':>11} {'ph1 / infer':>11} "
+          f"{'val acc pts':>11}" + (f" {'ckpt lever on/off':>17}" if lever else ""))
+    nan = float("nan")
     for r in results:
         on, off = r.get("aug", {}).get("ratios", {}), r.get("noaug", {}).get("ratios", {})
-        share = r.get("profile", {}).get("phase1_share_of_inference", float("nan"))
+        share = r.get("profile", {}).get("phase1_share_of_inference", nan)
         print(
-            f"{r['model']:<12} {on.get('end_to_end_wall', float('nan')):>13.2f}x {off.get('end_to_end_wall', float('nan')):>14.2f}x "
-            f"{on.get('vs_keras_io_wall', float('nan')):>10.2f}x {100 * share:>10.0f}% "
-            f"{on.get('val_accuracy_points', float('nan')):>+5.1f}/{off.get('val_accuracy_points', float('nan')):>+5.1f}"
+            f"{r['model']:<12} {r['n_train']:>6} {on.get('end_to_end_wall', nan):>13.2f}x {off.get('end_to_end_wall', nan):>14.2f}x "
+            f"{on.get('vs_keras_io_wall', nan):>10.2f}x {100 * share:>10.0f}% "
+            f"{on.get('val_accuracy_points', nan):>+5.1f}/{off.get('val_accuracy_points', nan):>+5.1f}"
+            + (f" {on.get('checkpoint_lever_wall', nan):>7.2f}x/{off.get('checkpoint_lever_wall', nan):.2f}x" if lever else "")
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
