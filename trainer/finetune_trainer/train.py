@@ -3,14 +3,16 @@
 Phase 1 ("head") trains the new head on the frozen base; phase 2 ("fine-tune") unfreezes the
 base's last layers (BatchNorm excepted), recompiles at a low learning rate and trains on.
 Each phase uses EarlyStopping, ReduceLROnPlateau, a NaN guard (TerminateOnNaN, turned into
-exit 4), Keras' BackupAndRestore under `checkpoints/<stage>/`, TensorBoard and an adapter
+exit 4), an epoch checkpoint under `checkpoints/<stage>/` (checkpoint.py: BackupAndRestore's
+resume, written by a background thread while the next epoch trains), TensorBoard and an adapter
 that feeds the `TrainingObserver`s and writes `history.csv` as it goes.
 
 Resume: `checkpoints/state.json` records the spec's fingerprint, the finished stages (their
 final weights beside it) and the history so far; a rerun skips finished stages and
-BackupAndRestore continues the unfinished one at the epoch it had reached. EarlyStopping's and
+the epoch checkpoint continues the unfinished one at the epoch it had reached. EarlyStopping's and
 ReduceLROnPlateau's counters, best values and the learning rate are saved each epoch beside the
-backup (`checkpoints/<stage>/callbacks.json`, the best weights in `early-stopping-best.npz`) and
+backup (`checkpoints/<stage>/callbacks.json`, the best weights in `early-stopping-best.npz`,
+written by the checkpoint's writer after that epoch's weights, never before them) and
 put back before the resumed epoch starts, so a resumed stage stops and restores where an
 uninterrupted one would.
 
@@ -30,8 +32,9 @@ change is computed once (stages.plan_inputs).
 Termination (SIGTERM: suspend, preemption, node drain): `terminate()` is what the signal
 handler calls. It raises `Terminated`, a BaseException, so that no `except Exception` on the
 way (observer fan-outs, Keras callbacks) can swallow it, at once, unless training is inside
-an epoch's end or a stage's end (history, BackupAndRestore, the callbacks' state, the final
-weights), where it is held until that state is saved consistently. The epoch in progress is
+an epoch's end or a stage's end (history, the epoch checkpoint, the callbacks' state, the final
+weights), where it is held until that state is saved consistently; a termination or error that
+unwinds a stage first waits for the checkpoint's writes in flight. The epoch in progress is
 lost; every finished epoch is on disk, so a rerun repeats at most one epoch.
 """
 
@@ -57,6 +60,7 @@ import numpy as np
 from finetune_contract.protocol import STAGES, Stage
 from finetune_contract.spec import TrainerSpec
 
+from finetune_trainer import checkpoint as checkpoint_lib
 from finetune_trainer import data as data_lib
 from finetune_trainer import distribute as distribute_lib
 from finetune_trainer import evaluation as evaluation_lib
@@ -468,12 +472,14 @@ CALLBACK_STATE_FILE = "callbacks.json"
 BEST_WEIGHTS_FILE = "early-stopping-best.npz"
 
 
-def _make_callback_state(*, directory: Path, early: Any, reduce: Any) -> Any:
+def _make_callback_state(*, directory: Path, early: Any, reduce: Any, writer: Any = None) -> Any:
     """A companion callback that saves and restores EarlyStopping's and ReduceLROnPlateau's state.
 
-    It must come after both callbacks (their `on_train_begin` resets them first) and after
-    BackupAndRestore (so the state it saves belongs to the epoch the backup holds); it puts the
+    It must come after both callbacks (their `on_train_begin` resets them first) and after the
+    epoch checkpoint (so the state it saves belongs to the epoch the backup holds); it puts the
     state back at the first epoch's start, only when that is the epoch the state was saved for.
+    `writer`: the epoch checkpoint; the state is taken at the epoch end and written by its
+    writer after that epoch's weights (None: written at once).
     """
     import keras
 
@@ -523,23 +529,30 @@ def _make_callback_state(*, directory: Path, early: Any, reduce: Any) -> Any:
                      early.wait, early.best, reduce.wait, reduce.best)
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-            directory.mkdir(parents=True, exist_ok=True)
             has_best = early.best_weights is not None
-            if has_best and early.best_epoch != self._best_epoch_saved:
-                tmp = directory / (BEST_WEIGHTS_FILE + ".tmp.npz")
-                np.savez(tmp, *early.best_weights)
-                os.replace(tmp, directory / BEST_WEIGHTS_FILE)
+            best = early.best_weights if has_best and early.best_epoch != self._best_epoch_saved else None
+            if best is not None:
                 self._best_epoch_saved = early.best_epoch
-            _write_json(
-                directory / CALLBACK_STATE_FILE,
-                {
-                    "epoch": epoch + 1,
-                    "early": {**_get_state(early, ("wait", "best", "best_epoch", "stopped_epoch")),
-                              "has_best_weights": has_best},
-                    "reduce": _get_state(reduce, ("wait", "best", "cooldown_counter")),
-                    "learning_rate": _finite(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
-                },
-            )
+            state = {
+                "epoch": epoch + 1,
+                "early": {**_get_state(early, ("wait", "best", "best_epoch", "stopped_epoch")),
+                          "has_best_weights": has_best},
+                "reduce": _get_state(reduce, ("wait", "best", "cooldown_counter")),
+                "learning_rate": _finite(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            }
+
+            def write() -> None:  # from values taken now (EarlyStopping replaces its list, never mutates it)
+                directory.mkdir(parents=True, exist_ok=True)
+                if best is not None:
+                    tmp = directory / (BEST_WEIGHTS_FILE + ".tmp.npz")
+                    np.savez(tmp, *best)
+                    os.replace(tmp, directory / BEST_WEIGHTS_FILE)
+                _write_json(directory / CALLBACK_STATE_FILE, state)
+
+            if writer is None:
+                write()
+            else:
+                writer.defer(write)
 
     return CallbackState()
 
@@ -592,6 +605,7 @@ def _fit_stage(run: _Run, *, stage: stages_lib.TrainingStage, inputs: stages_lib
     progress = _make_stage_callback(run, stage=name, stage_epochs=epochs, epochs_before=stage.epochs_before, steps=steps)
     cached = validation if isinstance(validation, features_lib.CachedValidation) else None
     clock = _Clock(progress=progress)
+    backup = checkpoint_lib.make_checkpoint(directory=backup_dir)  # the weights written in the background
     callbacks = [
         _make_tick(clock, part=None),
         *([features_lib.make_cached_validation_callback(cached), _make_tick(clock, part="validation")] if cached is not None else []),
@@ -601,10 +615,8 @@ def _fit_stage(run: _Run, *, stage: stages_lib.TrainingStage, inputs: stages_lib
         reduce,
         progress,
         _make_tick(clock, part="callbacks"),
-        keras.callbacks.BackupAndRestore(
-            backup_dir=str(backup_dir), double_checkpoint=True, delete_checkpoint=False
-        ),
-        _make_callback_state(directory=backup_dir, early=early, reduce=reduce),
+        backup,
+        _make_callback_state(directory=backup_dir, early=early, reduce=reduce, writer=backup),
         _make_tick(clock, part="checkpoint"),
         keras.callbacks.TensorBoard(
             log_dir=str(run.out / "tensorboard" / name), write_graph=False, profile_batch=0
@@ -624,8 +636,16 @@ def _fit_stage(run: _Run, *, stage: stages_lib.TrainingStage, inputs: stages_lib
             verbose=run.verbose,
             **inputs.fit_kwargs,
         )
-    finally:
+    except BaseException:
         _SHIELD.reset()  # an error inside the epoch-end section must not hold later signals forever
+        with shielded():  # the finished epochs' writes complete first (a SIGTERM meanwhile waits)
+            try:
+                backup.close()
+            except Exception:
+                log.warning("checkpoint write failed while the stage unwound", exc_info=True)
+        raise
+    _SHIELD.reset()
+    backup.close()  # fit's on_train_end waited for the writes; this stops the writer thread
     duration = time.monotonic() - started
     if nan_guard.diverged is not None:
         shutil.rmtree(backup_dir, ignore_errors=True)  # never resume from NaN weights
@@ -654,6 +674,7 @@ def _fit_stage(run: _Run, *, stage: stages_lib.TrainingStage, inputs: stages_lib
         else None,
         "resumedFromEpoch": first,
         "epochsThisRun": progress.epochs_this_run,
+        "checkpointWriteSeconds": round(backup.write_seconds, 3),  # in the background, beside training
         "profileSeconds": {
             "train": round(progress.train_seconds, 3),
             **{part: round(clock.seconds.get(part, 0.0), 3) for part in PROFILE_PARTS},

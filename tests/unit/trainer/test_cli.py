@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import yaml
 from finetune_testbed.imagesets import spec_dict
+from finetune_trainer import checkpoint
 from finetune_trainer.__main__ import main
 
 SHAPE = (32, 32, 3)
@@ -220,7 +221,7 @@ def test_resume_after_a_kill_continues_phase_two(image_sets: dict[str, Path], tm
         first.wait(timeout=30)
     reached = len(_fine_tune_epochs(out))
     assert 2 <= reached < 20
-    assert (out / "checkpoints" / "fine-tune" / "latest.weights.h5").is_file()
+    assert (out / "checkpoints" / "fine-tune" / checkpoint.CHECKPOINT_FILE).is_file()
 
     second = subprocess.run(
         [*_command(), "--config", str(config)], capture_output=True, text=True, env=env, timeout=300, check=False

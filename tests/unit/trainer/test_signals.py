@@ -23,7 +23,7 @@ import pytest
 import yaml
 from finetune_contract.exits import EXIT_TERMINATED, REASON_TERMINATED
 from finetune_testbed.imagesets import spec_dict
-from finetune_trainer import train
+from finetune_trainer import checkpoint, train
 from finetune_trainer.config import parse_config
 
 EXIT_BOUND_S = 20.0  # SIGTERM -> process gone, including TensorFlow's own shutdown
@@ -117,7 +117,7 @@ def test_sigterm_inside_an_observer_stops_training(image_sets: dict[str, Path], 
     assert sender.sent
     assert _rows(out, "fine-tune") == [1, 2]
     assert json.loads((out / "checkpoints" / "fine-tune" / train.CALLBACK_STATE_FILE).read_text())["epoch"] == 2
-    assert (out / "checkpoints" / "fine-tune" / "latest.weights.h5").is_file()
+    assert checkpoint.saved_epoch(out / "checkpoints" / "fine-tune") == 2  # the write in flight was waited for
 
 
 @pytest.mark.usefixtures("sigterm_handler")
@@ -132,8 +132,7 @@ def test_sigterm_during_the_epoch_end_waits_for_the_whole_epoch_to_be_saved(
     assert _rows(out, "fine-tune") == [1, 2]
     state = json.loads((out / "checkpoints" / "fine-tune" / train.CALLBACK_STATE_FILE).read_text())
     assert state["epoch"] == 2  # the callbacks' state of the same epoch as the history
-    backup = json.loads((out / "checkpoints" / "fine-tune" / "training_metadata.json").read_text())
-    assert backup["epoch"] == 2  # BackupAndRestore resumes at epoch index 2: epochs 1-2 are in it
+    assert checkpoint.saved_epoch(out / "checkpoints" / "fine-tune") == 2  # resumes at epoch index 2: epochs 1-2 are in it
 
 
 def test_sigterm_mid_phase_two_exits_promptly_with_143_and_a_checkpoint(
@@ -171,6 +170,6 @@ def test_sigterm_mid_phase_two_exits_promptly_with_143_and_a_checkpoint(
     assert "Traceback" not in stderr
     reached = _rows(out, "fine-tune")
     assert 2 <= len(reached) < 40 and reached == list(range(1, len(reached) + 1))
-    assert (out / "checkpoints" / "fine-tune" / "latest.weights.h5").is_file()
+    assert (out / "checkpoints" / "fine-tune" / checkpoint.CHECKPOINT_FILE).is_file()
     state = json.loads((out / "checkpoints" / "fine-tune" / train.CALLBACK_STATE_FILE).read_text())
     assert state["epoch"] == len(reached)  # what was recorded is what a resume starts from
