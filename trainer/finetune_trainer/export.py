@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from finetune_trainer import features as features_lib
+
 __all__ = ["predict_validation", "validation_metrics", "write_model"]
 
 
@@ -30,7 +32,7 @@ def predict_validation(*, model: Any, val: Any, batch_size: int) -> np.ndarray:
     `val`: a dataset for `model`, or (a model, its cached inputs) that compute the same.
     """
     if isinstance(val, tuple):  # (model, cached inputs): the same predictions, without a full pass
-        return np.asarray(val[0].predict(val[1], batch_size=batch_size, verbose=0), np.float64)
+        return np.asarray(features_lib.run_model(model=val[0], x=val[1]), np.float64)
     return np.asarray(model.predict(val, verbose=0), dtype=np.float64)
 
 

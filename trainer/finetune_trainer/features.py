@@ -15,7 +15,7 @@ import numpy as np
 
 from finetune_trainer import data as data_lib
 
-__all__ = ["CachedValidation", "cached_metrics", "extract", "make_cached_validation_callback"]
+__all__ = ["CachedValidation", "cached_metrics", "extract", "make_cached_validation_callback", "run_model"]
 
 
 @dataclass
@@ -28,13 +28,38 @@ class CachedValidation:
     batch_size: int
 
 
+EAGER_MAX_IMAGES = 512  # up to this many decoded images, `extract` calls the model directly
+CHUNK_BYTES = 32 << 20  # the float32 inputs of one direct call, at most (at least MIN_CHUNK items)
+MIN_CHUNK, MAX_CHUNK = 16, 1024
+
+
+def run_model(*, model: Any, x: np.ndarray) -> np.ndarray:
+    """`model`'s outputs for `x` (float32 on the way in), called directly in chunks, as float32.
+
+    No `predict`: each `predict` of a model not seen before traces a step function (seconds for
+    a deep base), which costs more than it saves over a few hundred inputs.
+    """
+    import keras
+
+    per_item = max(1, int(np.prod(x.shape[1:])) * 4)
+    chunk = int(min(MAX_CHUNK, max(MIN_CHUNK, CHUNK_BYTES // per_item)))
+    outputs = [
+        keras.ops.convert_to_numpy(model(x[start : start + chunk].astype(np.float32, copy=False), training=False))
+        for start in range(0, len(x), chunk)
+    ]
+    return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
 def extract(*, model: Any, images: data_lib.ImageSet, batch_size: int) -> np.ndarray:
-    """`model`'s outputs for every image of `images`, in order, as float32."""
+    """`model`'s outputs for every image of `images`, in order, as float32.
+
+    A few hundred decoded images go through `run_model`; more, or streamed ones, through
+    `predict` over the input pipeline (its trace pays for itself there).
+    """
+    if images.images is not None and len(images) <= EAGER_MAX_IMAGES:
+        return run_model(model=model, x=images.images)
     ds = data_lib.make_dataset(images=images, batch_size=batch_size, shuffle=False, seed=0)
     return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
-
-
-CHUNK = 1024  # cached inputs run through the model this many at a time
 
 
 def cached_metrics(cached: CachedValidation) -> tuple[float, float]:
@@ -44,15 +69,12 @@ def cached_metrics(cached: CachedValidation) -> tuple[float, float]:
     """
     import keras
 
-    losses: list[np.ndarray] = []
-    hits = 0
-    for start in range(0, len(cached.y), CHUNK):
-        probs = cached.model(cached.x[start : start + CHUNK], training=False)
-        labels = cached.y[start : start + CHUNK]
-        losses.append(keras.ops.convert_to_numpy(keras.ops.sparse_categorical_crossentropy(labels, probs)))
-        hits += int(np.sum(np.argmax(keras.ops.convert_to_numpy(probs), axis=-1) == labels))
-    total = max(1, len(cached.y))
-    return float(np.concatenate(losses).astype(np.float64).sum() / total) if losses else 0.0, hits / total
+    if not len(cached.y):
+        return 0.0, 0.0
+    probs = run_model(model=cached.model, x=cached.x)
+    losses = keras.ops.convert_to_numpy(keras.ops.sparse_categorical_crossentropy(cached.y, probs))
+    hits = int(np.sum(np.argmax(probs, axis=-1) == cached.y))
+    return float(np.asarray(losses, np.float64).mean()), hits / len(cached.y)
 
 
 def make_cached_validation_callback(cached: CachedValidation) -> Any:

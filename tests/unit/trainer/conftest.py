@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,16 @@ def image_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "train": write_image_folder(root / "train", per_class=24, seed=1),
         "val": write_image_folder(root / "val", per_class=8, seed=2),
     }
+
+
+@pytest.fixture
+def float32_policy() -> Iterator[None]:
+    """Keras' global dtype policy is float32 during the test and after it."""
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -14,13 +13,6 @@ from finetune_trainer import model
 from finetune_trainer.errors import InvalidSpecError
 
 SHAPE = (32, 32, 3)
-
-
-@pytest.fixture
-def float32_policy() -> Iterator[None]:
-    keras.mixed_precision.set_global_policy("float32")
-    yield
-    keras.mixed_precision.set_global_policy("float32")
 
 
 def _spec(base: str = "VGG16", weights: str = "none", **options: float) -> ModelSpec:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -17,13 +16,6 @@ from finetune_trainer import stages
 from finetune_trainer.config import parse_config
 
 SHAPE = (32, 32, 3)
-
-
-@pytest.fixture
-def float32_policy() -> Iterator[None]:
-    keras.mixed_precision.set_global_policy("float32")
-    yield
-    keras.mixed_precision.set_global_policy("float32")
 
 
 def _plan(tmp_path: Path, **kwargs: object) -> list[stages.TrainingStage]:
@@ -179,8 +171,23 @@ def test_cached_validation_reports_what_evaluate_reports(
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(30, 16)).astype(np.float32), rng.integers(0, 3, 30).astype(np.int32)
     expected = head.evaluate(x, y, batch_size=4, verbose=0, return_dict=True)
-    monkeypatch.setattr(features_lib, "CHUNK", chunk)
+    monkeypatch.setattr(features_lib, "MAX_CHUNK", chunk)
+    monkeypatch.setattr(features_lib, "MIN_CHUNK", min(chunk, features_lib.MIN_CHUNK))
     loss, accuracy = features_lib.cached_metrics(features_lib.CachedValidation(model=head, x=x, y=y, batch_size=4))
     assert loss == pytest.approx(expected["loss"], rel=1e-6)
     assert accuracy == pytest.approx(expected["accuracy"], abs=1e-7)
     assert 0.0 < accuracy < 1.0  # an untrained head: neither all right nor all wrong (a real comparison)
+
+
+def test_extraction_called_directly_equals_predict(monkeypatch: pytest.MonkeyPatch, float32_policy: None) -> None:
+    net = _network("MobileNetV2", alpha=0.35)
+    images = _splits(n_train=20).train
+    direct = features_lib.extract(model=net.features, images=images, batch_size=4)
+    monkeypatch.setattr(features_lib, "MAX_CHUNK", 3)  # several chunks, the last one short
+    monkeypatch.setattr(features_lib, "MIN_CHUNK", 1)
+    chunked = features_lib.extract(model=net.features, images=images, batch_size=4)
+    monkeypatch.setattr(features_lib, "EAGER_MAX_IMAGES", 0)  # the predict path
+    predicted = features_lib.extract(model=net.features, images=images, batch_size=4)
+    assert direct.shape == (20, 1280) and direct.dtype == np.float32  # MobileNetV2 pools 1280 channels
+    np.testing.assert_allclose(chunked, predicted, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(direct, predicted, rtol=1e-5, atol=1e-6)
