@@ -445,6 +445,25 @@ def _make_shield_callback(*, begin: bool) -> Any:
     return EpochEndShield()
 
 
+def _make_flush_callback(backup: Any) -> Any:
+    """Waits, at an epoch's end, for the previous epoch's checkpoint write before anything else.
+
+    The history row of epoch N+1 is written before its own checkpoint is handed to the writer,
+    so a pod lost between the two resumes from epoch N's: only the epoch in progress is
+    trained again, as with a checkpoint written on the spot. The write of epoch N still runs
+    while epoch N+1 trains; this waits only where it took longer than that epoch.
+    """
+    import keras
+
+    class CheckpointFlush(keras.callbacks.Callback):  # type: ignore[misc]
+        """The previous epoch's weights reach the disk before this epoch's history row."""
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            backup.flush()
+
+    return CheckpointFlush()
+
+
 def _make_nan_guard() -> Any:
     import keras
 
@@ -610,6 +629,8 @@ def _fit_stage(run: _Run, *, stage: stages_lib.TrainingStage, inputs: stages_lib
         _make_tick(clock, part=None),
         *([features_lib.make_cached_validation_callback(cached), _make_tick(clock, part="validation")] if cached is not None else []),
         _make_shield_callback(begin=True),  # from here to the end: the epoch's state, saved whole
+        _make_flush_callback(backup),  # the previous epoch's checkpoint on disk before this epoch's row
+        _make_tick(clock, part="checkpoint"),
         nan_guard,
         early,
         reduce,

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from finetune_contract.spec import DataSpec, ModelSpec
 from finetune_testbed.imagesets import spec_dict
+from finetune_trainer import checkpoint as checkpoint_lib
 from finetune_trainer import data as data_lib
 from finetune_trainer import model as model_lib
 from finetune_trainer import train
@@ -302,3 +304,42 @@ def test_resume_continues_early_stopping_and_plateau_state(tmp_path: Path) -> No
     assert resumed["best_epoch"] == whole["best_epoch"]
     for got, want in zip(resumed["weights"], whole["weights"], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+class CheckpointWitness:
+    """A TrainingObserver that notes, as each epoch's history row is written, the epoch on disk."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.seen: list[tuple[str, int, int | None]] = []
+
+    def on_epoch_end(self, *, stage: str, epoch: int, **_: Any) -> None:
+        self.seen.append((stage, epoch, checkpoint_lib.saved_epoch(self.out / "checkpoints" / stage)))
+
+    def __getattr__(self, hook: str) -> Any:
+        if not hook.startswith("on_"):
+            raise AttributeError(hook)
+        return lambda **kwargs: None
+
+
+def test_a_slow_checkpoint_write_never_lags_more_than_the_epoch_in_progress(
+    image_sets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod lost right after an epoch's history row resumes from the epoch before it at the latest."""
+    real_write = checkpoint_lib.write_checkpoint
+
+    def slow_write(**kwargs: Any) -> None:  # a slow disk: each write takes longer than an epoch here
+        time.sleep(0.5)
+        real_write(**kwargs)
+
+    monkeypatch.setattr(checkpoint_lib, "write_checkpoint", slow_write)
+    out = tmp_path / "model"
+    spec = parse_config(spec_dict(train=image_sets["train"], validation=image_sets["val"], output=out,
+                                  head_epochs=4, fine_epochs=3, patience=25))
+    witness = CheckpointWitness(out)
+    train.run(spec=spec, observers=[witness], verbose=0)
+    assert [(stage, epoch) for stage, epoch, _ in witness.seen] == [
+        ("head", 1), ("head", 2), ("head", 3), ("head", 4), ("fine-tune", 1), ("fine-tune", 2), ("fine-tune", 3)
+    ]
+    for stage, epoch, on_disk in witness.seen:
+        assert (on_disk or 0) >= epoch - 1, (stage, epoch, on_disk, witness.seen)
