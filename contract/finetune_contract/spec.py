@@ -19,9 +19,11 @@ from typing_extensions import TypedDict
 __all__ = [
     "API_GROUP",
     "API_VERSION",
+    "JOB_LABEL",
     "KIND",
     "MAX_STAGE_EPOCHS",
     "PATH_PATTERN",
+    "PLURAL",
     "AugmentationSpec",
     "BaseOptions",
     "DataSpec",
@@ -42,6 +44,8 @@ __all__ = [
 API_GROUP = "finetune.dev"
 API_VERSION = "v1alpha1"
 KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+JOB_LABEL = f"{API_GROUP}/job"  # on the Jobs, JobSets and pods made for a FineTuneJob: its name
 
 MAX_PATH_LENGTH = 1024  # folders and files: data, output, weights
 PATH_PATTERN = r"^[^\x00-\x1f\x7f]*$"  # no control characters

@@ -22,6 +22,7 @@ from finetune_contract.spec import (
     API_GROUP,
     API_VERSION,
     KIND,
+    PLURAL,
     SpecModel,
     TrainerSpec,
     format_validation_error,
@@ -63,7 +64,6 @@ __all__ = [
     "status_patch",
 ]
 
-PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ("ftj",)
 CATEGORIES = ("finetune",)

@@ -33,6 +33,7 @@ from typing import Any
 from finetune_contract import protocol
 from finetune_contract.exits import EXIT_TERMINATED, NON_RETRYABLE_EXIT_CODES
 from finetune_contract.protocol import ENV_WORKER_HOSTS, ENV_WORKER_INDEX
+from finetune_contract.spec import JOB_LABEL
 
 from finetune_operator import api, settings
 
@@ -67,7 +68,7 @@ PROGRESS_TOKEN_DIR = "/var/run/secrets/finetune.dev/progress"
 PROGRESS_TOKEN_FILE = f"{PROGRESS_TOKEN_DIR}/token"
 PROGRESS_TOKEN_SECONDS = 3600  # the kubelet refreshes it at 80 % of this
 GPU_RESOURCE = "nvidia.com/gpu"
-JOB_NAME_LABEL = "finetune.dev/job"
+JOB_NAME_LABEL = JOB_LABEL
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # The labels Kueue reads on a Job it manages (its "Labels and Annotations" reference, "Used on:
 # Kueue-managed Jobs"): copied from the FineTuneJob to the Job when the user sets them.

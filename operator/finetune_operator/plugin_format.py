@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_contract.spec import API_GROUP, API_VERSION, JOB_LABEL, PLURAL
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -36,6 +37,7 @@ __all__ = [
     "EXIT_TIMEOUT",
     "EXIT_USAGE",
     "GROUP",
+    "JOB_LABEL",
     "PLURAL",
     "RESOURCE",
     "VERSION",
@@ -56,10 +58,9 @@ __all__ = [
     "watch_renderable",
 ]
 
-GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
+GROUP, VERSION = API_GROUP, API_VERSION
 RESOURCE = f"{PLURAL}.{GROUP}"
 TRAINER_CONTAINER = "trainer"
-JOB_LABEL = "finetune.dev/job"
 
 # Exit codes (documented in the README's `kubectl finetune` section).
 EXIT_OK = 0  # the command did what it was asked; `watch`: the job Succeeded
