@@ -76,6 +76,7 @@ def spec_dict(
     augmentation: bool = False,
     batch_size: int = 16,
     patience: int = 5,
+    plateau_patience: int | None = None,
     units: Sequence[int] = (32,),
 ) -> dict[str, Any]:
     """A bare FineTuneJob spec (camelCase, as users type it) for a tiny run."""
@@ -98,6 +99,7 @@ def spec_dict(
             "head": {"epochs": head_epochs, "learningRate": head_lr},
             "fineTune": {"epochs": fine_epochs, "learningRate": fine_lr, "unfreezeLast": unfreeze_last},
             "earlyStopping": {"patience": patience, "restoreBestWeights": True},
+            **({"reduceLROnPlateau": {"patience": plateau_patience}} if plateau_patience is not None else {}),
             "mixedPrecision": "off",
             "seed": 7,
         },

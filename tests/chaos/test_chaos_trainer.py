@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from e2e.e2e_helpers import write_images
+from finetune_testbed.imagesets import spec_dict
 from fixtures import jobs
 from fixtures.cluster import ApplyYaml, Cluster, ServiceAccountKubeconfig, wait_for
 from fixtures.operator import OperatorProcess, install_crd_and_rbac
@@ -41,31 +42,11 @@ def claim(name: str) -> dict[str, Any]:
 
 
 def fine_tune_job(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"base": "MobileNetV2", "weights": "none", "inputShape": [32, 32, 3],
-                      "baseOptions": {"alpha": 0.35}, "head": {"units": [32], "dropout": 0.2}},
-            "data": {"train": "/data/train", "validation": "/data/val", "augmentation": {"enabled": False}},
-            "training": {
-                "batchSize": 8,
-                "head": {"epochs": 1, "learningRate": 1.0e-3},
-                "fineTune": {"epochs": FINE_TUNE_EPOCHS, "learningRate": 1.0e-5, "unfreezeLast": 10},
-                "earlyStopping": {"patience": 100, "restoreBestWeights": True},
-                "reduceLROnPlateau": {"patience": 100},
-                "mixedPrecision": "off",
-                "seed": 7,
-            },
-            "output": {"path": f"/models/{name}"},
-            "runtime": {
-                "gpus": 0,
-                "backoffLimit": 2,
-                **jobs.claim_volumes(data="chaos-data", models="chaos-models"),
-            },
-        },
-    }  # fmt: skip
+    spec = spec_dict(train=Path("/data/train"), validation=Path("/data/val"), output=Path(f"/models/{name}"),
+                     base="MobileNetV2", units=(32,), batch_size=8, head_epochs=1, head_lr=1e-3,
+                     fine_epochs=FINE_TUNE_EPOCHS, fine_lr=1e-5, unfreeze_last=10, patience=100, plateau_patience=100)
+    runtime = {"gpus": 0, "backoffLimit": 2, **jobs.claim_volumes(data="chaos-data", models="chaos-models")}
+    return jobs.training_job(name, spec=spec, runtime=runtime)
 
 
 def fine_tune_rows(out: Path) -> list[int]:

@@ -147,27 +147,10 @@ def ftj(name: str, *, workers: int, fine_tune_epochs: int, head_epochs: int = HE
     }
     if MODE == "container":
         runtime["image"] = CONTAINER_IMAGE
-    return {
-        "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"base": "VGG16", "weights": "none", "inputShape": [32, 32, 3],
-                      "head": {"units": [64], "dropout": 0.2}},
-            "data": {"train": "/data/train", "validation": "/data/val", "augmentation": {"enabled": False}},
-            "training": {
-                "batchSize": 16,
-                "head": {"epochs": head_epochs, "learningRate": 0.01},
-                "fineTune": {"epochs": fine_tune_epochs, "learningRate": 1.0e-5, "unfreezeLast": 4},
-                "earlyStopping": {"patience": 100, "restoreBestWeights": True},
-                "reduceLROnPlateau": {"patience": 100},
-                "mixedPrecision": "off",
-                "seed": 7,
-            },
-            "output": {"path": f"/models/{name}"},
-            "runtime": runtime,
-        },
-    }  # fmt: skip
+    spec = imagesets.spec_dict(train=Path("/data/train"), validation=Path("/data/val"), output=Path(f"/models/{name}"),
+                               base="VGG16", units=(64,), batch_size=16, head_epochs=head_epochs, head_lr=0.01,
+                               fine_epochs=fine_tune_epochs, fine_lr=1e-5, unfreeze_last=4, patience=100, plateau_patience=100)
+    return jobs.training_job(name, spec=spec, runtime=runtime)
 
 
 def history_rows(out: Path) -> list[tuple[str, int]]:
