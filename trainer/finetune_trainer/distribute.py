@@ -23,15 +23,16 @@ refused (InvalidSpec).
 Worker 0 is the chief: it writes the outputs (model, metrics, history, report, checkpoints)
 and sends progress. The others write to a scratch directory (a temp dir, removed at exit),
 after copying the chief's `checkpoints/` from the output volume into it, so every worker
-resumes from the same state.json, stage weights and BackupAndRestore backup; a barrier (a
+resumes from the same state.json, stage weights and epoch checkpoint; a barrier (a
 collective every worker joins) holds the chief back until every copy is taken. The output
 volume must therefore be shared by all workers (a ReadWriteMany volume): a worker that sees no
 chief checkpoints on a resumed group would start over while the chief resumes, and the group
 would stall.
 
 Everything else runs unchanged inside the strategy's scope: both phases (phase 2 recompiles
-inside it), the feature caches (`predict` under MultiWorkerMirroredStrategy gathers every
-worker's shard back in order, so each worker holds the same full cache), resume, the epoch
+inside it), the feature caches (every worker computes the same full cache from the same images:
+called directly, or by `predict`, which under MultiWorkerMirroredStrategy gathers every
+worker's shard back in order), resume, the epoch
 callbacks (their metrics are reduced over the replicas, so every worker makes the same early
 stopping decision) and exit codes.
 
