@@ -58,6 +58,28 @@ def write_image_folder(
     return root
 
 
+SQUARE_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230)}
+
+
+def write_square_folder(
+    root: Path, *, per_class: int, seed: int, size: int = 32, classes: Sequence[str] = tuple(SQUARE_COLOURS)
+) -> Path:
+    """root/<class>/<i>.png: classes told apart by the colour of a square on noise (red, green, blue)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.normal(110, 25, (size, size, 3))
+            half = int(rng.integers(size // 6, size // 3))
+            cy, cx = rng.integers(half, size - half, 2)
+            img[cy - half : cy + half, cx - half : cx + half] = np.array(SQUARE_COLOURS[name]) + rng.normal(0, 12, 3)
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
 def spec_dict(
     *,
     train: Path,

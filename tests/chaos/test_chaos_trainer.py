@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e.e2e_helpers import write_images
-from finetune_testbed.imagesets import spec_dict
+from finetune_testbed.imagesets import spec_dict, write_square_folder
 from fixtures import jobs
 from fixtures.cluster import ApplyYaml, Cluster, ServiceAccountKubeconfig, wait_for
 from fixtures.operator import OperatorProcess, install_crd_and_rbac
@@ -102,8 +101,8 @@ def test_killed_and_terminated_trainers_resume_in_a_new_pod(
     tmp_path: Path,
 ) -> None:
     volumes = cluster.dir / "volumes" / namespace
-    write_images(volumes / "chaos-data" / "train", per_class=24, seed=1)
-    write_images(volumes / "chaos-data" / "val", per_class=8, seed=2)
+    write_square_folder(volumes / "chaos-data" / "train", per_class=24, seed=1)
+    write_square_folder(volumes / "chaos-data" / "val", per_class=8, seed=2)
     (volumes / "chaos-models").mkdir(parents=True, exist_ok=True)
     install_crd_and_rbac(cluster)
     kubeconfig = service_account_kubeconfig(namespace="finetune-system", name="finetune-operator")

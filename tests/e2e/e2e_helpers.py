@@ -31,7 +31,6 @@ __all__ = [
     "parse_table",
     "running_prometheus",
     "wait_until",
-    "write_images",
 ]
 
 
@@ -43,25 +42,6 @@ def wait_until(
         return polling.wait_until(predicate, timeout=timeout, what=what, interval=interval)
     except polling.WaitTimeout:
         raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}") from None
-
-
-def write_images(root: Path, *, per_class: int, seed: int, size: int = 32) -> Path:
-    """root/<class>/<i>.png: three classes told apart by the colour of a square on noise."""
-    import numpy as np
-    from PIL import Image
-
-    colours = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230)}
-    rng = np.random.default_rng(seed)
-    for name, colour in colours.items():
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = rng.normal(110, 25, (size, size, 3))
-            half = int(rng.integers(size // 6, size // 3))
-            cy, cx = rng.integers(half, size - half, 2)
-            img[cy - half : cy + half, cx - half : cx + half] = np.array(colour) + rng.normal(0, 12, 3)
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
-    return root
 
 
 def parse_table(text: str) -> list[dict[str, str]]:

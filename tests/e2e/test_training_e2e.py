@@ -30,8 +30,8 @@ from e2e_helpers import (
     parse_table,
     running_prometheus,
     wait_until,
-    write_images,
 )
+from finetune_testbed.imagesets import write_square_folder
 from fixtures import jobs
 from fixtures.cluster import ApplyYaml, Cluster, ServiceAccountKubeconfig
 from fixtures.operator import OperatorProcess, install_crd_and_rbac
@@ -119,8 +119,8 @@ def test_two_phase_training_shows_progress_and_is_scraped(
     pods_mode: str,
     trainer_image: str,
 ) -> None:
-    write_images(volumes / "e2e-data" / "train", per_class=100, seed=1)
-    write_images(volumes / "e2e-data" / "val", per_class=20, seed=2)
+    write_square_folder(volumes / "e2e-data" / "train", per_class=100, seed=1)
+    write_square_folder(volumes / "e2e-data" / "val", per_class=20, seed=2)
     (volumes / "e2e-models").mkdir(parents=True, exist_ok=True)
 
     install_crd_and_rbac(cluster)

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 import yaml
 from finetune_operator import api, builders
+from finetune_testbed.imagesets import write_square_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
@@ -157,21 +158,6 @@ def test_trainer_caches_lie_in_the_jobs_tmp() -> None:
         assert job_env.get(name, image_env[name]).startswith("/tmp"), (name, job_env[name])
 
 
-def write_images(root: Path, *, per_class: int, seed: int) -> None:
-    """root/<class>/<i>.png: three classes told apart by a coloured square on noise."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for name, colour in {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230)}.items():
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            img = rng.normal(110, 25, (32, 32, 3))
-            y, x = rng.integers(4, 20, 2)
-            img[y : y + 10, x : x + 10] = colour
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
-
-
 def test_tiny_training_as_the_job_runs_it(tmp_path: Path) -> None:
     spec: dict[str, Any] = {
         "model": {"base": "MobileNetV2", "weights": "none", "inputShape": [32, 32, 3],
@@ -188,8 +174,8 @@ def test_tiny_training_as_the_job_runs_it(tmp_path: Path) -> None:
     security = container["securityContext"]
     uid, gid = security["runAsUser"], security["runAsGroup"]
 
-    write_images(tmp_path / "data" / "train", per_class=6, seed=1)
-    write_images(tmp_path / "data" / "val", per_class=3, seed=2)
+    write_square_folder(tmp_path / "data" / "train", per_class=6, seed=1)
+    write_square_folder(tmp_path / "data" / "val", per_class=3, seed=2)
     config = tmp_path / "config"
     config.mkdir()
     (config / Path(builders.CONFIG_FILE).name).write_text(document)

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
-from e2e.e2e_helpers import write_images
+from finetune_testbed.imagesets import write_square_folder
 from fixtures import jobs
 from fixtures.cluster import Cluster, ServiceAccountKubeconfig, private_cluster, wait_for
 from fixtures.jobs import fake_trainer_operator, mint_kubeconfig, operator_in_namespace, restricted_namespace
@@ -301,8 +301,8 @@ def test_high_priority_preempts_low_which_resumes_from_its_checkpoint(
     install_crd_and_rbac(cluster)
     namespace = restricted_namespace(cluster, prefix="ftj-preempt")
     volumes = cluster.dir / "volumes" / namespace
-    write_images(volumes / "kueue-data" / "train", per_class=16, seed=1)
-    write_images(volumes / "kueue-data" / "val", per_class=4, seed=2)
+    write_square_folder(volumes / "kueue-data" / "train", per_class=16, seed=1)
+    write_square_folder(volumes / "kueue-data" / "val", per_class=4, seed=2)
     (volumes / "kueue-models").mkdir(parents=True, exist_ok=True)
     queue = kueue.queue(namespace=namespace, cpu="1", memory="4Gi")
     low = kueue.priority_class("low", value=10)

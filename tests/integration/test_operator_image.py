@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
+from finetune_testbed.imagesets import write_square_folder
 from fixtures import jobs
 from fixtures.cluster import PrivateCluster, private_cluster, wait_for
 from fixtures.operator import free_port
@@ -88,18 +89,6 @@ def installed_objects(cluster: PrivateCluster, *, ports: dict[str, int]) -> list
         if env["name"] == "FINETUNE_TRAINER_IMAGE":
             env["value"] = TRAINER_IMAGE
     return objects
-
-
-def write_images(root: Path, *, per_class: int) -> None:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(3)
-    for name, rgb in {"red": (200, 40, 40), "blue": (40, 70, 200)}.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = np.clip(np.asarray(rgb, dtype=np.float64) + rng.normal(0, 30, (32, 32, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8), mode="RGB").save(root / name / f"{i:02d}.png")
 
 
 def tiny_job() -> dict[str, Any]:
@@ -167,8 +156,8 @@ def test_operator_image_installed_from_deploy_base_runs_a_job_to_succeeded(
     ccluster.kubectl_run("create", "namespace", ns)
     ccluster.kubectl_run("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
     volumes = ccluster.dir / "volumes" / ns
-    write_images(volumes / "data" / "train", per_class=8)
-    write_images(volumes / "data" / "val", per_class=4)
+    write_square_folder(volumes / "data" / "train", per_class=8, seed=3, classes=("red", "blue"))
+    write_square_folder(volumes / "data" / "val", per_class=4, seed=4, classes=("red", "blue"))
     claims = [
         {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
          "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import pytest
 import yaml
-from finetune_testbed.imagesets import spec_dict
+from finetune_testbed.imagesets import spec_dict, write_image_folder
 from finetune_trainer import checkpoint
 from finetune_trainer.__main__ import main
 
@@ -125,12 +125,6 @@ def test_nan_loss_exits_4(image_sets: dict[str, Path], tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "checkpoints" / "head").exists()  # never resume from NaN weights
 
 
-def _write_images(root: Path, *, per_class: int) -> Path:
-    from finetune_testbed.imagesets import write_image_folder
-
-    return write_image_folder(root, per_class=per_class)
-
-
 @pytest.mark.parametrize(
     ("breakage", "code", "expected"),
     [
@@ -146,8 +140,8 @@ def _write_images(root: Path, *, per_class: int) -> Path:
 def test_bad_inputs_exit_with_their_code(
     breakage: str, code: int, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    train = _write_images(tmp_path / "train", per_class=8)
-    val = _write_images(tmp_path / "val", per_class=2)
+    train = write_image_folder(tmp_path / "train", per_class=8)
+    val = write_image_folder(tmp_path / "val", per_class=2)
     weights = "none"
     if breakage == "weights-missing":
         weights = str(tmp_path / "absent.weights.h5")
@@ -167,7 +161,7 @@ def test_bad_inputs_exit_with_their_code(
         shutil.rmtree(train)
         train.mkdir()
     elif breakage == "unreadable":
-        _write_images(train, per_class=10)  # 30 files, 6 of them truncated
+        write_image_folder(train, per_class=10)  # 30 files, 6 of them truncated
         for i in range(6):
             image = train / "circle" / f"{i:03d}.png"
             image.write_bytes(image.read_bytes()[:60])
