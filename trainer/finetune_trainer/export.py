@@ -22,6 +22,9 @@ from typing import Any
 import numpy as np
 
 from finetune_trainer import features as features_lib
+from finetune_trainer.features import (
+    validation_metrics,  # one definition of the loss, shared with the epochs' cached validation
+)
 
 __all__ = ["predict_validation", "validation_metrics", "write_model"]
 
@@ -34,12 +37,6 @@ def predict_validation(*, model: Any, val: Any, batch_size: int) -> np.ndarray:
     if isinstance(val, tuple):  # (model, cached inputs): the same predictions, without a full pass
         return np.asarray(features_lib.run_model(model=val[0], x=val[1]), np.float64)
     return np.asarray(model.predict(val, verbose=0), dtype=np.float64)
-
-
-def validation_metrics(*, probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Sparse categorical cross-entropy and accuracy of `probs` against `labels`."""
-    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
-    return {"loss": float(-np.log(picked).mean()), "accuracy": float((probs.argmax(axis=1) == labels).mean())}
 
 
 def write_model(*, model: Any, out: Path) -> Path:
