@@ -7,7 +7,7 @@ nothing is ever downloaded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,22 @@ def draw(kind: str, *, size: int, rng: np.random.Generator) -> np.ndarray:
     return img.astype(np.uint8)
 
 
+def _write_folders(
+    root: Path, *, classes: Sequence[str], per_class: int, seed: int, fmt: str,
+    paint: Callable[[str, np.random.Generator], np.ndarray],
+) -> Path:
+    """Writes `root/<class>/<i>.<fmt>`, each image `paint(class, rng)` from one generator seeded `seed`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for kind in classes:
+        folder = root / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(paint(kind, rng)).save(folder / f"{i:03d}.{fmt}")
+    return root
+
+
 def write_image_folder(
     root: Path,
     *,
@@ -44,40 +60,31 @@ def write_image_folder(
     seed: int = 0,
     fmt: str = "png",
 ) -> Path:
-    """Writes `root/<class>/<i>.<fmt>` images and returns root."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for kind in classes:
-        folder = root / kind
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(draw(kind if kind in _COLOURS else CLASSES[sum(map(ord, kind)) % 3], size=size, rng=rng)).save(
-                folder / f"{i:03d}.{fmt}"
-            )
-    return root
+    """Writes `root/<class>/<i>.<fmt>` images (disc, square, stripes; other names map onto them) and returns root."""
+    return _write_folders(
+        root, classes=classes, per_class=per_class, seed=seed, fmt=fmt,
+        paint=lambda kind, rng: draw(kind if kind in _COLOURS else CLASSES[sum(map(ord, kind)) % 3], size=size, rng=rng),
+    )
 
 
 SQUARE_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230)}
+
+
+def draw_square(name: str, *, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One RGB uint8 image: a square of colour SQUARE_COLOURS[name] on noise."""
+    img = rng.normal(110, 25, (size, size, 3))
+    half = int(rng.integers(size // 6, size // 3))
+    cy, cx = rng.integers(half, size - half, 2)
+    img[cy - half : cy + half, cx - half : cx + half] = np.array(SQUARE_COLOURS[name]) + rng.normal(0, 12, 3)
+    return img.clip(0, 255).astype(np.uint8)
 
 
 def write_square_folder(
     root: Path, *, per_class: int, seed: int, size: int = 32, classes: Sequence[str] = tuple(SQUARE_COLOURS)
 ) -> Path:
     """root/<class>/<i>.png: classes told apart by the colour of a square on noise (red, green, blue)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for name in classes:
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = rng.normal(110, 25, (size, size, 3))
-            half = int(rng.integers(size // 6, size // 3))
-            cy, cx = rng.integers(half, size - half, 2)
-            img[cy - half : cy + half, cx - half : cx + half] = np.array(SQUARE_COLOURS[name]) + rng.normal(0, 12, 3)
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
-    return root
+    return _write_folders(root, classes=classes, per_class=per_class, seed=seed, fmt="png",
+                          paint=lambda name, rng: draw_square(name, size=size, rng=rng))
 
 
 def spec_dict(
