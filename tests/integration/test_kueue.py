@@ -246,7 +246,11 @@ def test_a_missing_local_queue_waits_with_kueues_message_and_no_crash_loop(env: 
 
 # ----- preemption, with the real trainer -----
 
-FINE_TUNE_EPOCHS = 6
+# Long enough that Kueue's preemption lands mid-phase: with augmentation an epoch runs the whole
+# network over freshly augmented images (about half a second here), so "low" is still training
+# when "high" is admitted; without it, phase 2 trains on cached activations in a few ms an epoch
+# and could finish before the preemption arrives.
+FINE_TUNE_EPOCHS = 40
 
 
 def claim(name: str) -> dict[str, Any]:
@@ -265,7 +269,7 @@ def real(name: str, *, queue: str, priority: str, fine_tune_epochs: int) -> dict
         "spec": {
             "model": {"base": "MobileNetV2", "weights": "none", "inputShape": [32, 32, 3],
                       "baseOptions": {"alpha": 0.35}, "head": {"units": [16], "dropout": 0.2}},
-            "data": {"train": "/data/train", "validation": "/data/val", "augmentation": {"enabled": False}},
+            "data": {"train": "/data/train", "validation": "/data/val", "augmentation": {"enabled": True}},
             "training": {
                 "batchSize": 8,
                 "head": {"epochs": 1, "learningRate": 1.0e-3},
