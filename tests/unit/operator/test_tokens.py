@@ -28,6 +28,10 @@ UID = "uid-a"
 AUDIENCE = protocol.progress_audience(UID)
 
 
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
 def _jwt(claims: dict[str, Any]) -> str:
     def part(obj: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
@@ -59,8 +63,14 @@ class Signer:
         return cls(ec.generate_private_key(ec.SECP256R1()), kid, "ES256")
 
     def jwk(self) -> dict[str, Any]:
-        algorithm = jwt.algorithms.RSAAlgorithm if self.alg == "RS256" else jwt.algorithms.ECAlgorithm
-        public = json.loads(algorithm.to_jwk(self.private.public_key()))
+        if self.alg == "RS256":
+            public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key()))
+        else:
+            # RFC 7518 6.2.1.2: an EC coordinate is the full width of the curve, leading zeros kept,
+            # as the API server's JWKS writes it. PyJWT 2.9's to_jwk drops them (one key in 128).
+            numbers = self.private.public_key().public_numbers()
+            public = {"kty": "EC", "crv": "P-256", "x": b64url(numbers.x.to_bytes(32, "big")),
+                      "y": b64url(numbers.y.to_bytes(32, "big"))}  # fmt: skip
         return {**public, "kid": self.kid, "alg": self.alg, "use": "sig"}
 
     def token(self, *, kid: str | None = "same", **overrides: Any) -> str:
@@ -166,6 +176,15 @@ def test_a_token_signed_by_the_issuer_verifies(issuer: Signer) -> None:
     assert isinstance(tokens.verify_signature(ec_signer.token(), keys=both, issuer=ISSUER, audience=AUDIENCE), dict)
     # No kid: every key of the issuer is tried.
     assert isinstance(tokens.verify_signature(ec_signer.token(kid=None), keys=both, issuer=ISSUER, audience=AUDIENCE), dict)
+
+
+def test_an_ec_key_whose_coordinate_has_a_leading_zero_byte_verifies() -> None:
+    # One P-256 key in 128 has such a coordinate; the JWKS carries it at the curve's full width.
+    signer = next(s for s in (Signer.ec("ec-zero") for _ in range(5000))
+                  if min(s.private.public_key().public_numbers().x, s.private.public_key().public_numbers().y) < 2**248)
+    assert len(base64.urlsafe_b64decode(signer.jwk()["x"] + "==")) == 32
+    claims = tokens.verify_signature(signer.token(), keys=keyset(signer), issuer=ISSUER, audience=AUDIENCE)
+    assert isinstance(claims, dict) and claims["sub"] == "system:serviceaccount:ml:default"
 
 
 @pytest.mark.parametrize(
