@@ -34,7 +34,7 @@ def b64url(data: bytes) -> str:
 
 def _jwt(claims: dict[str, Any]) -> str:
     def part(obj: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+        return b64url(json.dumps(obj).encode())
 
     return f"{part({'alg': 'RS256'})}.{part(claims)}.c2lnbmF0dXJl"
 
@@ -182,7 +182,7 @@ def test_an_ec_key_whose_coordinate_has_a_leading_zero_byte_verifies() -> None:
     # One P-256 key in 128 has such a coordinate; the JWKS carries it at the curve's full width.
     signer = next(s for s in (Signer.ec("ec-zero") for _ in range(5000))
                   if min(s.private.public_key().public_numbers().x, s.private.public_key().public_numbers().y) < 2**248)
-    assert len(base64.urlsafe_b64decode(signer.jwk()["x"] + "==")) == 32
+    assert all(len(base64.urlsafe_b64decode(signer.jwk()[c] + "==")) == 32 for c in ("x", "y"))
     claims = tokens.verify_signature(signer.token(), keys=keyset(signer), issuer=ISSUER, audience=AUDIENCE)
     assert isinstance(claims, dict) and claims["sub"] == "system:serviceaccount:ml:default"
 
@@ -223,12 +223,12 @@ def _hs256(secret: bytes, *, kid: str) -> str:
     import hmac
 
     def part(obj: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+        return b64url(json.dumps(obj).encode())
 
     now = int(time.time())
     signing = f"{part({'alg': 'HS256', 'kid': kid})}.{part({'iss': ISSUER, 'aud': [AUDIENCE], 'iat': now, 'exp': now + 600})}"
     mac = hmac.new(secret, signing.encode(), hashlib.sha256).digest()
-    return signing + "." + base64.urlsafe_b64encode(mac).decode().rstrip("=")
+    return signing + "." + b64url(mac)
 
 
 # ----- the issuer's keys -----
